@@ -1,0 +1,245 @@
+"""The one typed configuration of a run, loaded from YAML with dotted command-line overrides.
+
+Every knob of the pipeline lives here, grouped as the stages use them. Unknown or ill-typed keys
+fail with a `ConfigError` that names the key and the file (or the override) it came from.
+
+    cfg = load_config("my.yaml", overrides=["algorithm.target_entropy=0.75", "rollout.n=8"])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is wrong; the message names the key and where it came from."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    # None means the embedded default: the tiny base policy built locally (aepo build-base).
+    path: str | None = None
+    # Where the embedded base policy is built and cached (default: ~/.cache/aepo/base-<seed>).
+    cache_dir: str | None = None
+    trust_remote_code: bool = False
+
+
+class SyntheticTaskConfig(_Section):
+    """The embedded task: add a list of small numbers with a running-sum trace in any order."""
+
+    seed: int = 1234
+    n_train: int = 20000
+    n_eval: int = 256
+    min_terms: int = 3
+    max_terms: int = 5
+    max_value: int = 9
+
+
+class DataConfig(_Section):
+    # "synthetic" for the embedded task, or a path to a local parquet / jsonl / json / csv file.
+    train: str = "synthetic"
+    eval: str | None = None  # None: the synthetic held-out split, or no separate eval set for files
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"
+    id_column: str | None = None
+    source_column: str | None = None
+    # How the reward is computed: the synthetic task's verifier or math-verify on \boxed{} answers.
+    verifier: Literal["synthetic", "math"] = "synthetic"
+    # Text appended to each user prompt before the chat template (e.g. the math format instruction).
+    prompt_suffix: str = ""
+    synthetic: SyntheticTaskConfig = Field(default_factory=SyntheticTaskConfig)
+
+
+class RolloutConfig(_Section):
+    engine: Literal["hf", "vllm"] = "hf"
+    n: int = Field(8, ge=1, description="responses per prompt")
+    prompts_per_batch: int = Field(32, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int = 0
+    # HF engine: rows sampled in one forward batch (None: all rows at once).
+    batch_size: int | None = Field(None, ge=1)
+
+
+class AlgorithmConfig(_Section):
+    name: Literal["grpo", "aepo", "entropy_reg", "entropy_adv", "adaptive_entropy"] = "aepo"
+    # --- AEPO (aepo-algorithm.md) ---
+    target_entropy: float = Field(0.5, ge=0.0, description="H*, in the units of entropy_estimator")
+    entropy_estimator: Literal["nll", "exact"] = "nll"
+    t_high: float = Field(1.2, gt=0.0)
+    t_low: float = Field(0.8, gt=0.0)
+    controller: Literal["bang_bang", "fixed"] = "bang_bang"
+    fixed_temperature: float = Field(1.2, gt=0.0, description="used when controller == fixed")
+    reinforce_sample_num: int = Field(8, ge=0, description="K: most REINFORCE rows per step")
+    reg_prompt_fraction: float = Field(0.25, gt=0.0, le=1.0)
+    positive_threshold: float = 0.05
+    halve_above_target: bool = True
+    combine: Literal["replace", "add"] = "replace"
+    alpha: float = Field(1.0, ge=0.0, description="REINFORCE weight when combine == add")
+    # --- GRPO part ---
+    advantage_scaling: Literal["group", "batch", "none"] = "group"
+    clip_low: float = Field(0.2, ge=0.0)
+    clip_high: float = Field(0.2, ge=0.0)
+    dual_clip: float | None = Field(3.0, gt=1.0)
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "constant"] = "token_mean"
+    loss_constant: float | None = Field(None, gt=0.0, description="normaliser for loss_agg == constant")
+    kl_coef: float = Field(0.0, ge=0.0, description="k3 KL to the reference policy; 0 = off")
+    # --- baselines ---
+    entropy_coef: float = Field(0.03, ge=0.0, description="entropy_reg: loss - c * entropy")
+    entropy_bonus_estimator: Literal["nll", "exact"] = "exact"
+    entropy_adv_alpha: float = 0.4
+    entropy_adv_kappa: float = Field(2.0, gt=0.0)
+    adaptive_delta: float = Field(0.005, ge=0.0)
+    adaptive_init_coef: float = Field(0.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> AlgorithmConfig:
+        if self.t_low > self.t_high:
+            raise ValueError(f"t_low ({self.t_low}) must not exceed t_high ({self.t_high})")
+        if self.loss_agg == "constant" and self.loss_constant is None:
+            raise ValueError("loss_agg 'constant' needs loss_constant (e.g. the max response length)")
+        return self
+
+
+class TrainerConfig(_Section):
+    lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    mini_batches: int = Field(1, ge=1, description="optimizer steps per rollout (1 PPO epoch)")
+    micro_batch_size: int | None = Field(None, ge=1, description="rows per forward pass; None: whole mini-batch")
+    grad_clip: float = Field(1.0, gt=0.0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    gradient_checkpointing: bool = False
+    logits_chunk: int = Field(1024, ge=1, description="sequence positions per chunk for log-probs/entropy")
+    seed: int = 0
+
+
+class EvaluationConfig(_Section):
+    every: int = Field(5, ge=1, description="evaluate every N iterations and at the end")
+    n: int = Field(8, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int | None = Field(None, ge=1, description="None: rollout.max_new_tokens")
+    num_prompts: int | None = Field(None, ge=1, description="None: the whole eval split")
+    greedy: bool = False
+    seed: int = 0
+
+
+class TrackingConfig(_Section):
+    mlflow_uri: str | None = None  # None: sqlite:///<runs_root>/mlflow.db
+    experiment: str = "aepo"
+    save_every: int = Field(10, ge=1, description="log the checkpoint as an MLflow artifact every N iterations")
+
+
+class RunConfig(_Section):
+    iterations: int = Field(30, ge=1)
+    runs_root: str = "runs"
+    name: str | None = None  # None: derived from algorithm and target
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, e.g. {"algorithm.target_entropy": 0.5}; for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, node: Any) -> None:
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    walk(f"{prefix}.{key}" if prefix else key, value)
+            else:
+                out[prefix] = node
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+def _describe_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        else:
+            got = item.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"key '{key}': {item['msg']}{shown}")
+    return f"invalid configuration in {origin}:\n  " + "\n  ".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'rollout.n=8' -> ('rollout.n', 8); the value is parsed as YAML (numbers, bools, null, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    return key, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when path is None), apply dotted overrides, validate."""
+    tree: dict[str, Any] = {}
+    origin = "the defaults"
+    if path is not None:
+        path = Path(path)
+        origin = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    try:
+        Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe_errors(exc, origin)) from None
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+        try:
+            Config.model_validate(tree)
+        except ValidationError as exc:
+            raise ConfigError(_describe_errors(exc, f"override '{text}'")) from None
+    return Config.model_validate(tree)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(cfg.to_yaml())
