@@ -1,0 +1,178 @@
+"""The embedded base policy: tokenizer + tiny Qwen2 LM, taught the synthetic task by a short warm-up.
+
+`ensure_base_policy(cfg)` returns the folder of a standard HF checkpoint (config.json,
+model.safetensors, generation_config.json, tokenizer files) that transformers and vLLM both load.
+It is built once per recipe (seed, sizes, task) and cached; `aepo build-base` builds it explicitly.
+The warm-up stops at a fixed number of steps, so the base policy is only partly trained: it answers
+some prompts and has real entropy, the starting point RL needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from aepo_core import synthetic
+from aepo_core.config import SyntheticTaskConfig
+from aepo_core.tokenizer import IM_END, build_tokenizer
+
+
+@dataclass(frozen=True)
+class BaseRecipe:
+    """Everything that determines the base policy; its digest names the cache folder."""
+
+    seed: int = 0
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 768
+    vocab_size: int = 400
+    warmup_steps: int = 400
+    batch_size: int = 64
+    lr: float = 2e-3
+    task: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
+
+    def digest(self) -> str:
+        blob = json.dumps(asdict(self) | {"task": self.task.model_dump()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("AEPO_CACHE", Path.home() / ".cache" / "aepo"))
+
+
+def prompt_messages(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerFast, prompt: str) -> list[int]:
+    """Token ids of the chat-formatted prompt, ending with the assistant header."""
+    return list(
+        tokenizer.apply_chat_template(prompt_messages(prompt), add_generation_prompt=True, tokenize=True, return_dict=False)
+    )
+
+
+def _demo_corpus(problems: list[synthetic.Problem], rng: random.Random) -> list[str]:
+    return [synthetic.worked_trace(p.terms, rng) for p in problems]
+
+
+def build_model(recipe: BaseRecipe, tokenizer: PreTrainedTokenizerFast) -> Qwen2ForCausalLM:
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_layers,
+        num_attention_heads=recipe.num_heads,
+        num_key_value_heads=recipe.num_kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        bos_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(recipe.seed)
+    return Qwen2ForCausalLM(config)
+
+
+def _sft_batch(
+    tokenizer: PreTrainedTokenizerFast, prompts: list[list[int]], responses: list[list[int]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded [prompt + response]; labels are -100 outside the response."""
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        seq = p + r
+        ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, len(p) : len(seq)] = torch.tensor(r)
+        mask[i, : len(seq)] = 1
+    return ids, mask, labels
+
+
+def warm_up(
+    model: Qwen2ForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    problems: list[synthetic.Problem],
+    recipe: BaseRecipe,
+    log=print,
+) -> list[float]:
+    """Supervised warm-up on random-order worked traces; returns the loss per step."""
+    rng = random.Random(recipe.seed)
+    eos = tokenizer.convert_tokens_to_ids(IM_END)
+    prompt_ids = {p.id: encode_prompt(tokenizer, p.prompt) for p in problems}
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warm = max(1, recipe.warmup_steps // 10)
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, recipe.warmup_steps - warm)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    losses = []
+    for step in range(recipe.warmup_steps):
+        batch = rng.sample(problems, recipe.batch_size)
+        responses = [tokenizer.encode(synthetic.worked_trace(p.terms, rng)) + [eos] for p in batch]
+        ids, mask, labels = _sft_batch(tokenizer, [prompt_ids[p.id] for p in batch], responses)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if log and (step % 100 == 0 or step == recipe.warmup_steps - 1):
+            log(f"warm-up step {step:4d}  loss {loss.item():.3f}")
+    model.eval()
+    return losses
+
+
+def build_base_policy(recipe: BaseRecipe, folder: Path, log=print) -> dict:
+    """Build tokenizer + model, warm it up, save an HF folder at `folder` atomically. Returns build info."""
+    started = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    t = recipe.task
+    train, _ = synthetic.make_splits(t.seed, t.n_train, t.n_eval, t.min_terms, t.max_terms, t.max_value)
+    rng = random.Random(recipe.seed)
+    corpus = _demo_corpus(train[:5000], rng) + [p.prompt for p in train[:5000]]
+    tokenizer = build_tokenizer(corpus, vocab_size=recipe.vocab_size)
+    model = build_model(recipe, tokenizer)
+    losses = warm_up(model, tokenizer, train, recipe, log=log)
+    model.generation_config = GenerationConfig(
+        eos_token_id=model.config.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=True, temperature=1.0
+    )
+    info = {
+        "recipe": asdict(recipe) | {"task": recipe.task.model_dump()},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "final_loss": sum(losses[-20:]) / min(20, len(losses)),
+        "build_seconds": round(time.perf_counter() - started, 1),
+    }
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "aepo_base.json").write_text(json.dumps(info, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info

@@ -1,0 +1,49 @@
+"""The rollout interface shared by the HF transformers engine (CPU default) and the vLLM engine.
+
+One `generate` call takes every request of an iteration (the policy batch at T=1 and the AEPO
+regulariser batch at T_high/T_low together), each with its own temperature, n, top_p and token budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+
+@dataclass(frozen=True)
+class SamplingRequest:
+    """One prompt to sample `n` responses for."""
+
+    prompt_token_ids: list[int]
+    n: int = 1
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+
+
+@dataclass
+class Completion:
+    """One sampled response. `logprobs[i]` is log p(token_ids[i]) under the distribution it was drawn
+    from: softmax(logits / temperature), renormalised over the top-p nucleus when top_p < 1. Greedy
+    rows (temperature 0) report log-probs at temperature 1."""
+
+    request_index: int
+    sample_index: int
+    temperature: float
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: Literal["stop", "length"]
+
+
+class RolloutEngine(Protocol):
+    def generate(self, requests: list[SamplingRequest], seed: int) -> list[Completion]:
+        """All completions, ordered by request then sample index (request i's n rows are contiguous)."""
+        ...
+
+    def load_weights(self, folder: str | Path) -> None:
+        """Switch to the policy saved in `folder` (an HF checkpoint of the same architecture)."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,168 @@
+"""HF transformers rollout engine: a KV-cached sampling loop with a temperature and top-p per row.
+
+`model.generate` takes one temperature per call; AEPO needs the policy batch (T=1) and the regulariser
+batch (T_high or T_low) in one pass, so this engine runs its own loop: left-padded prompts, one forward
+pass per generated token over all unfinished rows, sampling done on the whole batch as tensor ops.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from aepo_core.engines.base import Completion, SamplingRequest
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row.
+
+    Args:
+        logits: [R, V] next-token logits (float32).
+        temperature: [R] per-row temperature; 0 means greedy.
+        top_p: [R] per-row nucleus mass in (0, 1].
+    Returns:
+        tokens [R] (int64) and their log-probs [R] under the distribution sampled from (greedy rows: T=1).
+    """
+    greedy = temperature <= 0
+    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(-1)
+    logp = torch.log_softmax(scaled, dim=-1)
+    if bool((top_p < 1).any()):
+        sorted_logp, order = logp.sort(dim=-1, descending=True)
+        mass_before = sorted_logp.exp().cumsum(-1) - sorted_logp.exp()
+        drop_sorted = mass_before >= top_p.unsqueeze(-1)  # keeps at least the most likely token
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logp = torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
+    sampled = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+    tokens = torch.where(greedy, logits.argmax(-1), sampled)
+    return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+class HFRolloutEngine:
+    """Samples from an in-memory HF causal LM. `batch_size` caps the rows sampled together."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int | None = None,
+        show_progress: bool = False,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.show_progress = show_progress
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def load_weights(self, folder: str | Path) -> None:
+        fresh = AutoModelForCausalLM.from_pretrained(str(folder), dtype=self.model.dtype)
+        self.model.load_state_dict(fresh.state_dict())
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]
+
+    def generate(self, requests: list[SamplingRequest], seed: int) -> list[Completion]:
+        rows = [(i, j, req) for i, req in enumerate(requests) for j in range(req.n)]
+        if not rows:
+            return []
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        step = self.batch_size or len(rows)
+        chunks = range(0, len(rows), step)
+        if self.show_progress:
+            from tqdm.auto import tqdm
+
+            chunks = tqdm(chunks, desc="rollout", unit="batch", leave=False)
+        out: list[Completion] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in chunks:
+                out.extend(self._generate_rows(rows[start : start + step], generator))
+        finally:
+            self.model.train(was_training)
+        return out
+
+    @torch.inference_mode()
+    def _generate_rows(self, rows, generator: torch.Generator) -> list[Completion]:
+        device = self.device
+        prompts = [req.prompt_token_ids for _, _, req in rows]
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            input_ids[r, width - len(p) :] = torch.tensor(p)
+            attention[r, width - len(p) :] = 1
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        temperature = torch.tensor([req.temperature for _, _, req in rows], dtype=torch.float32, device=device)
+        top_p = torch.tensor([req.top_p for _, _, req in rows], dtype=torch.float32, device=device)
+        budget = torch.tensor([req.max_new_tokens for _, _, req in rows], device=device)
+        eos = torch.tensor(self.eos_ids, device=device)
+
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1, :].float()
+        position = positions[:, -1:]
+        finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        hit_eos = torch.zeros_like(finished)
+        tokens, logprobs = [], []
+        for t in range(int(budget.max())):
+            token, logp = sample_tokens(logits, temperature, top_p, generator)
+            token = token.masked_fill(finished, self.pad_id)
+            tokens.append(token)
+            logprobs.append(logp)
+            hit_eos |= ~finished & torch.isin(token, eos)
+            finished |= hit_eos | (budget <= t + 1)
+            if bool(finished.all()):
+                break
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
+            position = position + 1
+            out = self.model(
+                input_ids=token.unsqueeze(-1),
+                attention_mask=attention,
+                position_ids=position,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache, logits = out.past_key_values, out.logits[:, -1, :].float()
+
+        token_mat = torch.stack(tokens, dim=1).cpu()
+        logp_mat = torch.stack(logprobs, dim=1).float().cpu()
+        eos_set = set(self.eos_ids)
+        completions = []
+        for r, (i, j, req) in enumerate(rows):
+            ids = token_mat[r, : req.max_new_tokens].tolist()
+            length = next((k + 1 for k, tok in enumerate(ids) if tok in eos_set), None)
+            reason = "stop" if length is not None else "length"
+            ids = ids[: length or len(ids)]
+            completions.append(
+                Completion(
+                    request_index=i,
+                    sample_index=j,
+                    temperature=req.temperature,
+                    token_ids=ids,
+                    logprobs=logp_mat[r, : len(ids)].tolist(),
+                    text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                    finish_reason=reason,
+                )
+            )
+        return completions
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS and the generation config's (may be a list)."""
+    ids: list[int] = []
+    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and v not in ids:
+                ids.append(int(v))
+    if not ids:
+        raise ValueError("the tokenizer and model define no EOS token; cannot tell where a response ends")
+    return ids
