@@ -11,7 +11,9 @@ import torch
 from torch import Tensor
 
 
-def entropy_shaped_advantages(advantages: Tensor, token_entropy: Tensor, alpha: float, kappa: float) -> Tensor:
+def entropy_shaped_advantages(
+    advantages: Tensor, token_entropy: Tensor, alpha: float, kappa: float
+) -> Tensor:
     """Entropy-based advantage shaping.
 
     Args:

@@ -61,7 +61,9 @@ class SequenceBatch:
             self.weights = torch.ones(b, dtype=torch.float32, device=self.input_ids.device)
         for name in ("attention_mask", "response_mask"):
             if getattr(self, name).shape != (b, length):
-                raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}, expected {(b, length)}")
+                raise ValueError(
+                    f"{name} has shape {tuple(getattr(self, name).shape)}, expected {(b, length)}"
+                )
         if self.advantages is not None and self.advantages.shape != (b, length):
             raise ValueError(f"advantages has shape {tuple(self.advantages.shape)}, expected {(b, length)}")
         for name in ("rewards", "temperatures", "source_index", "weights"):
@@ -95,11 +97,11 @@ class SequenceBatch:
         if len(prompt_ids) != len(response_ids):
             raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
         b = len(prompt_ids)
-        length = max((len(p) + len(r) for p, r in zip(prompt_ids, response_ids)), default=0)
+        length = max((len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)), default=0)
         input_ids = torch.full((b, length), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((b, length), dtype=torch.long)
         response_mask = torch.zeros((b, length), dtype=torch.float32)
-        for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
             if len(p) == 0:
                 raise ValueError(f"row {i}: empty prompt (the first response token needs a context)")
             n = len(p) + len(r)

@@ -23,7 +23,9 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def aggregate(values: Tensor, mask: Tensor, mode: LossAgg = "token_mean", constant: float | None = None) -> Tensor:
+def aggregate(
+    values: Tensor, mask: Tensor, mode: LossAgg = "token_mean", constant: float | None = None
+) -> Tensor:
     """Reduce per-token values to the scalar loss.
 
     Args:
@@ -145,7 +147,9 @@ def policy_loss(
 
 
 @torch.no_grad()
-def policy_loss_diagnostics(logp: Tensor, old_logp: Tensor, mask: Tensor, ind: dict[str, Tensor]) -> dict[str, float]:
+def policy_loss_diagnostics(
+    logp: Tensor, old_logp: Tensor, mask: Tensor, ind: dict[str, Tensor]
+) -> dict[str, float]:
     """Clip fractions, ratio statistics and approximate KLs over the masked tokens (see policy_loss)."""
     m = mask.bool()
     n = int(m.sum().item())

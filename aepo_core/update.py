@@ -125,7 +125,10 @@ def split_micro(rows: range, micro_batch_size: int | None) -> list[range]:
 
 
 def _partition(num_rows: int, trainer_cfg: TrainerConfig) -> list[list[range]]:
-    return [split_micro(mb, trainer_cfg.micro_batch_size) for mb in split_in_order(num_rows, trainer_cfg.mini_batches)]
+    return [
+        split_micro(mb, trainer_cfg.micro_batch_size)
+        for mb in split_in_order(num_rows, trainer_cfg.mini_batches)
+    ]
 
 
 # ---------------------------------------------------------------------------------------- assembly
@@ -154,15 +157,23 @@ def prepare_update_batch(
         raise ValueError(f"algorithm {algo_cfg.name!r} does not use a regulariser batch")
     adv = group_advantages(policy_batch.rewards, group_size, algo_cfg.advantage_scaling)
     policy_rows = policy_batch.with_fields(advantages=broadcast_to_tokens(adv, policy_batch.response_mask))
-    info: dict[str, float] = {"advantage/mean": adv.mean().item(), "advantage/abs_mean": adv.abs().mean().item()}
+    info: dict[str, float] = {
+        "advantage/mean": adv.mean().item(),
+        "advantage/abs_mean": adv.abs().mean().item(),
+    }
     if regulariser_batch is None or len(regulariser_batch) == 0:
-        return PreparedBatch(batch=assemble_batch(policy_rows, None, torch.zeros(0, dtype=torch.long), 0), info=info)
+        return PreparedBatch(
+            batch=assemble_batch(policy_rows, None, torch.zeros(0, dtype=torch.long), 0), info=info
+        )
     adv_t = group_advantages(
         regulariser_batch.rewards, regulariser_group_size or group_size, algo_cfg.advantage_scaling
     )
     positives = select_positive_samples(adv_t, algo_cfg.positive_threshold)
     k = reinforce_count(
-        len(positives), algo_cfg.reinforce_sample_num, controller.h_prev, algo_cfg.target_entropy,
+        len(positives),
+        algo_cfg.reinforce_sample_num,
+        controller.h_prev,
+        algo_cfg.target_entropy,
         algo_cfg.halve_above_target,
     )
     if algo_cfg.combine == "replace":
@@ -226,12 +237,25 @@ def compute_logprobs(
     return logp, ent
 
 
+def is_checkpointing(model) -> bool:
+    """Whether activation (gradient) checkpointing is on; transformers >= 5 renamed the attribute."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
 def _enable_checkpointing(policy) -> None:
-    if getattr(policy, "is_gradient_checkpointing", False):
+    if is_checkpointing(policy):
         return
-    if not hasattr(policy, "gradient_checkpointing_enable"):
-        raise ValueError("trainer.gradient_checkpointing needs a model with gradient_checkpointing_enable()")
-    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}  # non-reentrant: no need for inputs that require grad
+    if hasattr(policy, "activation_checkpointing_enable"):
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(policy, "gradient_checkpointing_enable"):
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(
+            "trainer.gradient_checkpointing needs a model that supports activation checkpointing"
+        )
 
 
 # ---------------------------------------------------------------------------------------- the step
@@ -292,9 +316,12 @@ def update_step(
 
     advantages = batch.advantages
     if name == "entropy_adv":
-        advantages = entropy_shaped_advantages(
-            advantages, old_entropy, algo_cfg.entropy_adv_alpha, algo_cfg.entropy_adv_kappa
-        ) * batch.response_mask
+        advantages = (
+            entropy_shaped_advantages(
+                advantages, old_entropy, algo_cfg.entropy_adv_alpha, algo_cfg.entropy_adv_kappa
+            )
+            * batch.response_mask
+        )
     batch = batch.with_fields(advantages=advantages)
 
     if name == "entropy_reg":
@@ -305,7 +332,9 @@ def update_step(
         bonus_coef = 0.0
     bonus_exact = bonus_coef > 0 and algo_cfg.entropy_bonus_estimator == "exact"
 
-    is_reinforce = torch.tensor([r == ROLE_REINFORCE for r in batch.roles], dtype=torch.float32, device=device)
+    is_reinforce = torch.tensor(
+        [r == ROLE_REINFORCE for r in batch.roles], dtype=torch.float32, device=device
+    )
     params = [p for p in policy.parameters() if p.requires_grad]
     sums: dict[str, list[float]] = defaultdict(list)
     reinforce_ratios: list[Tensor] = []
@@ -359,12 +388,17 @@ def update_step(
                     sums["loss/total"].append(total.item())
                     for key, value in policy_loss_diagnostics(logp, old, mask, ind).items():
                         sums[f"actor/{key}"].append(value)
-                    h_all = {"nll": masked_mean(-logp.detach(), mask), "exact": masked_mean(token_entropy.detach(), mask)}
+                    h_all = {
+                        "nll": masked_mean(-logp.detach(), mask),
+                        "exact": masked_mean(token_entropy.detach(), mask),
+                    }
                     for est, value in h_all.items():
                         sums[f"entropy/{est}"].append(value.item())
                     policy_mask = mask * (1.0 - reinf)
                     if policy_mask.sum() > 0:
-                        sums["entropy/nll_policy_rows"].append(masked_mean(-logp.detach(), policy_mask).item())
+                        sums["entropy/nll_policy_rows"].append(
+                            masked_mean(-logp.detach(), policy_mask).item()
+                        )
                         sums["entropy/exact_policy_rows"].append(
                             masked_mean(token_entropy.detach(), policy_mask).item()
                         )
@@ -408,7 +442,9 @@ def update_step(
     measured = metrics.get(f"entropy/{algo_cfg.entropy_estimator}", controller.h_prev)
     new_coef = controller.entropy_coef
     if name == "adaptive_entropy":
-        new_coef = update_entropy_coef(controller.entropy_coef, measured, algo_cfg.target_entropy, algo_cfg.adaptive_delta)
+        new_coef = update_entropy_coef(
+            controller.entropy_coef, measured, algo_cfg.target_entropy, algo_cfg.adaptive_delta
+        )
         metrics["entropy/adaptive_coef"] = new_coef
     if bonus_coef > 0:
         metrics["entropy/bonus_coef"] = bonus_coef

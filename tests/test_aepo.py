@@ -126,9 +126,7 @@ def _expected_reinforce_step(theta, temperature, lr):
     v = theta.shape[0]
     logp = torch.log_softmax(theta, -1).unsqueeze(1)  # [V, 1]: row x holds log p(x)
     sample_prob = torch.softmax(theta.detach() / temperature, -1)  # p^T, the sampling law
-    loss, _ = policy_loss(
-        logp, logp.detach(), torch.ones(v, 1), torch.ones(v, 1), row_weights=sample_prob
-    )
+    loss, _ = policy_loss(logp, logp.detach(), torch.ones(v, 1), torch.ones(v, 1), row_weights=sample_prob)
     loss.backward()
     return (theta - lr * theta.grad).detach()
 

@@ -48,9 +48,13 @@ def test_chunked_equals_unchunked_values_and_gradients(chunk):
 
 def test_entropy_without_grad_when_not_needed():
     logits = torch.randn(2, 4, 5, requires_grad=True)
-    lp, ent = token_logprobs_and_entropy(logits, torch.zeros(2, 4, dtype=torch.long), chunk=2, entropy_grad=False)
+    lp, ent = token_logprobs_and_entropy(
+        logits, torch.zeros(2, 4, dtype=torch.long), chunk=2, entropy_grad=False
+    )
     assert lp.requires_grad and not ent.requires_grad
-    lp_only, none = token_logprobs_and_entropy(logits, torch.zeros(2, 4, dtype=torch.long), with_entropy=False)
+    lp_only, none = token_logprobs_and_entropy(
+        logits, torch.zeros(2, 4, dtype=torch.long), with_entropy=False
+    )
     assert none is None
     torch.testing.assert_close(lp_only, lp)
 
