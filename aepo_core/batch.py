@@ -124,10 +124,12 @@ class SequenceBatch:
 
     # ------------------------------------------------------------------ row operations
     def __len__(self) -> int:
+        """B, the number of rows."""
         return int(self.input_ids.shape[0])
 
     @property
     def seq_len(self) -> int:
+        """L, the padded sequence length."""
         return int(self.input_ids.shape[1])
 
     def select(self, rows: Sequence[int] | Tensor) -> SequenceBatch:
