@@ -1,0 +1,147 @@
+"""AEPO's regulariser: the temperature controller, the positive samples, and batch assembly.
+
+One step (aepo-algorithm.md):
+  T   = T_high if H_prev <= H* else T_low                     (bang-bang controller)
+  POS = rows of the regulariser batch B_T with A_T > threshold
+  k   = min(K, |POS|), halved (k // 2) when H_prev > H*      (weaker push downwards)
+  X   = POS[:k] + B[k:]  ("replace", the reference code)  or  POS[:k] + B  ("add", paper's alpha)
+Every token of a REINFORCE row gets advantage +1.0. The REINFORCE rows come first so an in-order
+split puts them in the first, exactly on-policy mini-batch, where the clip is inactive and their
+gradient is plain REINFORCE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from aepo_core.batch import ROLE_POLICY, ROLE_REINFORCE, SequenceBatch
+from aepo_core.config import AlgorithmConfig
+
+Combine = Literal["replace", "add"]
+
+
+@dataclass
+class ControllerState:
+    """What the controller carries from one step to the next; persist it with the checkpoint.
+
+    h_prev: entropy measured during the previous update, in the configured estimator's units
+        (0.0 before step 1, so the first step samples at T_high when H* >= 0).
+    temperature: the regulariser temperature used at the last step (None before step 1).
+    k: REINFORCE rows used at the last step.
+    num_positives: |POS| at the last step.
+    entropy_coef: the adaptive_entropy bonus coefficient.
+    step: updates done so far.
+    """
+
+    h_prev: float = 0.0
+    temperature: float | None = None
+    k: int = 0
+    num_positives: int = 0
+    entropy_coef: float = 0.0
+    step: int = 0
+
+    @classmethod
+    def initial(cls, algo_cfg: AlgorithmConfig) -> ControllerState:
+        """The state before the first step of a run configured by ``algo_cfg``."""
+        return cls(entropy_coef=float(algo_cfg.adaptive_init_coef))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (plain floats/ints/None)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ControllerState:
+        """Inverse of :meth:`to_dict`; unknown keys are rejected so a wrong file fails loudly."""
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown controller state keys: {sorted(unknown)}")
+        return cls(**data)
+
+
+def choose_temperature(h_prev: float, target: float, t_high: float, t_low: float) -> float:
+    """Bang-bang controller: T_high iff h_prev <= target (raise entropy), else T_low (lower it)."""
+    return float(t_high if h_prev <= target else t_low)
+
+
+def controller_temperature(state: ControllerState, algo_cfg: AlgorithmConfig) -> float:
+    """The temperature to sample the regulariser batch at this step.
+
+    controller "bang_bang": :func:`choose_temperature` on state.h_prev; "fixed" (ablation): always
+    algo_cfg.fixed_temperature.
+    """
+    if algo_cfg.controller == "fixed":
+        return float(algo_cfg.fixed_temperature)
+    return choose_temperature(state.h_prev, algo_cfg.target_entropy, algo_cfg.t_high, algo_cfg.t_low)
+
+
+def select_positive_samples(tempered_advantages: Tensor, threshold: float = 0.05) -> Tensor:
+    """Indices of the regulariser rows whose advantage exceeds the threshold.
+
+    Args:
+        tempered_advantages: [M] GRPO advantages A_T of the rows sampled at temperature T.
+        threshold: strict lower bound (0.05): correct answers from groups that are not all-correct.
+    Returns:
+        [P] long indices in ascending order (P may be 0).
+    """
+    return torch.nonzero(tempered_advantages > threshold, as_tuple=False).flatten()
+
+
+def reinforce_count(num_positives: int, K: int, h_prev: float, target: float, halve: bool = True) -> int:
+    """k = min(K, |POS|), then k // 2 when h_prev > target and halving is on; 0 when POS is empty."""
+    k = min(int(K), int(num_positives))
+    if halve and h_prev > target:
+        k //= 2
+    return max(k, 0)
+
+
+def assemble_batch(
+    policy_batch: SequenceBatch,
+    regulariser_batch: SequenceBatch | None,
+    positive_indices: Tensor,
+    k: int,
+    combine: Combine = "replace",
+    alpha: float = 1.0,
+) -> SequenceBatch:
+    """The update batch X: the first k positive regulariser rows, then the policy rows.
+
+    Args:
+        policy_batch: B rows with ``advantages`` [B, L] set (the GRPO rows).
+        regulariser_batch: M rows sampled at temperature T (or None when k == 0).
+        positive_indices: [P] rows of regulariser_batch with A_T > threshold.
+        k: REINFORCE rows to use (<= P).
+        combine: "replace": X = POS[:k] + B[k:], |X| == |B| (reference code; k is capped at |B|);
+            "add": X = POS[:k] + B, the REINFORCE rows' loss weighted by alpha (paper's formula).
+        alpha: weight of the REINFORCE rows in "add" mode (ignored by "replace": weight 1).
+    Returns:
+        SequenceBatch [k + B (- k), L'] with roles ("reinforce" rows first), advantages (+1.0 on
+        every response token of a REINFORCE row), weights, temperatures and source_index
+        (index into the regulariser batch for REINFORCE rows, into the policy batch otherwise).
+    """
+    if policy_batch.advantages is None:
+        raise ValueError("policy_batch needs advantages before assembly")
+    if k > len(positive_indices):
+        raise ValueError(f"k = {k} exceeds the {len(positive_indices)} positive samples")
+    if combine == "replace":
+        k = min(k, len(policy_batch))
+    elif combine != "add":
+        raise ValueError(f"unknown combine mode {combine!r}")
+    policy_rows = policy_batch.with_fields(roles=[ROLE_POLICY] * len(policy_batch))
+    if k == 0 or regulariser_batch is None:
+        if k > 0:
+            raise ValueError("k > 0 needs a regulariser batch")
+        return policy_rows
+    chosen = regulariser_batch.select(positive_indices[:k].cpu())
+    reinforce_rows = chosen.with_fields(
+        roles=[ROLE_REINFORCE] * k,
+        # plain REINFORCE with reward 1: advantage +1.0 on every response token
+        advantages=chosen.response_mask.float().clone(),
+        weights=torch.full((k,), float(alpha) if combine == "add" else 1.0, device=chosen.weights.device),
+    )
+    if combine == "replace":
+        kept = policy_rows.select(range(k, len(policy_rows)))
+        return SequenceBatch.concat([reinforce_rows, kept]) if len(kept) else reinforce_rows
+    return SequenceBatch.concat([reinforce_rows, policy_rows])

@@ -1,0 +1,176 @@
+"""The PPO-clipped policy loss, its aggregation over tokens, and the k3 KL estimator.
+
+All per-token tensors are [B, L] and aligned with the batch's input_ids; ``mask`` is 1 on the
+tokens that count (response tokens) and 0 on prompt and padding.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+LossAgg = Literal["token_mean", "seq_mean_token_mean", "constant"]
+
+# log-ratios beyond this are numerically meaningless and would overflow exp(); verl clamps alike
+_LOG_RATIO_CLAMP = 20.0
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` [B, L] over the positions where ``mask`` [B, L] is 1; 0 when mask is empty."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def aggregate(
+    values: Tensor, mask: Tensor, mode: LossAgg = "token_mean", constant: float | None = None
+) -> Tensor:
+    """Reduce per-token values to the scalar loss.
+
+    Args:
+        values: [B, L] per-token loss.
+        mask: [B, L] 1 on the tokens that count.
+        mode: "token_mean": sum(v * m) / sum(m) (every token of the batch weighs the same);
+            "seq_mean_token_mean": mean over rows (with at least one token) of each row's token mean;
+            "constant": sum(v * m) / (B * constant) (Dr. GRPO: a fixed normaliser, e.g. max length).
+        constant: the normaliser for mode "constant".
+    Returns:
+        scalar tensor; 0 when no token counts.
+    """
+    mask = mask.to(values.dtype)
+    if mode == "token_mean":
+        return masked_mean(values, mask)
+    if mode == "seq_mean_token_mean":
+        tokens = mask.sum(dim=1)
+        row_means = (values * mask).sum(dim=1) / tokens.clamp(min=1.0)
+        has_tokens = (tokens > 0).to(values.dtype)
+        return (row_means * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
+    if mode == "constant":
+        if constant is None or constant <= 0:
+            raise ValueError("aggregate mode 'constant' needs a positive constant")
+        return (values * mask).sum() / (values.shape[0] * constant)
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token k3 estimator of KL(pi || ref) on tokens sampled from pi (Schulman's k3).
+
+    Args:
+        logp: [B, L] log pi(token).
+        ref_logp: [B, L] log ref(token).
+    Returns:
+        [B, L] exp(ref - logp) - (ref - logp) - 1, which is >= 0 everywhere and 0 where they agree.
+    """
+    diff = (ref_logp - logp).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    return torch.exp(diff) - diff - 1.0
+
+
+def clipped_token_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token PPO clipped surrogate loss (to minimise), with optional dual clip.
+
+    ratio r = exp(logp - old_logp), clipped to [1 - clip_low, 1 + clip_high];
+    loss = max(-A r, -A clip(r)); for A < 0 with dual_clip c: loss = min(that, -A c).
+
+    Args:
+        logp, old_logp, advantages: [B, L].
+    Returns:
+        (loss [B, L], boolean [B, L] indicator tensors: "ratio", "clipped_low", "clipped_high",
+        "dual_clipped") where clipped_* mark tokens whose clipped branch is the active one.
+    """
+    log_ratio = (logp - old_logp).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    # the clipped branch wins (strictly) only where the ratio left the trust region in the direction
+    # the advantage pushes: above 1 + clip_high for A > 0, below 1 - clip_low for A < 0
+    clip_active = clipped > unclipped
+    clipped_high = clip_active & (ratio > 1.0)
+    clipped_low = clip_active & (ratio < 1.0)
+    dual_clipped = torch.zeros_like(clip_active)
+    if dual_clip is not None:
+        # for A < 0 a huge ratio makes -A r unbounded; dual clip caps the loss at -A * c
+        cap = -advantages * dual_clip
+        negative = advantages < 0
+        dual_clipped = negative & (loss > cap)
+        loss = torch.where(negative, torch.minimum(loss, cap), loss)
+    return loss, {
+        "ratio": ratio,
+        "clipped_low": clipped_low,
+        "clipped_high": clipped_high,
+        "dual_clipped": dual_clipped,
+    }
+
+
+def policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = 3.0,
+    agg: LossAgg = "token_mean",
+    constant: float | None = None,
+    row_weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """PPO-clipped policy loss aggregated over the masked tokens, with diagnostics.
+
+    Args:
+        logp: [B, L] log-probs under the current policy (with grad).
+        old_logp: [B, L] log-probs under the policy that produced the batch (no grad).
+        advantages: [B, L] per-token advantages.
+        mask: [B, L] 1 on response tokens.
+        clip_low, clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high] (clip-higher when
+            clip_high > clip_low).
+        dual_clip: cap for negative advantages (None: off).
+        agg, constant: see :func:`aggregate`.
+        row_weights: [B] multiplier on each row's per-token loss (AEPO "add" mode), None = 1.
+    Returns:
+        (scalar loss, diagnostics) with floats: clip_frac (any clip), clip_frac_low,
+        clip_frac_high, dual_clip_frac (fractions of masked tokens), approx_kl (masked mean of
+        old - new), approx_kl_k3 (masked mean of k3 of KL(old || new)), ratio_mean/max/min.
+    """
+    token_loss, ind = clipped_token_loss(logp, old_logp, advantages, clip_low, clip_high, dual_clip)
+    if row_weights is not None:
+        token_loss = token_loss * row_weights.to(token_loss.dtype).unsqueeze(1)
+    loss = aggregate(token_loss, mask, agg, constant)
+    return loss, policy_loss_diagnostics(logp, old_logp, mask, ind)
+
+
+@torch.no_grad()
+def policy_loss_diagnostics(
+    logp: Tensor, old_logp: Tensor, mask: Tensor, ind: dict[str, Tensor]
+) -> dict[str, float]:
+    """Clip fractions, ratio statistics and approximate KLs over the masked tokens (see policy_loss)."""
+    m = mask.bool()
+    n = int(m.sum().item())
+    if n == 0:
+        keys = ("clip_frac", "clip_frac_low", "clip_frac_high", "dual_clip_frac", "approx_kl", "approx_kl_k3")
+        out = {k: 0.0 for k in keys}
+        out.update(ratio_mean=1.0, ratio_max=1.0, ratio_min=1.0)
+        return out
+    fmask = mask.float()
+    ratio = ind["ratio"].detach().float()
+    low = ind["clipped_low"].float()
+    high = ind["clipped_high"].float()
+    return {
+        "clip_frac": masked_mean(torch.maximum(low, high), fmask).item(),
+        "clip_frac_low": masked_mean(low, fmask).item(),
+        "clip_frac_high": masked_mean(high, fmask).item(),
+        "dual_clip_frac": masked_mean(ind["dual_clipped"].float(), fmask).item(),
+        "approx_kl": masked_mean((old_logp - logp).detach().float(), fmask).item(),
+        # samples come from the old policy, so KL(old || new) is k3 with pi = old, ref = new
+        "approx_kl_k3": masked_mean(kl_k3(old_logp.detach().float(), logp.detach().float()), fmask).item(),
+        "ratio_mean": masked_mean(ratio, fmask).item(),
+        "ratio_max": ratio[m].max().item(),
+        "ratio_min": ratio[m].min().item(),
+    }

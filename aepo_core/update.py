@@ -1,0 +1,491 @@
+"""The update step: one PPO epoch over the assembled batch, for every algorithm of the project.
+
+    result = update_step(policy, optimizer, policy_batch, regulariser_batch, algo_cfg, trainer_cfg,
+                         controller, group_size=n)
+    controller = result.controller          # persist result.controller.to_dict() with the checkpoint
+
+Order of work (aepo-algorithm.md, steps 4 and 8-13):
+  1. GRPO advantages of the policy batch (groups of ``group_size`` consecutive rows).
+  2. aepo only: advantages A_T of the regulariser batch in its own groups, POS = A_T > threshold,
+     k from the controller state, X = assemble_batch(...) (REINFORCE rows first).
+  3. Old log-probs of every row of X at T = 1 (no grad), with the same mini/micro-batch partition
+     the update uses, so the first mini-batch's ratio is exactly 1; also the exact entropy of
+     pi_old (entropy_adv) and the reference log-probs (kl_coef > 0).
+  4. X is split IN ORDER into trainer.mini_batches mini-batches (no shuffling), each into
+     micro-batches of trainer.micro_batch_size rows with gradient accumulation; one optimiser step
+     with grad-norm clipping per mini-batch.
+  5. Entropy (both estimators) is measured on the update's own forward passes: the average over
+     micro-batches of the token mean, as the reference code does; h_prev for the next step is the
+     configured estimator over all rows of X.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from aepo_core.advantages import broadcast_to_tokens, group_advantages
+from aepo_core.aepo import (
+    ControllerState,
+    assemble_batch,
+    reinforce_count,
+    select_positive_samples,
+)
+from aepo_core.baselines import entropy_bonus_term, entropy_shaped_advantages, update_entropy_coef
+from aepo_core.batch import ROLE_REINFORCE, SequenceBatch
+from aepo_core.config import AlgorithmConfig, TrainerConfig
+from aepo_core.entropy import shifted_logprobs_and_entropy
+from aepo_core.losses import aggregate, clipped_token_loss, kl_k3, masked_mean, policy_loss_diagnostics
+
+
+@dataclass
+class UpdateResult:
+    """What one update step returns.
+
+    metrics: flat name -> float (names contain only letters, digits, '_', '/', '.').
+    rows: one record per row of the assembled batch, in batch order: row, mini_batch, role,
+        source ("policy" | "regulariser"), source_index, reward, temperature, weight, advantage
+        (mean over the row's response tokens of the advantage used), response_tokens.
+    controller: the controller state for the next step.
+    """
+
+    metrics: dict[str, float]
+    rows: list[dict[str, Any]]
+    controller: ControllerState
+
+
+@dataclass
+class PreparedBatch:
+    """Output of :func:`prepare_update_batch`: the batch X plus what the controller decided."""
+
+    batch: SequenceBatch
+    num_positives: int = 0
+    k: int = 0
+    temperature: float | None = None
+    info: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------- devices
+def resolve_device(trainer_cfg: TrainerConfig) -> torch.device:
+    """trainer.device -> torch.device ("auto": cuda when available, else cpu)."""
+    if trainer_cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(trainer_cfg.device)
+
+
+def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
+    """The autocast dtype for trainer.dtype on ``device`` (None: run in the parameters' dtype).
+
+    "auto": bfloat16 on a CUDA device that supports it, else None (fp32 on CPU);
+    "bfloat16": bfloat16 on any device; "float32": None.
+    """
+    if dtype == "bfloat16":
+        return torch.bfloat16
+    if dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------- splitting
+def split_in_order(num_rows: int, parts: int) -> list[range]:
+    """Consecutive, non-empty row ranges covering 0..num_rows-1, in order, no shuffling.
+
+    Sizes differ by at most one, larger first (torch.tensor_split's rule); fewer than ``parts``
+    ranges when num_rows < parts. E.g. split_in_order(10, 4) -> [0:3], [3:6], [6:8], [8:10].
+    """
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
+    base, extra = divmod(num_rows, parts)
+    out, start = [], 0
+    for i in range(parts):
+        size = base + (1 if i < extra else 0)
+        if size:
+            out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def split_micro(rows: range, micro_batch_size: int | None) -> list[range]:
+    """Consecutive chunks of at most micro_batch_size rows of ``rows`` (one chunk when None)."""
+    if micro_batch_size is None or micro_batch_size >= len(rows):
+        return [rows]
+    return [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+
+
+def _partition(num_rows: int, trainer_cfg: TrainerConfig) -> list[list[range]]:
+    return [
+        split_micro(mb, trainer_cfg.micro_batch_size)
+        for mb in split_in_order(num_rows, trainer_cfg.mini_batches)
+    ]
+
+
+# ---------------------------------------------------------------------------------------- assembly
+def prepare_update_batch(
+    policy_batch: SequenceBatch,
+    regulariser_batch: SequenceBatch | None,
+    algo_cfg: AlgorithmConfig,
+    controller: ControllerState,
+    group_size: int,
+    regulariser_group_size: int | None = None,
+) -> PreparedBatch:
+    """Advantages, positive selection and batch assembly (steps 4 and 8-10), no model involved.
+
+    Args:
+        policy_batch: B rows, groups of group_size consecutive rows, rewards set.
+        regulariser_batch: M rows sampled at temperature T (aepo only), or None.
+        algo_cfg: the algorithm configuration.
+        controller: the state entering this step (h_prev decides the k halving).
+        group_size: n for the policy batch.
+        regulariser_group_size: n for the regulariser batch (default: group_size).
+    Returns:
+        PreparedBatch with the assembled batch X (advantages [|X|, L] set, REINFORCE rows first),
+        |POS|, k and the regulariser temperature.
+    """
+    if regulariser_batch is not None and algo_cfg.name != "aepo":
+        raise ValueError(f"algorithm {algo_cfg.name!r} does not use a regulariser batch")
+    adv = group_advantages(policy_batch.rewards, group_size, algo_cfg.advantage_scaling)
+    policy_rows = policy_batch.with_fields(advantages=broadcast_to_tokens(adv, policy_batch.response_mask))
+    info: dict[str, float] = {
+        "advantage/mean": adv.mean().item(),
+        "advantage/abs_mean": adv.abs().mean().item(),
+    }
+    if regulariser_batch is None or len(regulariser_batch) == 0:
+        return PreparedBatch(
+            batch=assemble_batch(policy_rows, None, torch.zeros(0, dtype=torch.long), 0), info=info
+        )
+    adv_t = group_advantages(
+        regulariser_batch.rewards, regulariser_group_size or group_size, algo_cfg.advantage_scaling
+    )
+    positives = select_positive_samples(adv_t, algo_cfg.positive_threshold)
+    k = reinforce_count(
+        len(positives),
+        algo_cfg.reinforce_sample_num,
+        controller.h_prev,
+        algo_cfg.target_entropy,
+        algo_cfg.halve_above_target,
+    )
+    if algo_cfg.combine == "replace":
+        k = min(k, len(policy_batch))
+    batch = assemble_batch(policy_rows, regulariser_batch, positives, k, algo_cfg.combine, algo_cfg.alpha)
+    info["aepo/regulariser_reward_mean"] = regulariser_batch.rewards.float().mean().item()
+    return PreparedBatch(
+        batch=batch,
+        num_positives=len(positives),
+        k=k,
+        temperature=regulariser_batch.temperatures.float().mean().item(),
+        info=info,
+    )
+
+
+# ---------------------------------------------------------------------------------------- forward passes
+def _forward(policy, mb: SequenceBatch, chunk: int, with_entropy: bool, entropy_grad: bool):
+    logits = policy(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
+    return shifted_logprobs_and_entropy(logits, mb.input_ids, chunk, with_entropy, entropy_grad)
+
+
+@torch.no_grad()
+def compute_logprobs(
+    model,
+    batch: SequenceBatch,
+    partition: list[list[range]],
+    chunk: int,
+    amp_dtype: torch.dtype | None = None,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs (and exact entropy) of every row at T = 1, without grad, micro-batch by micro-batch.
+
+    Args:
+        model: HF causal LM.
+        batch: [B, L] on the model's device.
+        partition: mini-batches of micro-batch row ranges (use the update's partition so the
+            numerics of the first mini-batch match the update exactly).
+        chunk: sequence chunk for the log-softmax.
+        amp_dtype: autocast dtype or None.
+        with_entropy: also return the per-token exact entropy.
+    Returns:
+        (logp [B, L] float32, entropy [B, L] float32 or None); zeros beyond each micro-batch's
+        trimmed length (padding).
+    """
+    device = batch.input_ids.device
+    logp = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=device)
+    ent = torch.zeros_like(logp) if with_entropy else None
+    was_training = model.training
+    model.eval()
+    try:
+        for micro in partition:
+            for rows in micro:
+                mb = batch.select(list(rows)).trimmed()
+                with _autocast(device, amp_dtype):
+                    lp, h = _forward(model, mb, chunk, with_entropy, entropy_grad=False)
+                logp[rows.start : rows.stop, : mb.seq_len] = lp.float()
+                if with_entropy:
+                    ent[rows.start : rows.stop, : mb.seq_len] = h.float()
+    finally:
+        model.train(was_training)
+    return logp, ent
+
+
+def is_checkpointing(model) -> bool:
+    """Whether activation (gradient) checkpointing is on; transformers >= 5 renamed the attribute."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
+def _enable_checkpointing(policy) -> None:
+    if is_checkpointing(policy):
+        return
+    kwargs = {"use_reentrant": False}  # non-reentrant: no need for inputs that require grad
+    if hasattr(policy, "activation_checkpointing_enable"):
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(policy, "gradient_checkpointing_enable"):
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(
+            "trainer.gradient_checkpointing needs a model that supports activation checkpointing"
+        )
+
+
+# ---------------------------------------------------------------------------------------- the step
+def update_step(
+    policy,
+    optimizer: torch.optim.Optimizer,
+    policy_batch: SequenceBatch,
+    regulariser_batch: SequenceBatch | None,
+    algo_cfg: AlgorithmConfig,
+    trainer_cfg: TrainerConfig,
+    controller: ControllerState,
+    *,
+    group_size: int,
+    regulariser_group_size: int | None = None,
+    ref_policy=None,
+) -> UpdateResult:
+    """One rollout's update of ``policy`` (1 PPO epoch, trainer.mini_batches optimiser steps).
+
+    Args:
+        policy: HF causal LM (``policy(input_ids=..., attention_mask=...).logits`` -> [b, L, V]); the
+            batch is moved to the device of its parameters.
+        optimizer: optimiser over the policy's trainable parameters (e.g. AdamW from trainer_cfg).
+        policy_batch: [B, L] rows sampled at T = 1, groups of group_size consecutive rows, with
+            0/1 rewards.
+        regulariser_batch: [M, L'] rows for the first reg_prompt_fraction of the prompts sampled at the
+            controller's temperature (temperatures set), with rewards, in groups of
+            regulariser_group_size (default group_size); only for algorithm "aepo", else None.
+        algo_cfg, trainer_cfg: configuration.
+        controller: the controller state entering this step.
+        group_size: n, responses per prompt in policy_batch.
+        regulariser_group_size: n of the regulariser batch, default group_size.
+        ref_policy: reference model for the k3 KL term (needed when algo_cfg.kl_coef > 0).
+    Returns:
+        UpdateResult(metrics, per-row records, new controller state).
+    """
+    name = algo_cfg.name
+    if algo_cfg.kl_coef > 0 and ref_policy is None:
+        raise ValueError("algorithm.kl_coef > 0 needs a ref_policy")
+    device = next(policy.parameters()).device
+    amp_dtype = autocast_dtype(device, trainer_cfg.dtype)
+    if trainer_cfg.gradient_checkpointing:
+        _enable_checkpointing(policy)
+
+    prepared = prepare_update_batch(
+        policy_batch, regulariser_batch, algo_cfg, controller, group_size, regulariser_group_size
+    )
+    batch = prepared.batch.to(device)
+    partition = _partition(len(batch), trainer_cfg)
+    chunk = trainer_cfg.logits_chunk
+
+    # step 11: old log-probs at T = 1 for every row, also those sampled at T_high / T_low
+    old_logp, old_entropy = compute_logprobs(
+        policy, batch, partition, chunk, amp_dtype, with_entropy=(name == "entropy_adv")
+    )
+    ref_logp = None
+    if algo_cfg.kl_coef > 0:
+        ref_logp, _ = compute_logprobs(ref_policy, batch, partition, chunk, amp_dtype)
+
+    advantages = batch.advantages
+    if name == "entropy_adv":
+        advantages = (
+            entropy_shaped_advantages(
+                advantages, old_entropy, algo_cfg.entropy_adv_alpha, algo_cfg.entropy_adv_kappa
+            )
+            * batch.response_mask
+        )
+    batch = batch.with_fields(advantages=advantages)
+
+    if name == "entropy_reg":
+        bonus_coef = algo_cfg.entropy_coef
+    elif name == "adaptive_entropy":
+        bonus_coef = controller.entropy_coef
+    else:
+        bonus_coef = 0.0
+    bonus_exact = bonus_coef > 0 and algo_cfg.entropy_bonus_estimator == "exact"
+
+    is_reinforce = torch.tensor(
+        [r == ROLE_REINFORCE for r in batch.roles], dtype=torch.float32, device=device
+    )
+    params = [p for p in policy.parameters() if p.requires_grad]
+    sums: dict[str, list[float]] = defaultdict(list)
+    reinforce_ratios: list[Tensor] = []
+    grad_norms: list[float] = []
+    skipped = 0
+    row_mini_batch = [0] * len(batch)
+
+    was_training = policy.training
+    policy.train()
+    try:
+        for mb_index, micro in enumerate(partition):
+            optimizer.zero_grad(set_to_none=True)
+            n_micro = len(micro)
+            for rows in micro:
+                for r in rows:
+                    row_mini_batch[r] = mb_index
+                sel = slice(rows.start, rows.stop)
+                mb = batch.select(list(rows)).trimmed()
+                length = mb.seq_len
+                mask = mb.response_mask
+                old = old_logp[sel, :length]
+                with _autocast(device, amp_dtype):
+                    logp, token_entropy = _forward(policy, mb, chunk, True, entropy_grad=bonus_exact)
+                logp = logp.float()
+                token_loss, ind = clipped_token_loss(
+                    logp, old, mb.advantages, algo_cfg.clip_low, algo_cfg.clip_high, algo_cfg.dual_clip
+                )
+                token_loss = token_loss * mb.weights.unsqueeze(1)
+                reinf = is_reinforce[sel].unsqueeze(1)
+                agg = (algo_cfg.loss_agg, algo_cfg.loss_constant)
+                # splitting the summand (not the mask) keeps both parts on the same denominator,
+                # so grpo + reinforce == the aggregated loss of the whole micro-batch
+                grpo_part = aggregate(token_loss * (1.0 - reinf), mask, *agg)
+                reinforce_part = aggregate(token_loss * reinf, mask, *agg)
+                total = grpo_part + reinforce_part
+                if ref_logp is not None:
+                    kl = aggregate(kl_k3(logp, ref_logp[sel, :length]), mask, *agg)
+                    total = total + algo_cfg.kl_coef * kl
+                    sums["loss/kl"].append(kl.item())
+                if bonus_coef > 0:
+                    bonus_entropy = token_entropy if bonus_exact else -logp
+                    bonus = entropy_bonus_term(aggregate(bonus_entropy, mask, *agg), bonus_coef)
+                    total = total + bonus
+                    sums["loss/entropy_bonus"].append(bonus.item())
+                # gradient accumulation: each micro-batch's token mean weighs 1 / n_micro (verl)
+                (total / n_micro).backward()
+
+                with torch.no_grad():
+                    sums["loss/grpo"].append(grpo_part.item())
+                    sums["loss/reinforce"].append(reinforce_part.item())
+                    sums["loss/total"].append(total.item())
+                    for key, value in policy_loss_diagnostics(logp, old, mask, ind).items():
+                        sums[f"actor/{key}"].append(value)
+                    h_all = {
+                        "nll": masked_mean(-logp.detach(), mask),
+                        "exact": masked_mean(token_entropy.detach(), mask),
+                    }
+                    for est, value in h_all.items():
+                        sums[f"entropy/{est}"].append(value.item())
+                    policy_mask = mask * (1.0 - reinf)
+                    if policy_mask.sum() > 0:
+                        sums["entropy/nll_policy_rows"].append(
+                            masked_mean(-logp.detach(), policy_mask).item()
+                        )
+                        sums["entropy/exact_policy_rows"].append(
+                            masked_mean(token_entropy.detach(), policy_mask).item()
+                        )
+                    reinf_mask = (mask * reinf).bool()
+                    if reinf_mask.any():
+                        reinforce_ratios.append(ind["ratio"].detach()[reinf_mask].float())
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, trainer_cfg.grad_clip)
+            grad_norms.append(float(grad_norm))
+            if math.isfinite(float(grad_norm)):
+                optimizer.step()
+            else:
+                # a non-finite gradient would poison the weights and the optimiser moments
+                skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        policy.train(was_training)
+
+    metrics: dict[str, float] = {key: sum(v) / len(v) for key, v in sums.items() if v}
+    metrics.update(prepared.info)
+    finite_norms = [g for g in grad_norms if math.isfinite(g)]
+    metrics["actor/grad_norm"] = sum(finite_norms) / len(finite_norms) if finite_norms else float("nan")
+    metrics["actor/grad_norm_max"] = max(grad_norms) if grad_norms else 0.0
+    metrics["actor/skipped_steps"] = float(skipped)
+    metrics["actor/optimizer_steps"] = float(len(grad_norms) - skipped)
+    metrics["batch/rows"] = float(len(batch))
+    metrics["batch/response_tokens"] = batch.response_mask.sum().item()
+    metrics["aepo/num_positives"] = float(prepared.num_positives)
+    metrics["aepo/k"] = float(prepared.k)
+    metrics["aepo/reinforce_share"] = prepared.k / max(len(batch), 1)
+    if prepared.temperature is not None:
+        metrics["aepo/temperature"] = prepared.temperature
+    if reinforce_ratios:
+        all_ratios = torch.cat(reinforce_ratios)
+        metrics["aepo/reinforce_ratio_min"] = all_ratios.min().item()
+        metrics["aepo/reinforce_ratio_max"] = all_ratios.max().item()
+        # 1.0 when every REINFORCE row was trained in the first (exactly on-policy) mini-batch
+        metrics["aepo/reinforce_in_first_mini_batch"] = float(
+            all(row_mini_batch[i] == 0 for i, r in enumerate(batch.roles) if r == ROLE_REINFORCE)
+        )
+
+    measured = metrics.get(f"entropy/{algo_cfg.entropy_estimator}", controller.h_prev)
+    new_coef = controller.entropy_coef
+    if name == "adaptive_entropy":
+        new_coef = update_entropy_coef(
+            controller.entropy_coef, measured, algo_cfg.target_entropy, algo_cfg.adaptive_delta
+        )
+        metrics["entropy/adaptive_coef"] = new_coef
+    if bonus_coef > 0:
+        metrics["entropy/bonus_coef"] = bonus_coef
+    metrics["controller/h_prev_in"] = controller.h_prev
+    metrics["controller/h_prev_out"] = float(measured)
+    new_state = ControllerState(
+        h_prev=float(measured),
+        temperature=prepared.temperature,
+        k=prepared.k,
+        num_positives=prepared.num_positives,
+        entropy_coef=float(new_coef),
+        step=controller.step + 1,
+    )
+
+    records = []
+    resp = batch.response_mask.float()
+    adv_mean = ((batch.advantages * resp).sum(1) / resp.sum(1).clamp(min=1.0)).tolist()
+    tokens = resp.sum(1).tolist()
+    for i, role in enumerate(batch.roles):
+        records.append(
+            {
+                "row": i,
+                "mini_batch": row_mini_batch[i],
+                "role": role,
+                "source": "regulariser" if role == ROLE_REINFORCE else "policy",
+                "source_index": int(batch.source_index[i]),
+                "reward": float(batch.rewards[i]),
+                "temperature": float(batch.temperatures[i]),
+                "weight": float(batch.weights[i]),
+                "advantage": float(adv_mean[i]),
+                "response_tokens": int(tokens[i]),
+            }
+        )
+    return UpdateResult(metrics=metrics, rows=records, controller=new_state)
+
+
+def make_optimizer(policy, trainer_cfg: TrainerConfig) -> torch.optim.AdamW:
+    """AdamW over the policy's trainable parameters with trainer lr, betas and weight decay."""
+    return torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad],
+        lr=trainer_cfg.lr,
+        betas=tuple(trainer_cfg.betas),
+        weight_decay=trainer_cfg.weight_decay,
+    )

@@ -1,0 +1,333 @@
+import copy
+import math
+
+import pytest
+import torch
+import transformers
+
+from aepo_core.aepo import ControllerState
+from aepo_core.batch import SequenceBatch
+from aepo_core.config import AlgorithmConfig, TrainerConfig
+from aepo_core.entropy import exact_entropy, nll_entropy, shifted_logprobs_and_entropy
+from aepo_core.update import (
+    autocast_dtype,
+    is_checkpointing,
+    make_optimizer,
+    prepare_update_batch,
+    split_in_order,
+    split_micro,
+    update_step,
+)
+
+VOCAB = 32
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # a 32-wide model gains nothing from intra-op threads, and on a busy 2-core machine the thread
+    # pool's spin-waiting made each matmul ~100x slower
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_qwen(seed: int = 0) -> transformers.Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return transformers.Qwen2ForCausalLM(cfg)
+
+
+def make_batch(responses, rewards, temperature=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(1, VOCAB, (3,), generator=g).tolist() for _ in responses]
+    return SequenceBatch.from_token_lists(
+        prompts, responses, pad_id=0, rewards=rewards, temperatures=temperature
+    )
+
+
+# 4 prompts x 2 responses; response lengths 3,2,4,1,3,2,2,3 -> 20 response tokens
+POLICY_RESPONSES = [[4, 5, 6], [7, 8], [9, 10, 11, 12], [13], [14, 15, 16], [17, 18], [19, 20], [21, 22, 23]]
+POLICY_REWARDS = [1, 0, 1, 1, 0, 1, 0, 0]
+# 2 prompts x 2 responses sampled at T; A_T = [+0.707, -0.707, -0.707, +0.707] -> POS = [0, 3]
+REG_RESPONSES = [[24, 25], [26], [27, 28, 29], [30, 31, 3, 2]]
+REG_REWARDS = [1, 0, 0, 1]
+
+
+def policy_batch():
+    return make_batch(POLICY_RESPONSES, POLICY_REWARDS, seed=1)
+
+
+def reg_batch(temperature=1.2):
+    return make_batch(REG_RESPONSES, REG_REWARDS, temperature, seed=2)
+
+
+def test_split_in_order():
+    assert split_in_order(10, 4) == [range(0, 3), range(3, 6), range(6, 8), range(8, 10)]
+    assert split_in_order(2, 4) == [range(0, 1), range(1, 2)]
+    assert split_micro(range(3, 8), 2) == [range(3, 5), range(5, 7), range(7, 8)]
+    assert split_micro(range(3, 8), None) == [range(3, 8)]
+
+
+def test_autocast_dtype_choice():
+    assert autocast_dtype(torch.device("cpu"), "auto") is None
+    assert autocast_dtype(torch.device("cpu"), "float32") is None
+    assert autocast_dtype(torch.device("cpu"), "bfloat16") is torch.bfloat16
+
+
+def test_prepare_selects_positives_and_halves_above_target():
+    cfg = AlgorithmConfig(name="aepo", reinforce_sample_num=8, target_entropy=0.5)
+    below = prepare_update_batch(policy_batch(), reg_batch(), cfg, ControllerState(h_prev=0.2), group_size=2)
+    # |POS| = 2, k = min(8, 2) = 2; X = POS + B[2:], 8 rows
+    assert (below.num_positives, below.k) == (2, 2)
+    assert below.batch.roles[:2] == ["reinforce", "reinforce"] and len(below.batch) == 8
+    assert below.batch.source_index.tolist() == [0, 3, 2, 3, 4, 5, 6, 7]
+    assert below.temperature == pytest.approx(1.2)
+    above = prepare_update_batch(policy_batch(), reg_batch(), cfg, ControllerState(h_prev=0.9), group_size=2)
+    # h_prev 0.9 > 0.5: k = 2 // 2 = 1
+    assert (above.num_positives, above.k) == (2, 1)
+    none_pos = prepare_update_batch(
+        policy_batch(), make_batch(REG_RESPONSES, [1, 1, 0, 0], 1.2), cfg, ControllerState(), group_size=2
+    )
+    # all-equal groups: A_T = 0 everywhere, no positives, plain GRPO batch
+    assert (none_pos.num_positives, none_pos.k) == (0, 0)
+    assert none_pos.batch.roles == ["policy"] * 8
+
+
+def test_reinforce_rows_land_in_first_mini_batch_with_ratio_exactly_one():
+    model = tiny_qwen()
+    algo = AlgorithmConfig(name="aepo", reinforce_sample_num=8)
+    trainer = TrainerConfig(lr=5e-3, mini_batches=2, micro_batch_size=2)
+    res = update_step(
+        model,
+        make_optimizer(model, trainer),
+        policy_batch(),
+        reg_batch(),
+        algo,
+        trainer,
+        ControllerState(),
+        group_size=2,
+    )
+    m = res.metrics
+    assert m["aepo/k"] == 2 and m["aepo/num_positives"] == 2
+    assert m["aepo/reinforce_in_first_mini_batch"] == 1.0
+    # on-policy: old log-probs were recomputed with the same partition before any optimiser step
+    assert m["aepo/reinforce_ratio_min"] == 1.0 and m["aepo/reinforce_ratio_max"] == 1.0
+    # the second mini-batch is trained after one step, so some ratio must differ from 1
+    assert m["actor/ratio_max"] > 1.0 or m["actor/ratio_min"] < 1.0
+    assert m["actor/optimizer_steps"] == 2
+    rows = res.rows
+    assert [r["role"] for r in rows[:2]] == ["reinforce", "reinforce"]
+    assert [(r["source"], r["source_index"], r["mini_batch"]) for r in rows[:2]] == [
+        ("regulariser", 0, 0),
+        ("regulariser", 3, 0),
+    ]
+    assert [r["advantage"] for r in rows[:2]] == [1.0, 1.0]
+    assert [r["temperature"] for r in rows[:2]] == pytest.approx([1.2, 1.2])
+    assert [r["source_index"] for r in rows[2:]] == [2, 3, 4, 5, 6, 7]
+    assert [r["mini_batch"] for r in rows] == [0, 0, 0, 0, 1, 1, 1, 1]
+    # the controller takes the measured nll entropy, and remembers T, k
+    assert res.controller.h_prev == m["entropy/nll"]
+    assert res.controller.temperature == pytest.approx(1.2)
+    assert res.controller.k == 2 and res.controller.step == 1
+
+
+def test_entropy_metrics_match_a_separate_forward_pass():
+    model = tiny_qwen()
+    batch = policy_batch()
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logp, ent = shifted_logprobs_and_entropy(logits, batch.input_ids)
+    algo = AlgorithmConfig(name="grpo", entropy_estimator="exact")
+    trainer = TrainerConfig(lr=1e-3)
+    res = update_step(
+        model, make_optimizer(model, trainer), batch, None, algo, trainer, ControllerState(), group_size=2
+    )
+    mask = batch.response_mask
+    assert res.metrics["entropy/nll"] == pytest.approx(nll_entropy(logp, mask).item(), abs=1e-5)
+    assert res.metrics["entropy/exact"] == pytest.approx(exact_entropy(ent, mask).item(), abs=1e-5)
+    assert res.metrics["entropy/nll_policy_rows"] == res.metrics["entropy/nll"]  # no REINFORCE rows
+    assert res.controller.h_prev == res.metrics["entropy/exact"]  # the configured estimator
+    # one mini-batch at ratio 1: loss = -sum_b A_b n_b / N with A = +-0.707107 (groups [1,0], [0,1]):
+    # (-0.707107 * 3 + 0.707107 * 2 + 0.707107 * 3 - 0.707107 * 2) / 20 = 0 ; groups [1,1], [0,0] add 0
+    assert res.metrics["loss/grpo"] == pytest.approx(0.0, abs=1e-6)
+    assert res.metrics["actor/ratio_min"] == 1.0 and res.metrics["actor/ratio_max"] == 1.0
+
+
+def test_add_mode_reinforce_loss_by_hand():
+    model = tiny_qwen()
+    algo = AlgorithmConfig(name="aepo", combine="add", alpha=0.5, reinforce_sample_num=8)
+    trainer = TrainerConfig(lr=1e-3)
+    res = update_step(
+        model,
+        make_optimizer(model, trainer),
+        policy_batch(),
+        reg_batch(),
+        algo,
+        trainer,
+        ControllerState(),
+        group_size=2,
+    )
+    # X = 2 REINFORCE rows (2 and 4 tokens) + all 8 policy rows (20 tokens) = 26 tokens, ratio 1:
+    # reinforce part = -alpha * 6 / 26 = -0.115385
+    assert res.metrics["batch/rows"] == 10
+    assert res.metrics["loss/reinforce"] == pytest.approx(-0.115385, abs=1e-5)
+    assert [r["weight"] for r in res.rows[:3]] == [0.5, 0.5, 1.0]
+
+
+def _surrogate_loss(model, batch, adv):
+    """-sum_b A_b * mean_t log p(token), the quantity a policy-gradient step decreases."""
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logp, _ = shifted_logprobs_and_entropy(logits, batch.input_ids, with_entropy=False)
+    mask = batch.response_mask
+    row_mean = (logp * mask).sum(1) / mask.sum(1)
+    return -(adv * row_mean).sum().item()
+
+
+def test_overfit_fixed_batch_lowers_the_loss():
+    model = tiny_qwen()
+    batch = policy_batch()
+    algo = AlgorithmConfig(name="grpo")
+    trainer = TrainerConfig(lr=1e-2, mini_batches=2)
+    opt = make_optimizer(model, trainer)
+    # group advantages of POLICY_REWARDS: +-0.707107 in groups 0 and 2, 0 in groups 1 and 3
+    adv = torch.tensor([0.707107, -0.707107, 0.0, 0.0, -0.707107, 0.707107, 0.0, 0.0])
+    losses = [_surrogate_loss(model, batch, adv)]
+    state = ControllerState()
+    for _ in range(8):
+        res = update_step(model, opt, batch, None, algo, trainer, state, group_size=2)
+        state = res.controller
+        losses.append(_surrogate_loss(model, batch, adv))
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert sum(b < a for a, b in zip(losses[:-1], losses[1:], strict=True)) >= 6, losses
+    assert math.isfinite(res.metrics["actor/grad_norm"])
+
+
+def test_aepo_reinforce_rows_gain_probability():
+    model = tiny_qwen()
+    algo = AlgorithmConfig(name="aepo", reinforce_sample_num=8)
+    trainer = TrainerConfig(lr=1e-2)
+    opt = make_optimizer(model, trainer)
+    reinforce_rows = reg_batch().select([0, 3])
+    before = _surrogate_loss(model, reinforce_rows, torch.ones(2))
+    state = ControllerState()
+    for _ in range(3):
+        state = update_step(
+            model, opt, policy_batch(), reg_batch(), algo, trainer, state, group_size=2
+        ).controller
+    # -mean log p of the REINFORCE rows falls
+    assert _surrogate_loss(model, reinforce_rows, torch.ones(2)) < before - 0.5
+
+
+def test_baseline_algorithms():
+    batch = policy_batch()
+    trainer = TrainerConfig(lr=1e-3)
+
+    def run(algo, state=None, **kw):
+        model = tiny_qwen()
+        return update_step(
+            model,
+            make_optimizer(model, trainer),
+            batch,
+            None,
+            algo,
+            trainer,
+            state or ControllerState(),
+            group_size=2,
+            **kw,
+        )
+
+    grpo = run(AlgorithmConfig(name="grpo"))
+    adv = run(AlgorithmConfig(name="entropy_adv", entropy_adv_alpha=0.4, entropy_adv_kappa=2.0))
+    # the bonus is capped at |A| / kappa: row 0 (A = 0.707107) becomes at most 0.707107 * 1.5
+    assert adv.rows[0]["advantage"] == pytest.approx(0.707107 * 1.5, abs=1e-4)  # H_t ~ ln 32 >> cap
+    assert adv.rows[1]["advantage"] == pytest.approx(-0.707107 * 0.5, abs=1e-4)
+    assert adv.rows[2]["advantage"] == 0.0 and grpo.rows[0]["advantage"] == pytest.approx(0.707107, abs=1e-5)
+
+    reg = run(AlgorithmConfig(name="entropy_reg", entropy_coef=0.03))
+    # one micro-batch, token mean: bonus = -0.03 * exact entropy
+    assert reg.metrics["loss/entropy_bonus"] == pytest.approx(-0.03 * reg.metrics["entropy/exact"], rel=1e-5)
+    assert reg.metrics["loss/total"] == pytest.approx(
+        reg.metrics["loss/grpo"] + reg.metrics["loss/entropy_bonus"], abs=1e-6
+    )
+
+    up = run(
+        AlgorithmConfig(name="adaptive_entropy", target_entropy=100.0), ControllerState(entropy_coef=0.5)
+    )
+    down = run(
+        AlgorithmConfig(name="adaptive_entropy", target_entropy=0.0), ControllerState(entropy_coef=0.5)
+    )
+    # entropy below 100 -> 0.5 + 0.005; above 0 -> 0.5 - 0.005
+    assert up.controller.entropy_coef == pytest.approx(0.505)
+    assert down.controller.entropy_coef == pytest.approx(0.495)
+    assert up.metrics["entropy/bonus_coef"] == 0.5
+
+
+def test_kl_to_reference_is_zero_on_policy_and_errors():
+    model = tiny_qwen()
+    ref = copy.deepcopy(model)
+    trainer = TrainerConfig(lr=1e-3)
+    algo = AlgorithmConfig(name="grpo", kl_coef=0.1)
+    res = update_step(
+        model,
+        make_optimizer(model, trainer),
+        policy_batch(),
+        None,
+        algo,
+        trainer,
+        ControllerState(),
+        group_size=2,
+        ref_policy=ref,
+    )
+    assert res.metrics["loss/kl"] == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError):
+        update_step(
+            model,
+            make_optimizer(model, trainer),
+            policy_batch(),
+            None,
+            algo,
+            trainer,
+            ControllerState(),
+            group_size=2,
+        )
+    with pytest.raises(ValueError):
+        update_step(
+            model,
+            make_optimizer(model, trainer),
+            policy_batch(),
+            reg_batch(),
+            AlgorithmConfig(name="grpo"),
+            trainer,
+            ControllerState(),
+            group_size=2,
+        )
+
+
+def test_gradient_checkpointing_and_bf16_autocast_run():
+    model = tiny_qwen()
+    trainer = TrainerConfig(
+        lr=1e-3, gradient_checkpointing=True, dtype="bfloat16", micro_batch_size=3, logits_chunk=2
+    )
+    res = update_step(
+        model,
+        make_optimizer(model, trainer),
+        policy_batch(),
+        reg_batch(),
+        AlgorithmConfig(name="aepo"),
+        trainer,
+        ControllerState(),
+        group_size=2,
+    )
+    assert is_checkpointing(model)
+    assert all(math.isfinite(v) for v in res.metrics.values())
+    assert res.metrics["entropy/nll"] > 0
