@@ -14,8 +14,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +22,10 @@ import torch
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from aepo_core import synthetic
+from aepo_core.atomic import atomic_dir
 from aepo_core.config import SyntheticTaskConfig
+from aepo_core.models import write_policy
+from aepo_core.prompts import chat_prompt_ids
 from aepo_core.tokenizer import IM_END, build_tokenizer
 
 
@@ -39,9 +40,10 @@ class BaseRecipe:
     num_kv_heads: int = 2
     intermediate_size: int = 768
     vocab_size: int = 400
-    warmup_steps: int = 400
+    warmup_steps: int = 300
     batch_size: int = 64
     lr: float = 2e-3
+    bf16_autocast: bool = True  # ~1.8x faster on CPUs with AVX512-BF16; part of the recipe
     task: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
 
     def digest(self) -> str:
@@ -51,17 +53,6 @@ class BaseRecipe:
 
 def default_cache_root() -> Path:
     return Path(os.environ.get("AEPO_CACHE", Path.home() / ".cache" / "aepo"))
-
-
-def prompt_messages(prompt: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": prompt}]
-
-
-def encode_prompt(tokenizer: PreTrainedTokenizerFast, prompt: str) -> list[int]:
-    """Token ids of the chat-formatted prompt, ending with the assistant header."""
-    return list(
-        tokenizer.apply_chat_template(prompt_messages(prompt), add_generation_prompt=True, tokenize=True, return_dict=False)
-    )
 
 
 def _demo_corpus(problems: list[synthetic.Problem], rng: random.Random) -> list[str]:
@@ -113,7 +104,7 @@ def warm_up(
     """Supervised warm-up on random-order worked traces; returns the loss per step."""
     rng = random.Random(recipe.seed)
     eos = tokenizer.convert_tokens_to_ids(IM_END)
-    prompt_ids = {p.id: encode_prompt(tokenizer, p.prompt) for p in problems}
+    prompt_ids = {p.id: chat_prompt_ids(tokenizer, p.prompt) for p in problems}
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warm = max(1, recipe.warmup_steps // 10)
 
@@ -130,7 +121,8 @@ def warm_up(
         batch = rng.sample(problems, recipe.batch_size)
         responses = [tokenizer.encode(synthetic.worked_trace(p.terms, rng)) + [eos] for p in batch]
         ids, mask, labels = _sft_batch(tokenizer, [prompt_ids[p.id] for p in batch], responses)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16_autocast):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -163,16 +155,33 @@ def build_base_policy(recipe: BaseRecipe, folder: Path, log=print) -> dict:
         "final_loss": sum(losses[-20:]) / min(20, len(losses)),
         "build_seconds": round(time.perf_counter() - started, 1),
     }
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
+    with atomic_dir(folder) as tmp:
+        write_policy(model, tokenizer, tmp)
         (tmp / "aepo_base.json").write_text(json.dumps(info, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info
+
+
+def recipe_for(task: SyntheticTaskConfig) -> BaseRecipe:
+    return BaseRecipe(task=task)
+
+
+def base_policy_folder(recipe: BaseRecipe, cache_dir: str | Path | None = None) -> Path:
+    root = Path(cache_dir) if cache_dir else default_cache_root()
+    return root / f"base-{recipe.digest()}"
+
+
+def is_built(folder: Path) -> bool:
+    return (folder / "aepo_base.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def ensure_base_policy(
+    task: SyntheticTaskConfig, cache_dir: str | Path | None = None, force: bool = False, log=print
+) -> Path:
+    """The cached base policy for this task recipe, built first if missing (or if `force`)."""
+    recipe = recipe_for(task)
+    folder = base_policy_folder(recipe, cache_dir)
+    if force or not is_built(folder):
+        if log:
+            log(f"building the base policy into {folder} (one-off, a few minutes on a CPU)")
+        build_base_policy(recipe, folder, log=log)
+    return folder

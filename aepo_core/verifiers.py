@@ -84,9 +84,10 @@ def _math_verify_one(response: str, gold: str) -> tuple[float, str, str | None]:
 class MathVerifier:
     """math-verify on `\\boxed{}` answers (gold first), with a per-item deadline in seconds."""
 
-    def __init__(self, timeout_s: float = 5.0, workers: int = 2) -> None:
+    def __init__(self, timeout_s: float = 5.0, workers: int = 2, judge_fn=_math_verify_one) -> None:
         self.timeout_s = timeout_s
         self.workers = workers
+        self.judge_fn = judge_fn  # a picklable (response, gold) -> (reward, verdict, extracted)
         self._pool: cf.ProcessPoolExecutor | None = None
 
     def _get_pool(self) -> cf.ProcessPoolExecutor:
@@ -114,7 +115,7 @@ class MathVerifier:
             futures = {}
             for i in pending:
                 text = responses[i] if isinstance(responses[i], str) else ""
-                futures[i] = pool.submit(_math_verify_one, text[-MAX_TAIL_CHARS:], str(golds[i]))
+                futures[i] = pool.submit(self.judge_fn, text[-MAX_TAIL_CHARS:], str(golds[i]))
             pending = []
             broken = False
             for i, fut in futures.items():

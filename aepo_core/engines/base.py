@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
+from transformers import PreTrainedTokenizerBase
+
 
 @dataclass(frozen=True)
 class SamplingRequest:
@@ -38,6 +40,8 @@ class Completion:
 
 
 class RolloutEngine(Protocol):
+    tokenizer: PreTrainedTokenizerBase
+
     def generate(self, requests: list[SamplingRequest], seed: int) -> list[Completion]:
         """All completions, ordered by request then sample index (request i's n rows are contiguous)."""
         ...

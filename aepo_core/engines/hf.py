@@ -7,6 +7,7 @@ pass per generated token over all unfinished rows, sampling done on the whole ba
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -57,6 +58,9 @@ class HFRolloutEngine:
         self.show_progress = show_progress
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        # transformers 5.x renamed the KV-cache argument from past_key_values to cache.
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     @property
     def device(self) -> torch.device:
@@ -108,7 +112,7 @@ class HFRolloutEngine:
 
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1, :].float()
+        cache, logits = _cache_of(out), out.logits[:, -1, :].float()
         position = positions[:, -1:]
         finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
         hit_eos = torch.zeros_like(finished)
@@ -128,10 +132,10 @@ class HFRolloutEngine:
                 input_ids=token.unsqueeze(-1),
                 attention_mask=attention,
                 position_ids=position,
-                past_key_values=cache,
                 use_cache=True,
+                **{self._cache_arg: cache},
             )
-            cache, logits = out.past_key_values, out.logits[:, -1, :].float()
+            cache, logits = _cache_of(out), out.logits[:, -1, :].float()
 
         token_mat = torch.stack(tokens, dim=1).cpu()
         logp_mat = torch.stack(logprobs, dim=1).float().cpu()
@@ -154,6 +158,11 @@ class HFRolloutEngine:
                 )
             )
         return completions
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -1,0 +1,95 @@
+"""The `aepo` command line. Every command takes `--config FILE` and dotted overrides (`rollout.n=4`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from aepo_core.config import Config, ConfigError, load_config
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="AEPO: reinforcement fine-tuning that holds the policy's entropy at a target.",
+)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+Overrides = Annotated[
+    list[str] | None, typer.Argument(help="Dotted overrides, e.g. algorithm.target_entropy=0.3 rollout.n=8.")
+]
+
+
+def _config(config: Path | None, overrides: list[str] | None) -> Config:
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command("config")
+def show_config(config: ConfigOpt = None, overrides: Overrides = None) -> None:
+    """Print the resolved configuration (defaults < file < overrides) as YAML."""
+    typer.echo(_config(config, overrides).to_yaml(), nl=False)
+
+
+@app.command("build-base")
+def build_base(
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if a cached copy exists.")] = False,
+) -> None:
+    """Build (or find in the cache) the embedded base policy: tokenizer + tiny Qwen2 after warm-up."""
+    from aepo_core.base_policy import ensure_base_policy
+
+    cfg = _config(config, overrides)
+    folder = ensure_base_policy(cfg.data.synthetic, cfg.model.cache_dir, force=force, log=typer.echo)
+    info = json.loads((folder / "aepo_base.json").read_text())
+    typer.echo(f"base policy: {folder}")
+    typer.echo(f"  parameters {info['parameters']:,}, build {info['build_seconds']} s, final loss {info['final_loss']:.3f}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+    model: Annotated[Path | None, typer.Option(help="HF model folder (default: model.path or the base policy).")] = None,
+    output: Annotated[Path | None, typer.Option(help="Write eval.parquet and metrics.json into this folder.")] = None,
+) -> None:
+    """Evaluate a policy on the held-out split: accuracy (avg@n), pass@k, entropy, at stated settings."""
+    import pyarrow.parquet as pq
+
+    from aepo_core.atomic import atomic_dir
+    from aepo_core.evaluation import evaluate_model
+    from aepo_core.models import resolve_model_path
+
+    cfg = _config(config, overrides)
+    path = model or resolve_model_path(cfg, log=typer.echo)
+    records, metrics = evaluate_model(cfg, path)
+    typer.echo(f"model: {path}")
+    typer.echo(
+        f"held-out accuracy {metrics['accuracy']:.3f} (avg@{int(metrics['n'])}, T={metrics['temperature']}, "
+        f"top_p={metrics['top_p']}, {int(metrics['num_prompts'])} prompts, max {int(metrics['max_new_tokens'])} tokens)"
+    )
+    passes = "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("pass_at_"))
+    typer.echo(f"  {passes}")
+    typer.echo(
+        f"  entropy (sampled-token NLL) {metrics['entropy_nll']:.3f} nats/token, "
+        f"{metrics['response_tokens_mean']:.1f} tokens/response, {metrics['tokens_per_s']:.0f} tokens/s"
+    )
+    if output:
+        with atomic_dir(output) as tmp:
+            pq.write_table(records, tmp / "eval.parquet")
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        typer.echo(f"wrote {output}/eval.parquet and metrics.json")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,55 @@
+"""Loading and saving policies: HF folders (config.json + model.safetensors + tokenizer files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from aepo_core.atomic import atomic_dir
+from aepo_core.config import Config
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(cfg: Config, log=print) -> Path:
+    """cfg.model.path, or the embedded base policy (built on first use) when it is None."""
+    if cfg.model.path:
+        path = Path(cfg.model.path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.path {path} is not an HF model folder (no config.json)")
+        return path
+    from aepo_core.base_policy import ensure_base_policy
+
+    return ensure_base_policy(cfg.data.synthetic, cfg.model.cache_dir, log=log)
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_policy(
+    path: str | Path, device: str | torch.device = "cpu", dtype: str = "float32", trust_remote_code: bool = False
+) -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code
+    )
+    return model.to(device)
+
+
+def save_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> Path:
+    """Write an HF folder atomically: a temporary sibling folder renamed into place."""
+    with atomic_dir(folder) as tmp:
+        write_policy(model, tokenizer, tmp)
+    return Path(folder)
+
+
+def write_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> None:
+    """Write model (safetensors) and tokenizer files into an existing folder."""
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))

@@ -1,0 +1,42 @@
+"""The embedded base policy, built for real (a few minutes once per session)."""
+
+import json
+import time
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from aepo_core.base_policy import ensure_base_policy
+from aepo_core.config import SyntheticTaskConfig, load_config
+from aepo_core.evaluation import evaluate_model
+
+pytestmark = pytest.mark.slow
+
+
+def test_base_policy_is_a_standard_hf_folder(base_policy_dir):
+    files = {p.name for p in base_policy_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= files
+    model = AutoModelForCausalLM.from_pretrained(base_policy_dir)
+    tok = AutoTokenizer.from_pretrained(base_policy_dir)
+    assert model.config.model_type == "qwen2"
+    assert 1_000_000 < sum(p.numel() for p in model.parameters()) < 10_000_000
+    assert model.config.eos_token_id == tok.eos_token_id
+    info = json.loads((base_policy_dir / "aepo_base.json").read_text())
+    assert info["build_seconds"] < 900
+
+
+def test_cached_build_is_reused(base_policy_dir):
+    started = time.perf_counter()
+    again = ensure_base_policy(SyntheticTaskConfig(), cache_dir=base_policy_dir.parent, log=None)
+    assert again == base_policy_dir and time.perf_counter() - started < 1.0
+
+
+def test_base_policy_accuracy_and_entropy_in_band(base_policy_dir):
+    cfg = load_config(None, [f"model.path={base_policy_dir}", "evaluation.n=8", "evaluation.temperature=1.0"])
+    records, metrics = evaluate_model(cfg, base_policy_dir)
+    assert records.num_rows == 8 * cfg.data.synthetic.n_eval
+    assert 0.20 <= metrics["accuracy"] <= 0.60, metrics
+    assert metrics["entropy_nll"] > 0.05, metrics
+    assert metrics["pass_at_8"] > metrics["pass_at_1"]
+    assert abs(metrics["pass_at_1"] - metrics["accuracy"]) < 1e-9  # pass@1 is avg@n
+    assert metrics["truncated_fraction"] < 0.05
