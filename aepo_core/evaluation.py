@@ -112,20 +112,23 @@ def settings_from_config(cfg) -> EvalSettings:
     )
 
 
-def evaluate_model(cfg, model_path, log=print) -> tuple[pa.Table, dict[str, float]]:
-    """Evaluate the policy in `model_path` on the held-out split described by `cfg`."""
+def evaluate_model(cfg, model_path, table: pa.Table | None = None) -> tuple[pa.Table, dict[str, float]]:
+    """Evaluate the policy in `model_path` on `table` (default: the held-out split of `cfg`,
+    its first evaluation.num_prompts rows) with the configured engine, verifier and settings."""
     from aepo_core.datasets import load_prompt_table
     from aepo_core.engines import make_engine
     from aepo_core.prompts import encode_prompts
     from aepo_core.verifiers import make_verifier
 
-    table = load_prompt_table(cfg.data, "eval")
+    if table is None:
+        table = load_prompt_table(cfg.data, "eval")
     if cfg.evaluation.num_prompts:
         table = table.slice(0, cfg.evaluation.num_prompts)
     engine = make_engine(cfg, model_path)
+    verifier = make_verifier(cfg.data.verifier)
     try:
         prompt_ids = encode_prompts(engine.tokenizer, table.column("prompt").to_pylist(), cfg.data.prompt_suffix)
-        verifier = make_verifier(cfg.data.verifier)
         return evaluate(engine, prompt_ids, table, verifier, settings_from_config(cfg))
     finally:
         engine.close()
+        getattr(verifier, "close", lambda: None)()

@@ -1,0 +1,380 @@
+"""The six stages of an iteration, as plain functions over the run directory (no Prefect in here).
+
+    prepare -> rollout -> reward -> update -> entropy -> evaluate
+
+Each stage reads the artifacts of earlier stages, writes its own through `RunDir.publish` (temporary
+folder + rename, `_SUCCESS.json` last) and returns its metrics. `upstream(run, i, stage)` says what a
+stage depends on; the flow skips a stage whose manifest records exactly those digests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from aepo_core.aepo import ControllerState, controller_temperature, reinforce_count
+from aepo_core.batch import SequenceBatch
+from aepo_core.config import Config, save_config
+from aepo_core.datasets import load_prompt_table
+from aepo_core.engines import SamplingRequest, make_engine
+from aepo_core.evaluation import evaluate_model
+from aepo_core.models import load_policy, load_tokenizer, resolve_model_path, write_policy
+from aepo_core.prompts import encode_prompts
+from aepo_core.rundir import STAGES, RunDir, StageNotReady, file_digest, folder_digest
+from aepo_core.update import make_optimizer, resolve_device, update_step
+from aepo_core.verifiers import make_verifier
+
+POLICY, REGULARISER = "policy", "regulariser"
+
+
+# ------------------------------------------------------------------------------------- the run
+class ConfigMismatch(ValueError):
+    """An existing run directory was asked to continue with a different configuration."""
+
+
+def config_digest(cfg: Config) -> str:
+    """Digest of everything that shapes the artifacts (run length and naming excluded)."""
+    tree = cfg.model_dump(mode="json")
+    tree["run"] = {}
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_run_name(cfg: Config) -> str:
+    a = cfg.algorithm
+    tag = f"-h{a.target_entropy:g}" if a.name == "aepo" else ""
+    return f"{a.name}{tag}-{config_digest(cfg)[:8]}"
+
+
+def init_run(cfg: Config, run_dir: str | Path | None = None, log=print) -> RunDir:
+    """Create the run directory (config, dataset snapshot, starting policy) or reopen an existing one.
+
+    Reopening checks that the stored config equals `cfg` except for `run.iterations`, so a resumed
+    run never silently mixes two configurations."""
+    root = Path(run_dir) if run_dir else Path(cfg.run.runs_root) / (cfg.run.name or default_run_name(cfg))
+    run = RunDir(root)
+    if run.config_path.is_file():
+        stored = run.config()
+        if config_digest(stored) != config_digest(cfg):
+            a, b = stored.flat(), cfg.flat()
+            diff = [f"{k}: {a.get(k)!r} (run) vs {b.get(k)!r} (now)" for k in sorted(a) if a.get(k) != b.get(k)]
+            raise ConfigMismatch(
+                f"{run.config_path} was written with another configuration:\n  " + "\n  ".join(diff)
+                + "\nuse a new --run-dir (or run.name) for a different configuration"
+            )
+        if stored.run.iterations != cfg.run.iterations:
+            save_config(stored.model_copy(update={"run": cfg.run}), run.config_path)
+        return run
+    root.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "eval"):
+        try:
+            table = load_prompt_table(cfg.data, split)
+        except ValueError:
+            if split == "eval":
+                continue  # no eval split: the evaluate stage says so when it is due
+            raise
+        run.dataset_path(split).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, run.dataset_path(split))
+    base = resolve_model_path(cfg, log=log).resolve()
+    run.write_json("base.json", {"path": str(base), "digest": folder_digest(base)})
+    save_config(cfg, run.config_path)  # written last: its presence marks an initialised run
+    return run
+
+
+def policy_dir(run: RunDir, iteration: int) -> Path:
+    """The policy that samples iteration `iteration`: the previous update's output, or the base."""
+    if iteration == 0:
+        return Path(run.read_json("base.json")["path"])
+    return run.stage_dir(iteration - 1, "update") / "policy"
+
+
+def controller_state(run: RunDir, cfg: Config, iteration: int) -> ControllerState:
+    """The controller state entering `iteration` (the previous entropy stage's decision)."""
+    if iteration == 0:
+        return ControllerState.initial(cfg.algorithm)
+    path = run.stage_dir(iteration - 1, "entropy") / "controller.json"
+    return ControllerState.from_dict(json.loads(path.read_text())["state"])
+
+
+def evaluation_due(cfg: Config, iteration: int) -> bool:
+    return (iteration + 1) % cfg.evaluation.every == 0 or iteration == cfg.run.iterations - 1
+
+
+def upstream(run: RunDir, cfg: Config, iteration: int, stage: str) -> dict[str, str]:
+    """Digests of what `stage` of `iteration` reads; StageNotReady when one is missing."""
+    i = iteration
+    prev_policy = run.read_json("base.json")["digest"] if i == 0 else run.digest(i - 1, "update")
+    prev_controller = "initial" if i == 0 else run.digest(i - 1, "entropy")
+    if stage == "prepare":
+        return {"dataset": file_digest(run.dataset_path("train")), "config": config_digest(cfg)}
+    if stage == "rollout":
+        return {"prepare": run.digest(i, "prepare"), "policy": prev_policy, "controller": prev_controller}
+    if stage == "reward":
+        return {"prepare": run.digest(i, "prepare"), "rollout": run.digest(i, "rollout")}
+    if stage == "update":
+        return {
+            "rollout": run.digest(i, "rollout"),
+            "reward": run.digest(i, "reward"),
+            "policy": prev_policy,
+            "controller": prev_controller,
+        }
+    if stage == "entropy":
+        return {"update": run.digest(i, "update"), "controller": prev_controller}
+    if stage == "evaluate":
+        if not run.dataset_path("eval").is_file():
+            raise StageNotReady("no evaluation split in this run (set data.eval)")
+        return {"update": run.digest(i, "update"), "dataset": file_digest(run.dataset_path("eval"))}
+    raise ValueError(f"unknown stage '{stage}' (stages: {', '.join(STAGES)})")
+
+
+def stages_of(cfg: Config, iteration: int) -> list[str]:
+    return [s for s in STAGES if s != "evaluate" or evaluation_due(cfg, iteration)]
+
+
+def is_stage_complete(run: RunDir, cfg: Config, iteration: int, stage: str) -> bool:
+    try:
+        return run.is_complete(iteration, stage, upstream(run, cfg, iteration, stage))
+    except StageNotReady:
+        return False
+
+
+def _seed(*parts: int) -> int:
+    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:8], 16)
+
+
+# ------------------------------------------------------------------------------------- stages
+def prepare(run: RunDir, iteration: int) -> dict[str, Any]:
+    """This iteration's prompts: the next slice of a seeded per-epoch permutation of the train split."""
+    cfg = run.config()
+    ups = upstream(run, cfg, iteration, "prepare")
+    table = pq.read_table(run.dataset_path("train"))
+    size, per_batch = table.num_rows, cfg.rollout.prompts_per_batch
+    indices = []
+    for j in range(iteration * per_batch, (iteration + 1) * per_batch):
+        epoch, pos = divmod(j, size)
+        perm = np.random.default_rng(_seed(cfg.rollout.seed, epoch)).permutation(size)
+        indices.append(int(perm[pos]))
+    prompts = table.take(indices).append_column("prompt_index", pa.array(range(per_batch), pa.int32()))
+    with run.publish(iteration, "prepare", ups, {"prompts": per_batch}) as (tmp, metrics):
+        pq.write_table(prompts, tmp / "prompts.parquet")
+        metrics["epoch"] = iteration * per_batch // size
+    return metrics
+
+
+def rollout(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str, Any]:
+    """Sample the policy batch (n per prompt at rollout.temperature) and, for AEPO, the regulariser
+    batch (the first reg_prompt_fraction of prompts at the controller's temperature) in one call."""
+    cfg = run.config()
+    ups = upstream(run, cfg, iteration, "rollout")
+    prompts = pq.read_table(run.stage_dir(iteration, "prepare") / "prompts.parquet")
+    state = controller_state(run, cfg, iteration)
+    engine = make_engine(cfg, policy_dir(run, iteration), show_progress=show_progress)
+    r = cfg.rollout
+    try:
+        prompt_ids = encode_prompts(engine.tokenizer, prompts.column("prompt").to_pylist(), cfg.data.prompt_suffix)
+        requests = [SamplingRequest(ids, r.n, r.temperature, r.top_p, r.max_new_tokens) for ids in prompt_ids]
+        roles = [POLICY] * len(requests)
+        reg_temperature = None
+        if cfg.algorithm.name == "aepo":
+            reg_temperature = controller_temperature(state, cfg.algorithm)
+            num_reg = math.ceil(cfg.algorithm.reg_prompt_fraction * len(prompt_ids))
+            requests += [
+                SamplingRequest(ids, r.n, reg_temperature, r.top_p, r.max_new_tokens) for ids in prompt_ids[:num_reg]
+            ]
+            roles += [REGULARISER] * num_reg
+        started = time.perf_counter()
+        completions = engine.generate(requests, seed=_seed(r.seed, iteration))
+        seconds = time.perf_counter() - started
+    finally:
+        engine.close()
+    num_prompts = len(prompt_ids)
+    pids = prompts.column("id").to_pylist()
+    table = pa.table(
+        {
+            "row_id": pa.array(range(len(completions)), pa.int32()),
+            "prompt_index": pa.array([c.request_index % num_prompts for c in completions], pa.int32()),
+            "prompt_id": [pids[c.request_index % num_prompts] for c in completions],
+            "sample": pa.array([c.sample_index for c in completions], pa.int32()),
+            "batch": [roles[c.request_index] for c in completions],
+            "temperature": pa.array([c.temperature for c in completions], pa.float32()),
+            "prompt_token_ids": pa.array([requests[c.request_index].prompt_token_ids for c in completions], pa.list_(pa.int32())),
+            "token_ids": pa.array([c.token_ids for c in completions], pa.list_(pa.int32())),
+            "logprobs": pa.array([c.logprobs for c in completions], pa.list_(pa.float32())),
+            "text": [c.text for c in completions],
+            "finish_reason": [c.finish_reason for c in completions],
+        }
+    )
+    tokens = sum(len(c.token_ids) for c in completions)
+    params = {"regulariser_temperature": reg_temperature, "seed": _seed(r.seed, iteration)}
+    with run.publish(iteration, "rollout", ups, params) as (tmp, metrics):
+        pq.write_table(table, tmp / "rollouts.parquet")
+        metrics.update(
+            responses=len(completions),
+            tokens=tokens,
+            tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
+            response_tokens_mean=tokens / max(1, len(completions)),
+            truncated_fraction=sum(c.finish_reason == "length" for c in completions) / max(1, len(completions)),
+            regulariser_temperature=reg_temperature if reg_temperature is not None else float("nan"),
+            generate_seconds=seconds,
+        )
+    return metrics
+
+
+def reward(run: RunDir, iteration: int) -> dict[str, Any]:
+    """Verify every response against its prompt's gold answer."""
+    cfg = run.config()
+    ups = upstream(run, cfg, iteration, "reward")
+    prompts = pq.read_table(run.stage_dir(iteration, "prepare") / "prompts.parquet")
+    rollouts = pq.read_table(run.stage_dir(iteration, "rollout") / "rollouts.parquet", columns=["row_id", "prompt_index", "batch", "text"])
+    answers = prompts.column("answer").to_pylist()
+    golds = [answers[i] for i in rollouts.column("prompt_index").to_pylist()]
+    verifier = make_verifier(cfg.data.verifier)
+    try:
+        judged = verifier.judge_batch(rollouts.column("text").to_pylist(), golds)
+    finally:
+        getattr(verifier, "close", lambda: None)()
+    rewards = np.array([j.reward for j in judged], dtype=np.float32)
+    table = pa.table(
+        {
+            "row_id": rollouts.column("row_id"),
+            "reward": pa.array(rewards, pa.float32()),
+            "verdict": [j.verdict for j in judged],
+            "extracted": [j.extracted for j in judged],
+        }
+    )
+    is_policy = np.array(rollouts.column("batch").to_pylist()) == POLICY
+    n = cfg.rollout.n
+    groups = rewards[is_policy].reshape(-1, n)
+    with run.publish(iteration, "reward", ups) as (tmp, metrics):
+        pq.write_table(table, tmp / "rewards.parquet")
+        metrics.update(
+            reward_mean=float(rewards[is_policy].mean()),
+            accuracy=float((rewards[is_policy] > 0).mean()),
+            mixed_group_fraction=float(((groups.min(1) != groups.max(1))).mean()),
+            regulariser_accuracy=float((rewards[~is_policy] > 0).mean()) if (~is_policy).any() else float("nan"),
+        )
+    return metrics
+
+
+def _batch_of(rows: pa.Table, rewards: np.ndarray, pad_id: int) -> SequenceBatch:
+    return SequenceBatch.from_token_lists(
+        rows.column("prompt_token_ids").to_pylist(),
+        rows.column("token_ids").to_pylist(),
+        pad_id,
+        rewards=torch.tensor(rewards, dtype=torch.float32),
+        temperatures=torch.tensor(rows.column("temperature").to_numpy(), dtype=torch.float32),
+    )
+
+
+def update(run: RunDir, iteration: int) -> dict[str, Any]:
+    """One AEPO (or baseline) update on this iteration's rollouts; saves policy, optimiser, batch record."""
+    cfg = run.config()
+    ups = upstream(run, cfg, iteration, "update")
+    rollouts = pq.read_table(run.stage_dir(iteration, "rollout") / "rollouts.parquet")
+    rewards = pq.read_table(run.stage_dir(iteration, "reward") / "rewards.parquet")
+    if rewards.column("row_id").to_pylist() != rollouts.column("row_id").to_pylist():
+        raise StageNotReady(f"{run.stage_dir(iteration, 'reward')}: rewards do not match the rollouts' rows")
+    reward_of = rewards.column("reward").to_numpy()
+    device = resolve_device(cfg.trainer)
+    source = policy_dir(run, iteration)
+    policy = load_policy(source, device=device, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
+    policy.train()
+    optimizer = make_optimizer(policy, cfg.trainer)
+    if iteration > 0:
+        state_path = run.stage_dir(iteration - 1, "update") / "optimizer.pt"
+        optimizer.load_state_dict(torch.load(state_path, map_location=device, weights_only=True))
+    torch.manual_seed(_seed(cfg.trainer.seed, iteration))
+
+    batches = {}
+    for role in (POLICY, REGULARISER):
+        mask = np.array(rollouts.column("batch").to_pylist()) == role
+        idx = np.flatnonzero(mask)
+        # groups of n consecutive rows of one prompt
+        order = idx[np.lexsort((rollouts.column("sample").to_numpy()[idx], rollouts.column("prompt_index").to_numpy()[idx]))]
+        batches[role] = (order, _batch_of(rollouts.take(order), reward_of[order], tokenizer.pad_token_id) if len(order) else None)
+    controller = controller_state(run, cfg, iteration)
+    started = time.perf_counter()
+    result = update_step(
+        policy, optimizer, batches[POLICY][1], batches[REGULARISER][1], cfg.algorithm, cfg.trainer, controller,
+        group_size=cfg.rollout.n,
+    )
+    seconds = time.perf_counter() - started
+    row_ids = rollouts.column("row_id").to_numpy()
+    records = [
+        {
+            "rollout_row_id": int(row_ids[batches[POLICY if rec["source"] == POLICY else REGULARISER][0][rec["source_index"]]]),
+            **{k: rec[k] for k in ("row", "mini_batch", "role", "source", "advantage", "weight", "reward", "temperature")},
+        }
+        for rec in result.rows
+    ]
+    with run.publish(iteration, "update", ups, {"algorithm": cfg.algorithm.name}) as (tmp, metrics):
+        policy.eval()
+        write_policy(policy, tokenizer, tmp / "policy")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        pq.write_table(pa.Table.from_pylist(records), tmp / "update_batch.parquet")
+        (tmp / "controller_after.json").write_text(json.dumps(result.controller.to_dict()))
+        metrics.update(result.metrics)
+        metrics["update_seconds"] = seconds
+        metrics["rows_trained"] = len(records)
+    return metrics
+
+
+def entropy(run: RunDir, iteration: int) -> dict[str, Any]:
+    """Record the entropy the update measured and decide the next iteration's temperature and k cap."""
+    cfg = run.config()
+    ups = upstream(run, cfg, iteration, "entropy")
+    update_dir = run.stage_dir(iteration, "update")
+    measured = run.manifest(iteration, "update")["metrics"]
+    state = ControllerState.from_dict(json.loads((update_dir / "controller_after.json").read_text()))
+    a = cfg.algorithm
+    next_t = controller_temperature(state, a) if a.name == "aepo" else None
+    k_cap = reinforce_count(a.reinforce_sample_num, a.reinforce_sample_num, state.h_prev, a.target_entropy, a.halve_above_target)
+    decision = {
+        "estimator": a.entropy_estimator,
+        "measured": {"nll": measured.get("entropy/nll"), "exact": measured.get("entropy/exact")},
+        "target": a.target_entropy,
+        "next_temperature": next_t,
+        "next_k_cap": k_cap if a.name == "aepo" else 0,
+        "state": state.to_dict(),
+    }
+    with run.publish(iteration, "entropy", ups) as (tmp, metrics):
+        (tmp / "controller.json").write_text(json.dumps(decision, indent=2))
+        metrics.update(
+            entropy_nll=decision["measured"]["nll"],
+            entropy_exact=decision["measured"]["exact"],
+            target=a.target_entropy,
+            next_temperature=next_t if next_t is not None else float("nan"),
+            next_k_cap=decision["next_k_cap"],
+            entropy_coef=state.entropy_coef,
+        )
+    return metrics
+
+
+def evaluate_stage(run: RunDir, iteration: int) -> dict[str, Any]:
+    """Held-out accuracy of this iteration's policy at the configured temperature, n and length."""
+    cfg = run.config()
+    ups = upstream(run, cfg, iteration, "evaluate")
+    records, results = evaluate_model(cfg, run.stage_dir(iteration, "update") / "policy", pq.read_table(run.dataset_path("eval")))
+    with run.publish(iteration, "evaluate", ups) as (tmp, metrics):
+        pq.write_table(records, tmp / "eval.parquet")
+        metrics.update(results)
+    return metrics
+
+
+STAGE_FUNCTIONS = {
+    "prepare": prepare,
+    "rollout": rollout,
+    "reward": reward,
+    "update": update,
+    "entropy": entropy,
+    "evaluate": evaluate_stage,
+}

@@ -1,0 +1,133 @@
+"""MLflow tracking from the run directory: one MLflow run per pipeline run, metrics synced from manifests.
+
+The manifests are the source of truth; MLflow is a view of them. `Tracker.sync(i)` logs iteration i's
+metrics (step=i) once: a record in `<run>/mlflow.json` remembers what was logged, so a resumed run
+keeps logging to the same MLflow run without duplicate points.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from aepo_core.config import Config
+from aepo_core.rundir import STAGES, RunDir
+
+_PREFIX = {"rollout": "rollout/", "reward": "reward/", "update": "", "entropy": "controller/", "evaluate": "eval/"}
+
+
+def tracking_uri(cfg: Config, run: RunDir) -> str:
+    """cfg.tracking.mlflow_uri, or an explicit sqlite store next to the run directory."""
+    if cfg.tracking.mlflow_uri:
+        return cfg.tracking.mlflow_uri
+    return f"sqlite:///{(run.root.parent / 'mlflow.db').resolve()}"
+
+
+def iteration_metrics(run: RunDir, iteration: int) -> dict[str, float]:
+    """Every finite numeric metric the stages of `iteration` recorded, with MLflow-safe names
+    (rollout/…, reward/…, loss/…, actor/…, entropy/…, aepo/…, controller/…, eval/…, time/<stage>_s)."""
+    out: dict[str, float] = {}
+    total = 0.0
+    for stage in STAGES:
+        manifest = run.manifest(iteration, stage)
+        if manifest is None:
+            continue
+        for key, value in manifest["metrics"].items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                continue
+            name = (_PREFIX[stage] + key).replace("@", "_at_").replace("(", "_").replace(")", "_")
+            out[name] = float(value)
+        out[f"time/{stage}_s"] = float(manifest["seconds"])
+        total += float(manifest["seconds"])
+    if out:
+        out["time/iteration_s"] = total
+    return out
+
+
+class Tracker:
+    def __init__(self, run: RunDir, cfg: Config) -> None:
+        self.run = run
+        self.cfg = cfg
+        self.uri = tracking_uri(cfg, run)
+        self.run_id: str | None = None
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def _record(self) -> dict[str, Any]:
+        return self.run.read_json("mlflow.json") or {}
+
+    def open(self) -> str:
+        """Start the MLflow run of this pipeline run, or reopen the one recorded in the run directory."""
+        rec = self._record()
+        if rec.get("tracking_uri") == self.uri and rec.get("run_id"):
+            self.run_id = rec["run_id"]
+            self.client.update_run(self.run_id, status="RUNNING")
+            return self.run_id
+        name = self.cfg.tracking.experiment
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            # Artifacts next to the database, never in the working directory (./mlruns flips MLflow's
+            # default store to the refused file store).
+            location = (self.run.root.parent / "mlartifacts").resolve().as_uri() if self.uri.startswith("sqlite") else None
+            exp_id = self.client.create_experiment(name, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+        a = self.cfg.algorithm
+        tags = {
+            "algorithm": a.name,
+            "target_entropy": str(a.target_entropy) if a.name in ("aepo", "adaptive_entropy") else "none",
+            "model": self.cfg.model.path or "embedded-base",
+            "run_dir": str(self.run.root.resolve()),
+        }
+        created = self.client.create_run(exp_id, run_name=self.run.root.name, tags=tags)
+        self.run_id = created.info.run_id
+        from mlflow.entities import Param
+
+        params = [Param(k, str(v)[:6000]) for k, v in self.cfg.flat().items() if k != "run.iterations"]
+        for start in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=params[start : start + 100])
+        self.run.write_json(
+            "mlflow.json", {"tracking_uri": self.uri, "run_id": self.run_id, "experiment_id": exp_id, "synced": {}}
+        )
+        return self.run_id
+
+    def sync(self, iteration: int) -> int:
+        """Log iteration `iteration`'s metrics unless already logged; returns how many were logged."""
+        from mlflow.entities import Metric
+
+        rec = self._record()
+        metrics = iteration_metrics(self.run, iteration)
+        signature = hashlib.sha256(json.dumps(metrics, sort_keys=True).encode()).hexdigest()[:16]
+        if not metrics or rec["synced"].get(str(iteration)) == signature:
+            return 0
+        now = int(time.time() * 1000)
+        items = [Metric(k, v, now, iteration) for k, v in sorted(metrics.items())]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
+        rec["synced"][str(iteration)] = signature
+        self.run.write_json("mlflow.json", rec)
+        return len(items)
+
+    def log_checkpoint(self, iteration: int, folder: Path, digest: str, upload: bool) -> None:
+        """Record the checkpoint's path and digest (always) and upload its files (when `upload`)."""
+        rec = self._record()
+        rec.setdefault("checkpoints", {})[f"{iteration:04d}"] = {"path": str(folder.resolve()), "digest": digest}
+        self.run.write_json("mlflow.json", rec)
+        self.client.log_text(self.run_id, json.dumps(rec["checkpoints"], indent=2), "checkpoints.json")
+        if upload:
+            self.client.log_artifacts(self.run_id, str(folder), f"checkpoints/iter_{iteration:04d}")
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, status=status)

@@ -1,0 +1,30 @@
+"""Prefect tasks over the stage functions: paths and small dicts in, metrics out.
+
+Task caching is off on purpose: whether a stage is done is decided by its manifest in the run
+directory (digests of what it read), which Prefect's input-hash caching knows nothing about.
+"""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from aepo_core import stages
+from aepo_core.rundir import RunDir
+
+
+def _stage_task(name: str):
+    fn = stages.STAGE_FUNCTIONS[name]
+
+    @task(name=name, cache_policy=NO_CACHE, task_run_name=f"{name}-iter-{{iteration:04d}}", retries=0)
+    def run_stage(run_dir: str, iteration: int, show_progress: bool = False) -> dict:
+        run = RunDir(run_dir)
+        if name == "rollout":
+            return fn(run, iteration, show_progress=show_progress)
+        return fn(run, iteration)
+
+    run_stage.__doc__ = fn.__doc__
+    return run_stage
+
+
+STAGE_TASKS = {name: _stage_task(name) for name in stages.STAGE_FUNCTIONS}
