@@ -87,6 +87,51 @@ def evaluate_cmd(
         typer.echo(f"wrote {output}/eval.parquet and metrics.json")
 
 
+def _quiet_prefect() -> None:
+    """Offline-friendly Prefect defaults for interactive use (a user's own settings win)."""
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-stage "Loading weights" bars drown the iteration lines
+
+
+@app.command("run")
+def run_cmd(
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<algorithm>-<config digest>).")] = None,
+    iterations: Annotated[int | None, typer.Option(help="Number of iterations (run.iterations).")] = None,
+    progress: Annotated[bool, typer.Option(help="Progress bars on rollout and update.")] = True,
+) -> None:
+    """Train with AEPO (or a baseline) as a Prefect flow; resumes an existing run directory."""
+    cfg = _config(config, overrides)  # fail fast on a bad config, before Prefect starts
+    _quiet_prefect()
+    from aepo_core.stages import ConfigMismatch
+    from flows.train import train
+
+    extra = list(overrides or [])
+    try:
+        result = train(
+            config=str(config) if config else None,
+            run_dir=str(run_dir) if run_dir else None,
+            iterations=iterations,
+            overrides=extra,
+            show_progress=progress,
+        )
+    except ConfigMismatch as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    uri = result["tracking_uri"]
+    typer.echo(f"run directory: {result['run_dir']}")
+    typer.echo(f"MLflow: run {result['mlflow_run_id']} in {uri} (experiment '{cfg.tracking.experiment}')")
+    if uri.startswith("sqlite:///"):
+        typer.echo(f"open the MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

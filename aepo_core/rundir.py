@@ -101,11 +101,18 @@ class RunDir:
 
     @contextmanager
     def publish(
-        self, iteration: int, stage: str, upstream: dict[str, str], params: dict[str, Any] | None = None
+        self,
+        iteration: int,
+        stage: str,
+        upstream: dict[str, str],
+        params: dict[str, Any] | None = None,
+        started: float | None = None,
     ) -> Iterator[tuple[Path, dict[str, Any]]]:
         """Yield (temporary folder, metrics dict); fill both. On success the manifest is written last
-        and the folder renamed into place; on error nothing under the stage's name changes."""
-        started = time.perf_counter()
+        and the folder renamed into place; on error nothing under the stage's name changes.
+        `started` (a time.perf_counter() value) is when the stage began; its manifest's seconds
+        count from then."""
+        started = time.perf_counter() if started is None else started
         metrics: dict[str, Any] = {}
         with atomic_dir(self.stage_dir(iteration, stage)) as tmp:
             yield tmp, metrics

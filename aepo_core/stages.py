@@ -153,6 +153,7 @@ def _seed(*parts: int) -> int:
 # ------------------------------------------------------------------------------------- stages
 def prepare(run: RunDir, iteration: int) -> dict[str, Any]:
     """This iteration's prompts: the next slice of a seeded per-epoch permutation of the train split."""
+    started = time.perf_counter()
     cfg = run.config()
     ups = upstream(run, cfg, iteration, "prepare")
     table = pq.read_table(run.dataset_path("train"))
@@ -163,7 +164,7 @@ def prepare(run: RunDir, iteration: int) -> dict[str, Any]:
         perm = np.random.default_rng(_seed(cfg.rollout.seed, epoch)).permutation(size)
         indices.append(int(perm[pos]))
     prompts = table.take(indices).append_column("prompt_index", pa.array(range(per_batch), pa.int32()))
-    with run.publish(iteration, "prepare", ups, {"prompts": per_batch}) as (tmp, metrics):
+    with run.publish(iteration, "prepare", ups, {"prompts": per_batch}, started=started) as (tmp, metrics):
         pq.write_table(prompts, tmp / "prompts.parquet")
         metrics["epoch"] = iteration * per_batch // size
     return metrics
@@ -172,6 +173,7 @@ def prepare(run: RunDir, iteration: int) -> dict[str, Any]:
 def rollout(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str, Any]:
     """Sample the policy batch (n per prompt at rollout.temperature) and, for AEPO, the regulariser
     batch (the first reg_prompt_fraction of prompts at the controller's temperature) in one call."""
+    started = time.perf_counter()
     cfg = run.config()
     ups = upstream(run, cfg, iteration, "rollout")
     prompts = pq.read_table(run.stage_dir(iteration, "prepare") / "prompts.parquet")
@@ -190,9 +192,9 @@ def rollout(run: RunDir, iteration: int, show_progress: bool = False) -> dict[st
                 SamplingRequest(ids, r.n, reg_temperature, r.top_p, r.max_new_tokens) for ids in prompt_ids[:num_reg]
             ]
             roles += [REGULARISER] * num_reg
-        started = time.perf_counter()
+        gen_started = time.perf_counter()
         completions = engine.generate(requests, seed=_seed(r.seed, iteration))
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - gen_started
     finally:
         engine.close()
     num_prompts = len(prompt_ids)
@@ -214,7 +216,7 @@ def rollout(run: RunDir, iteration: int, show_progress: bool = False) -> dict[st
     )
     tokens = sum(len(c.token_ids) for c in completions)
     params = {"regulariser_temperature": reg_temperature, "seed": _seed(r.seed, iteration)}
-    with run.publish(iteration, "rollout", ups, params) as (tmp, metrics):
+    with run.publish(iteration, "rollout", ups, params, started=started) as (tmp, metrics):
         pq.write_table(table, tmp / "rollouts.parquet")
         metrics.update(
             responses=len(completions),
@@ -230,6 +232,7 @@ def rollout(run: RunDir, iteration: int, show_progress: bool = False) -> dict[st
 
 def reward(run: RunDir, iteration: int) -> dict[str, Any]:
     """Verify every response against its prompt's gold answer."""
+    started = time.perf_counter()
     cfg = run.config()
     ups = upstream(run, cfg, iteration, "reward")
     prompts = pq.read_table(run.stage_dir(iteration, "prepare") / "prompts.parquet")
@@ -253,7 +256,7 @@ def reward(run: RunDir, iteration: int) -> dict[str, Any]:
     is_policy = np.array(rollouts.column("batch").to_pylist()) == POLICY
     n = cfg.rollout.n
     groups = rewards[is_policy].reshape(-1, n)
-    with run.publish(iteration, "reward", ups) as (tmp, metrics):
+    with run.publish(iteration, "reward", ups, started=started) as (tmp, metrics):
         pq.write_table(table, tmp / "rewards.parquet")
         metrics.update(
             reward_mean=float(rewards[is_policy].mean()),
@@ -276,6 +279,7 @@ def _batch_of(rows: pa.Table, rewards: np.ndarray, pad_id: int) -> SequenceBatch
 
 def update(run: RunDir, iteration: int) -> dict[str, Any]:
     """One AEPO (or baseline) update on this iteration's rollouts; saves policy, optimiser, batch record."""
+    started = time.perf_counter()
     cfg = run.config()
     ups = upstream(run, cfg, iteration, "update")
     rollouts = pq.read_table(run.stage_dir(iteration, "rollout") / "rollouts.parquet")
@@ -302,12 +306,12 @@ def update(run: RunDir, iteration: int) -> dict[str, Any]:
         order = idx[np.lexsort((rollouts.column("sample").to_numpy()[idx], rollouts.column("prompt_index").to_numpy()[idx]))]
         batches[role] = (order, _batch_of(rollouts.take(order), reward_of[order], tokenizer.pad_token_id) if len(order) else None)
     controller = controller_state(run, cfg, iteration)
-    started = time.perf_counter()
+    step_started = time.perf_counter()
     result = update_step(
         policy, optimizer, batches[POLICY][1], batches[REGULARISER][1], cfg.algorithm, cfg.trainer, controller,
         group_size=cfg.rollout.n,
     )
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - step_started
     row_ids = rollouts.column("row_id").to_numpy()
     records = [
         {
@@ -316,7 +320,7 @@ def update(run: RunDir, iteration: int) -> dict[str, Any]:
         }
         for rec in result.rows
     ]
-    with run.publish(iteration, "update", ups, {"algorithm": cfg.algorithm.name}) as (tmp, metrics):
+    with run.publish(iteration, "update", ups, {"algorithm": cfg.algorithm.name}, started=started) as (tmp, metrics):
         policy.eval()
         write_policy(policy, tokenizer, tmp / "policy")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -330,6 +334,7 @@ def update(run: RunDir, iteration: int) -> dict[str, Any]:
 
 def entropy(run: RunDir, iteration: int) -> dict[str, Any]:
     """Record the entropy the update measured and decide the next iteration's temperature and k cap."""
+    started = time.perf_counter()
     cfg = run.config()
     ups = upstream(run, cfg, iteration, "entropy")
     update_dir = run.stage_dir(iteration, "update")
@@ -346,7 +351,7 @@ def entropy(run: RunDir, iteration: int) -> dict[str, Any]:
         "next_k_cap": k_cap if a.name == "aepo" else 0,
         "state": state.to_dict(),
     }
-    with run.publish(iteration, "entropy", ups) as (tmp, metrics):
+    with run.publish(iteration, "entropy", ups, started=started) as (tmp, metrics):
         (tmp / "controller.json").write_text(json.dumps(decision, indent=2))
         metrics.update(
             entropy_nll=decision["measured"]["nll"],
@@ -361,10 +366,11 @@ def entropy(run: RunDir, iteration: int) -> dict[str, Any]:
 
 def evaluate_stage(run: RunDir, iteration: int) -> dict[str, Any]:
     """Held-out accuracy of this iteration's policy at the configured temperature, n and length."""
+    started = time.perf_counter()
     cfg = run.config()
     ups = upstream(run, cfg, iteration, "evaluate")
     records, results = evaluate_model(cfg, run.stage_dir(iteration, "update") / "policy", pq.read_table(run.dataset_path("eval")))
-    with run.publish(iteration, "evaluate", ups) as (tmp, metrics):
+    with run.publish(iteration, "evaluate", ups, started=started) as (tmp, metrics):
         pq.write_table(records, tmp / "eval.parquet")
         metrics.update(results)
     return metrics

@@ -17,7 +17,7 @@ from typing import Any
 from aepo_core.config import Config
 from aepo_core.rundir import STAGES, RunDir
 
-_PREFIX = {"rollout": "rollout/", "reward": "reward/", "update": "", "entropy": "controller/", "evaluate": "eval/"}
+_PREFIX = {"prepare": "prepare/", "rollout": "rollout/", "reward": "reward/", "update": "", "entropy": "controller/", "evaluate": "eval/"}
 
 
 def tracking_uri(cfg: Config, run: RunDir) -> str:

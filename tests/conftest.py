@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 from pathlib import Path
+
+# Prefect reads its settings at import: point it at a private home, offline and quiet, first.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="aepo-prefect-home-"))
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] = "ignore"
+os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 
 import pytest
 import torch
@@ -44,3 +52,12 @@ def base_policy_dir(tmp_path_factory) -> Path:
 def _seed():
     torch.manual_seed(0)
     random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test server for the whole session (about 7 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield

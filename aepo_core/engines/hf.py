@@ -79,23 +79,25 @@ class HFRolloutEngine:
             return []
         generator = torch.Generator(device=self.device).manual_seed(seed)
         step = self.batch_size or len(rows)
-        chunks = range(0, len(rows), step)
+        bar = None
         if self.show_progress:
             from tqdm.auto import tqdm
 
-            chunks = tqdm(chunks, desc="rollout", unit="batch", leave=False)
+            bar = tqdm(total=len(rows), desc="rollout", unit="resp", leave=False)
         out: list[Completion] = []
         was_training = self.model.training
         self.model.eval()
         try:
-            for start in chunks:
-                out.extend(self._generate_rows(rows[start : start + step], generator))
+            for start in range(0, len(rows), step):
+                out.extend(self._generate_rows(rows[start : start + step], generator, bar))
         finally:
             self.model.train(was_training)
+            if bar is not None:
+                bar.close()
         return out
 
     @torch.inference_mode()
-    def _generate_rows(self, rows, generator: torch.Generator) -> list[Completion]:
+    def _generate_rows(self, rows, generator: torch.Generator, bar=None) -> list[Completion]:
         device = self.device
         prompts = [req.prompt_token_ids for _, _, req in rows]
         width = max(len(p) for p in prompts)
@@ -123,7 +125,10 @@ class HFRolloutEngine:
             tokens.append(token)
             logprobs.append(logp)
             hit_eos |= ~finished & torch.isin(token, eos)
+            done_before = int(finished.sum()) if bar is not None else 0
             finished |= hit_eos | (budget <= t + 1)
+            if bar is not None:
+                bar.update(int(finished.sum()) - done_before)
             if bool(finished.all()):
                 break
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
