@@ -33,7 +33,9 @@ class ControllerState:
     temperature: the regulariser temperature used at the last step (None before step 1).
     k: REINFORCE rows used at the last step.
     num_positives: |POS| at the last step.
-    entropy_coef: the adaptive_entropy bonus coefficient.
+    entropy_coef: the bonus coefficient of the adaptive_entropy baseline; only adaptive_entropy
+        reads or moves it (aepo, grpo and entropy_adv ignore it, and entropy_reg uses the fixed
+        algorithm.entropy_coef instead). Carried through unchanged by the other algorithms.
     step: updates done so far.
     """
 

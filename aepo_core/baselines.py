@@ -1,7 +1,9 @@
 """The paper's comparison methods: entropy-shaped advantages, entropy bonus, adaptive bonus.
 
 - entropy_adv (Cheng et al., arXiv 2506.14758): A_t' = A_t + min(alpha * H_t.detach(), |A_t| / kappa)
-- entropy_reg: loss - c * entropy (the bonus term is :func:`entropy_bonus_term`)
+- entropy_reg: loss - c * entropy (the bonus term is :func:`entropy_bonus_term`; with the ``nll``
+  estimator the per-token entropy is :func:`nll_entropy_surrogate`, whose gradient is the
+  score-function estimate of the entropy gradient)
 - adaptive_entropy: the bonus coefficient c moves by delta per step toward a target entropy
 """
 
@@ -26,6 +28,27 @@ def entropy_shaped_advantages(
     """
     bonus = torch.minimum(alpha * token_entropy.detach().to(advantages.dtype), advantages.abs() / kappa)
     return advantages + bonus
+
+
+def nll_entropy_surrogate(logp: Tensor) -> Tensor:
+    """Per-token entropy for an ``nll`` entropy bonus: value -log p, gradient the score function.
+
+    Differentiating -log p(y) with the sampled token y held fixed has expectation
+    E_y[-grad log p(y)] = 0, so a bonus on plain -log p pushes nothing in expectation. With
+    H = E_y[-log p(y)], grad H = E_y[-(log p(y) + 1) grad log p(y)] = E_y[-log p(y) grad log p(y)]
+    (because E_y[grad log p(y)] = 0). The surrogate s = (-log p).detach() * log p has exactly that
+    gradient; its value is not the entropy, so the returned tensor is
+    ``(-log p).detach() + (s - s.detach())``: its value is the nll entropy (for logging and for the
+    loss value) and its gradient is the score-function estimate of grad H.
+
+    Args:
+        logp: [B, L] log pi(sampled token) with grad, tokens sampled from pi (or pi_old).
+    Returns:
+        [B, L] tensor equal to -logp in value whose gradient is (-logp).detach() * grad logp.
+    """
+    nll = (-logp).detach()
+    surrogate = nll * logp
+    return nll + (surrogate - surrogate.detach())
 
 
 def entropy_bonus_term(entropy: Tensor, coef: float) -> Tensor:

@@ -4,8 +4,14 @@
              code controls on);
 - ``exact``: mean over response tokens of the full-vocabulary entropy of softmax(logits) at T = 1.
 
-Both come from the same logits. The log-softmax is computed one sequence chunk at a time, in float32,
-so a large vocabulary never materialises a second full [B, L, V] tensor beside the model's logits.
+Both come from the same logits. The log-softmax is computed one sequence chunk at a time, in float32.
+
+Memory: without grad (old log-probs, reference log-probs, evaluation) only one [B, chunk, V] float32
+temporary exists at a time, so no second full-size [B, L, V] copy of the logits (nor a float32 upcast
+of bf16 logits) is ever materialised. Under autograd the chunking does NOT bound memory: autograd
+keeps each chunk's float32 log_softmax output for the backward pass, so the saved activations add up
+to about one full [B, L, V] float32 tensor (a second one, exp(log_softmax), when the entropy is kept
+in the graph; ``entropy_grad=False`` avoids that). Use micro-batches to bound the training forward.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ def token_logprobs_and_entropy(
     Args:
         logits: [B, L, V] unnormalised scores (any float dtype; computed in float32 per chunk).
         labels: [B, L] long token ids.
-        chunk: sequence positions per chunk; only [B, chunk, V] float32 temporaries exist at once.
+        chunk: sequence positions per chunk; without grad only [B, chunk, V] float32 temporaries
+            exist at once (under autograd each chunk's log_softmax is kept for backward).
         with_entropy: also return the full-vocabulary entropy.
         entropy_grad: keep the entropy in the autograd graph (only needed for an exact-entropy
             bonus); False saves the [B, chunk, V] activations autograd would otherwise keep.

@@ -53,6 +53,45 @@ def aggregate(
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
+def role_losses(
+    token_loss: Tensor,
+    mask: Tensor,
+    reinforce_rows: Tensor,
+    separate: bool,
+    mode: LossAgg = "token_mean",
+    constant: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Split a micro-batch's aggregated loss into its GRPO part and its REINFORCE part.
+
+    Args:
+        token_loss: [B, L] per-token loss (row weights, e.g. alpha, already applied).
+        mask: [B, L] 1 on the tokens that count.
+        reinforce_rows: [B] bool, True for AEPO REINFORCE rows.
+        separate: False ("replace" mode, the reference code): both parts share the micro-batch's
+            normaliser (e.g. all its response tokens), so grpo + reinforce == aggregate(token_loss);
+            True ("add" mode, the paper's grad J_GRPO + alpha * E[grad log pi * R]): each part is
+            aggregated over its own rows only (token_mean: its own token count; constant: its own
+            row count times the constant), so neither part is diluted by the other's tokens.
+        mode, constant: see :func:`aggregate`.
+    Returns:
+        (grpo scalar, reinforce scalar); a part with no rows is 0.
+    """
+    reinforce_rows = reinforce_rows.bool()
+    if not separate:
+        r = reinforce_rows.to(token_loss.dtype).unsqueeze(1)
+        return (
+            aggregate(token_loss * (1.0 - r), mask, mode, constant),
+            aggregate(token_loss * r, mask, mode, constant),
+        )
+    parts = []
+    for rows in (~reinforce_rows, reinforce_rows):
+        if bool(rows.any()):
+            parts.append(aggregate(token_loss[rows], mask[rows], mode, constant))
+        else:
+            parts.append(token_loss.sum() * 0.0)  # keeps the graph (and the device) without a term
+    return parts[0], parts[1]
+
+
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """Per-token k3 estimator of KL(pi || ref) on tokens sampled from pi (Schulman's k3).
 

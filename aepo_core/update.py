@@ -13,16 +13,41 @@ Order of work (aepo-algorithm.md, steps 4 and 8-13):
      pi_old (entropy_adv) and the reference log-probs (kl_coef > 0).
   4. X is split IN ORDER into trainer.mini_batches mini-batches (no shuffling), each into
      micro-batches of trainer.micro_batch_size rows with gradient accumulation; one optimiser step
-     with grad-norm clipping per mini-batch.
+     with grad-norm clipping per mini-batch. If the k REINFORCE rows do not fit in the first
+     mini-batch, a warning says how many spill into later (off-policy) mini-batches.
   5. Entropy (both estimators) is measured on the update's own forward passes: the average over
      micro-batches of the token mean, as the reference code does; h_prev for the next step is the
-     configured estimator over all rows of X.
+     configured estimator over all rows of X. Micro-batches without response tokens are skipped
+     (no forward pass, nothing added to any average).
+
+Micro-batch weighting (verl convention): each micro-batch's loss is aggregated over its own tokens
+(``algorithm.loss_agg``) and weighted 1 / n_micro, n_micro the number of micro-batches of the
+mini-batch. With token_mean this is the mini-batch token mean only when every micro-batch holds the
+same number of response tokens: a short last micro-batch (fewer rows or tokens) is overweighted per
+token. The same holds for the entropy metrics and h_prev (a mean of micro-batch means).
+
+Combining the two row kinds (``algorithm.combine``, :func:`aepo_core.losses.role_losses`):
+  - replace (reference code): GRPO and REINFORCE rows share each micro-batch's normaliser, e.g.
+    loss = sum over all response tokens of the micro-batch / their count;
+  - add (paper): loss = J_GRPO + alpha * J_REINFORCE, the GRPO rows aggregated over the GRPO rows'
+    own tokens and the REINFORCE rows over theirs (alpha is the REINFORCE rows' weight); each part
+    is averaged over the micro-batches that hold its tokens, so a micro-batch partition does not
+    dilute alpha. Metrics: loss/grpo is J_GRPO, loss/reinforce is alpha * J_REINFORCE.
+
+Dropout: old log-probs are computed in eval() (no dropout). The update's forward passes keep the
+model in train() -- transformers (5.x) only applies activation checkpointing when the layer's
+``self.training`` is True -- but run with every dropout disabled (torch dropout modules set to p = 0
+and float ``*dropout*`` attributes such as Qwen2's ``attention_dropout`` set to 0.0, restored
+afterwards; see :func:`dropout_disabled`). Both passes then compute the same function, so the first
+mini-batch's ratio is exactly 1 even for a model configured with dropout, as in verl/TRL, which also
+train RL policies without dropout.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,11 +62,23 @@ from aepo_core.aepo import (
     reinforce_count,
     select_positive_samples,
 )
-from aepo_core.baselines import entropy_bonus_term, entropy_shaped_advantages, update_entropy_coef
+from aepo_core.baselines import (
+    entropy_bonus_term,
+    entropy_shaped_advantages,
+    nll_entropy_surrogate,
+    update_entropy_coef,
+)
 from aepo_core.batch import ROLE_REINFORCE, SequenceBatch
 from aepo_core.config import AlgorithmConfig, TrainerConfig
 from aepo_core.entropy import shifted_logprobs_and_entropy
-from aepo_core.losses import aggregate, clipped_token_loss, kl_k3, masked_mean, policy_loss_diagnostics
+from aepo_core.losses import (
+    aggregate,
+    clipped_token_loss,
+    kl_k3,
+    masked_mean,
+    policy_loss_diagnostics,
+    role_losses,
+)
 
 
 @dataclass
@@ -237,6 +274,32 @@ def compute_logprobs(
     return logp, ent
 
 
+@contextlib.contextmanager
+def dropout_disabled(model):
+    """Run ``model`` with every dropout off, whatever its train()/eval() mode; restored on exit.
+
+    Sets ``p = 0`` on torch dropout modules and 0.0 on float module attributes whose name contains
+    "dropout" (transformers attention modules pass e.g. ``self.attention_dropout`` to the attention
+    function when ``self.training``). The model can stay in train() so that activation
+    checkpointing, which transformers gates on ``self.training``, stays active.
+    """
+    saved: list[tuple[Any, str, float]] = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            saved.append((module, "p", module.p))
+            module.p = 0.0
+            continue
+        for name, value in list(vars(module).items()):
+            if "dropout" in name.lower() and isinstance(value, float) and not isinstance(value, bool):
+                saved.append((module, name, value))
+                setattr(module, name, 0.0)
+    try:
+        yield
+    finally:
+        for module, name, value in reversed(saved):
+            setattr(module, name, value)
+
+
 def is_checkpointing(model) -> bool:
     """Whether activation (gradient) checkpointing is on; transformers >= 5 renamed the attribute."""
     if hasattr(type(model), "is_activation_checkpointing"):
@@ -290,6 +353,11 @@ def update_step(
         ref_policy: reference model for the k3 KL term (needed when algo_cfg.kl_coef > 0).
     Returns:
         UpdateResult(metrics, per-row records, new controller state).
+
+    Gradient accumulation follows verl: each micro-batch's aggregated loss weighs 1 / n_micro, so
+    an uneven (shorter) last micro-batch is overweighted per token; micro-batches with no response
+    token are skipped. Warns (does not raise) when the k REINFORCE rows do not all fit in the first
+    mini-batch. Dropout is disabled for all forward passes (see the module docstring).
     """
     name = algo_cfg.name
     if algo_cfg.kl_coef > 0 and ref_policy is None:
@@ -305,6 +373,15 @@ def update_step(
     batch = prepared.batch.to(device)
     partition = _partition(len(batch), trainer_cfg)
     chunk = trainer_cfg.logits_chunk
+    first_mini_batch_rows = sum(len(rows) for rows in partition[0]) if partition else 0
+    if prepared.k > first_mini_batch_rows:
+        warnings.warn(
+            f"{prepared.k} REINFORCE rows but the first (exactly on-policy) mini-batch holds only "
+            f"{first_mini_batch_rows} of the {len(batch)} rows (trainer.mini_batches = "
+            f"{trainer_cfg.mini_batches}): {prepared.k - first_mini_batch_rows} REINFORCE rows are "
+            "trained off-policy in later mini-batches, where the clip can act on them",
+            stacklevel=2,
+        )
 
     # step 11: old log-probs at T = 1 for every row, also those sampled at T_high / T_low
     old_logp, old_entropy = compute_logprobs(
@@ -332,9 +409,12 @@ def update_step(
         bonus_coef = 0.0
     bonus_exact = bonus_coef > 0 and algo_cfg.entropy_bonus_estimator == "exact"
 
-    is_reinforce = torch.tensor(
-        [r == ROLE_REINFORCE for r in batch.roles], dtype=torch.float32, device=device
-    )
+    row_is_reinforce = [r == ROLE_REINFORCE for r in batch.roles]
+    is_reinforce = torch.tensor(row_is_reinforce, dtype=torch.bool, device=device)
+    # one device sync for all rows, instead of one per micro-batch
+    row_tokens = batch.response_mask.sum(dim=1).tolist()
+    separate = algo_cfg.combine == "add"
+    agg = (algo_cfg.loss_agg, algo_cfg.loss_constant)
     params = [p for p in policy.parameters() if p.requires_grad]
     sums: dict[str, list[float]] = defaultdict(list)
     reinforce_ratios: list[Tensor] = []
@@ -342,77 +422,98 @@ def update_step(
     skipped = 0
     row_mini_batch = [0] * len(batch)
 
-    was_training = policy.training
-    policy.train()
-    try:
-        for mb_index, micro in enumerate(partition):
-            optimizer.zero_grad(set_to_none=True)
-            n_micro = len(micro)
-            for rows in micro:
-                for r in rows:
-                    row_mini_batch[r] = mb_index
-                sel = slice(rows.start, rows.stop)
-                mb = batch.select(list(rows)).trimmed()
-                length = mb.seq_len
-                mask = mb.response_mask
-                old = old_logp[sel, :length]
-                with _autocast(device, amp_dtype):
-                    logp, token_entropy = _forward(policy, mb, chunk, True, entropy_grad=bonus_exact)
-                logp = logp.float()
-                token_loss, ind = clipped_token_loss(
-                    logp, old, mb.advantages, algo_cfg.clip_low, algo_cfg.clip_high, algo_cfg.dual_clip
-                )
-                token_loss = token_loss * mb.weights.unsqueeze(1)
-                reinf = is_reinforce[sel].unsqueeze(1)
-                agg = (algo_cfg.loss_agg, algo_cfg.loss_constant)
-                # splitting the summand (not the mask) keeps both parts on the same denominator,
-                # so grpo + reinforce == the aggregated loss of the whole micro-batch
-                grpo_part = aggregate(token_loss * (1.0 - reinf), mask, *agg)
-                reinforce_part = aggregate(token_loss * reinf, mask, *agg)
-                total = grpo_part + reinforce_part
-                if ref_logp is not None:
-                    kl = aggregate(kl_k3(logp, ref_logp[sel, :length]), mask, *agg)
-                    total = total + algo_cfg.kl_coef * kl
-                    sums["loss/kl"].append(kl.item())
-                if bonus_coef > 0:
-                    bonus_entropy = token_entropy if bonus_exact else -logp
-                    bonus = entropy_bonus_term(aggregate(bonus_entropy, mask, *agg), bonus_coef)
-                    total = total + bonus
-                    sums["loss/entropy_bonus"].append(bonus.item())
-                # gradient accumulation: each micro-batch's token mean weighs 1 / n_micro (verl)
-                (total / n_micro).backward()
+    def has_tokens(rows: range, reinforce: bool | None = None) -> bool:
+        return any(
+            row_tokens[r] > 0 and (reinforce is None or row_is_reinforce[r] == reinforce) for r in rows
+        )
 
-                with torch.no_grad():
-                    sums["loss/grpo"].append(grpo_part.item())
-                    sums["loss/reinforce"].append(reinforce_part.item())
-                    sums["loss/total"].append(total.item())
-                    for key, value in policy_loss_diagnostics(logp, old, mask, ind).items():
-                        sums[f"actor/{key}"].append(value)
-                    h_all = {
-                        "nll": masked_mean(-logp.detach(), mask),
-                        "exact": masked_mean(token_entropy.detach(), mask),
-                    }
-                    for est, value in h_all.items():
-                        sums[f"entropy/{est}"].append(value.item())
-                    policy_mask = mask * (1.0 - reinf)
-                    if policy_mask.sum() > 0:
-                        sums["entropy/nll_policy_rows"].append(
-                            masked_mean(-logp.detach(), policy_mask).item()
-                        )
-                        sums["entropy/exact_policy_rows"].append(
-                            masked_mean(token_entropy.detach(), policy_mask).item()
-                        )
-                    reinf_mask = (mask * reinf).bool()
-                    if reinf_mask.any():
-                        reinforce_ratios.append(ind["ratio"].detach()[reinf_mask].float())
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, trainer_cfg.grad_clip)
-            grad_norms.append(float(grad_norm))
-            if math.isfinite(float(grad_norm)):
-                optimizer.step()
-            else:
-                # a non-finite gradient would poison the weights and the optimiser moments
-                skipped += 1
-            optimizer.zero_grad(set_to_none=True)
+    was_training = policy.training
+    policy.train()  # activation checkpointing needs train(); dropout is switched off instead
+    try:
+        with dropout_disabled(policy):
+            for mb_index, micro in enumerate(partition):
+                optimizer.zero_grad(set_to_none=True)
+                # verl convention: every micro-batch weighs 1 / n_micro (see the module docstring)
+                n_micro = len(micro)
+                # "add" mode: each role is averaged over the micro-batches that hold its tokens, so
+                # the loss is J_GRPO + alpha * J_REINFORCE whatever the micro-batch partition
+                n_grpo = sum(has_tokens(rows, False) for rows in micro) or 1
+                n_reinf = sum(has_tokens(rows, True) for rows in micro) or 1
+                w_grpo = 1.0 / (n_grpo if separate else n_micro)
+                w_reinf = 1.0 / (n_reinf if separate else n_micro)
+                for rows in micro:
+                    for r in rows:
+                        row_mini_batch[r] = mb_index
+                    if not has_tokens(rows):
+                        # no response token: no gradient, and no entropy 0 / ratio 1 in the averages
+                        continue
+                    sel = slice(rows.start, rows.stop)
+                    mb = batch.select(list(rows)).trimmed()
+                    length = mb.seq_len
+                    mask = mb.response_mask
+                    old = old_logp[sel, :length]
+                    with _autocast(device, amp_dtype):
+                        logp, token_entropy = _forward(policy, mb, chunk, True, entropy_grad=bonus_exact)
+                    logp = logp.float()
+                    token_loss, ind = clipped_token_loss(
+                        logp, old, mb.advantages, algo_cfg.clip_low, algo_cfg.clip_high, algo_cfg.dual_clip
+                    )
+                    token_loss = token_loss * mb.weights.unsqueeze(1)
+                    reinf_rows = is_reinforce[sel]
+                    # replace: one shared denominator (grpo + reinforce == the micro-batch's loss);
+                    # add: each part over its own rows' tokens, alpha carried by the row weights
+                    grpo_part, reinforce_part = role_losses(token_loss, mask, reinf_rows, separate, *agg)
+                    total = w_grpo * grpo_part + w_reinf * reinforce_part
+                    loss_value = grpo_part + reinforce_part
+                    if ref_logp is not None:
+                        kl = aggregate(kl_k3(logp, ref_logp[sel, :length]), mask, *agg)
+                        total = total + algo_cfg.kl_coef * kl / n_micro
+                        loss_value = loss_value + algo_cfg.kl_coef * kl
+                        sums["loss/kl"].append(kl.item())
+                    if bonus_coef > 0:
+                        # exact: differentiable full-vocabulary entropy; nll: value -log p, gradient
+                        # the score-function estimate of grad H (plain -log p has E[grad] = 0)
+                        bonus_entropy = token_entropy if bonus_exact else nll_entropy_surrogate(logp)
+                        bonus = entropy_bonus_term(aggregate(bonus_entropy, mask, *agg), bonus_coef)
+                        total = total + bonus / n_micro
+                        loss_value = loss_value + bonus
+                        sums["loss/entropy_bonus"].append(bonus.item())
+                    total.backward()
+
+                    with torch.no_grad():
+                        if not separate or has_tokens(rows, False):
+                            sums["loss/grpo"].append(grpo_part.item())
+                        if not separate or has_tokens(rows, True):
+                            sums["loss/reinforce"].append(reinforce_part.item())
+                        sums["loss/total"].append(loss_value.item())
+                        for key, value in policy_loss_diagnostics(logp, old, mask, ind).items():
+                            sums[f"actor/{key}"].append(value)
+                        h_all = {
+                            "nll": masked_mean(-logp.detach(), mask),
+                            "exact": masked_mean(token_entropy.detach(), mask),
+                        }
+                        for est, value in h_all.items():
+                            sums[f"entropy/{est}"].append(value.item())
+                        reinf = reinf_rows.to(mask.dtype).unsqueeze(1)
+                        if has_tokens(rows, False):
+                            policy_mask = mask * (1.0 - reinf)
+                            sums["entropy/nll_policy_rows"].append(
+                                masked_mean(-logp.detach(), policy_mask).item()
+                            )
+                            sums["entropy/exact_policy_rows"].append(
+                                masked_mean(token_entropy.detach(), policy_mask).item()
+                            )
+                        if has_tokens(rows, True):
+                            reinf_mask = (mask * reinf).bool()
+                            reinforce_ratios.append(ind["ratio"].detach()[reinf_mask].float())
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, trainer_cfg.grad_clip)
+                grad_norms.append(float(grad_norm))
+                if math.isfinite(float(grad_norm)):
+                    optimizer.step()
+                else:
+                    # a non-finite gradient would poison the weights and the optimiser moments
+                    skipped += 1
+                optimizer.zero_grad(set_to_none=True)
     finally:
         policy.train(was_training)
 
@@ -459,25 +560,28 @@ def update_step(
         step=controller.step + 1,
     )
 
-    records = []
+    # one .tolist() per tensor: a single device sync each instead of one per element
     resp = batch.response_mask.float()
     adv_mean = ((batch.advantages * resp).sum(1) / resp.sum(1).clamp(min=1.0)).tolist()
-    tokens = resp.sum(1).tolist()
-    for i, role in enumerate(batch.roles):
-        records.append(
-            {
-                "row": i,
-                "mini_batch": row_mini_batch[i],
-                "role": role,
-                "source": "regulariser" if role == ROLE_REINFORCE else "policy",
-                "source_index": int(batch.source_index[i]),
-                "reward": float(batch.rewards[i]),
-                "temperature": float(batch.temperatures[i]),
-                "weight": float(batch.weights[i]),
-                "advantage": float(adv_mean[i]),
-                "response_tokens": int(tokens[i]),
-            }
-        )
+    source_index = batch.source_index.tolist()
+    rewards = batch.rewards.float().tolist()
+    temperatures = batch.temperatures.float().tolist()
+    weights = batch.weights.float().tolist()
+    records = [
+        {
+            "row": i,
+            "mini_batch": row_mini_batch[i],
+            "role": role,
+            "source": "regulariser" if role == ROLE_REINFORCE else "policy",
+            "source_index": int(source_index[i]),
+            "reward": float(rewards[i]),
+            "temperature": float(temperatures[i]),
+            "weight": float(weights[i]),
+            "advantage": float(adv_mean[i]),
+            "response_tokens": int(row_tokens[i]),
+        }
+        for i, role in enumerate(batch.roles)
+    ]
     return UpdateResult(metrics=metrics, rows=records, controller=new_state)
 
 

@@ -50,6 +50,7 @@ def test_select_positive_samples_strictly_above_threshold():
         (10, 8, 0.7, 0.5, False, 8),  # halving off
         (0, 8, 0.3, 0.5, True, 0),  # empty POS: 0, no crash
         (0, 8, 0.7, 0.5, True, 0),
+        (10, 8, 0.5, 0.5, True, 8),  # h_prev == H*: not above the target, no halving
     ],
 )
 def test_reinforce_count(num_pos, K, h_prev, target, halve, expected):
@@ -152,3 +153,10 @@ def test_reinforce_at_temperature_one_is_a_fixed_point():
     # E_{x~p}[grad log p(x)] = 0: sampling at T = 1 with reward 1 does not move the policy
     theta = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
     torch.testing.assert_close(_expected_reinforce_step(theta, 1.0, lr=0.1), theta)
+
+
+def test_boundary_h_prev_equal_to_target_raises_entropy_without_halving():
+    cfg = AlgorithmConfig(target_entropy=0.5, t_high=1.2, t_low=0.8, reinforce_sample_num=8)
+    state = ControllerState(h_prev=0.5)
+    assert controller_temperature(state, cfg) == 1.2  # T_high
+    assert reinforce_count(10, cfg.reinforce_sample_num, state.h_prev, cfg.target_entropy) == 8

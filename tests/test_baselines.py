@@ -1,7 +1,12 @@
 import pytest
 import torch
 
-from aepo_core.baselines import entropy_bonus_term, entropy_shaped_advantages, update_entropy_coef
+from aepo_core.baselines import (
+    entropy_bonus_term,
+    entropy_shaped_advantages,
+    nll_entropy_surrogate,
+    update_entropy_coef,
+)
 
 
 def test_entropy_shaped_advantages_hand_values():
@@ -31,3 +36,25 @@ def test_entropy_bonus_term_sign():
 )
 def test_update_entropy_coef(coef, entropy, target, expected):
     assert update_entropy_coef(coef, entropy, target, 0.005) == pytest.approx(expected)
+
+
+def test_nll_surrogate_value_is_nll_and_expected_gradient_is_entropy_gradient():
+    torch.manual_seed(0)
+    theta = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    log_p = torch.log_softmax(theta, -1)
+    p = log_p.exp().detach()
+    entropy = -(log_p.exp() * log_p).sum()
+    (grad_h,) = torch.autograd.grad(entropy, theta, retain_graph=True)
+    expected = torch.zeros_like(theta)
+    plain = torch.zeros_like(theta)
+    for y in range(5):
+        s = nll_entropy_surrogate(log_p[y].reshape(1, 1))
+        assert s.item() == pytest.approx(-log_p[y].item())  # the value is the nll, not the surrogate
+        (g,) = torch.autograd.grad(s.sum(), theta, retain_graph=True)
+        expected += p[y] * g  # exact expectation over the sampled token y ~ p
+        (g_plain,) = torch.autograd.grad(-log_p[y], theta, retain_graph=True)
+        plain += p[y] * g_plain
+    assert grad_h.abs().max() > 1e-3
+    torch.testing.assert_close(expected, grad_h)
+    # differentiating plain -log p with the token fixed: zero gradient in expectation
+    torch.testing.assert_close(plain, torch.zeros_like(theta))

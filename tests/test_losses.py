@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from aepo_core.losses import aggregate, kl_k3, masked_mean, policy_loss
+from aepo_core.losses import aggregate, kl_k3, masked_mean, policy_loss, role_losses
 
 VALUES = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
@@ -125,3 +125,22 @@ def test_kl_k3_values():
     # token 1: identical -> 0
     torch.testing.assert_close(kl_k3(logp, ref), torch.tensor([0.193147, 0.0]), atol=1e-6, rtol=0)
     assert (kl_k3(torch.randn(50), torch.randn(50)) >= 0).all()
+
+
+def test_role_losses_shared_and_separate_normalisers():
+    # rows 0 (GRPO, tokens 1, 2) and 1 (REINFORCE, token 4)
+    reinforce = torch.tensor([False, True])
+    grpo, reinf = role_losses(VALUES, MASK, reinforce, separate=False)
+    # replace mode: one shared denominator of 3 tokens -> 3/3 + 4/3 == the whole token mean
+    assert (grpo.item(), reinf.item()) == pytest.approx((1.0, 4 / 3))
+    assert (grpo + reinf).item() == pytest.approx(aggregate(VALUES, MASK).item())
+    grpo, reinf = role_losses(VALUES, MASK, reinforce, separate=True)
+    # add mode: each part over its own tokens: (1 + 2) / 2 and 4 / 1
+    assert (grpo.item(), reinf.item()) == pytest.approx((1.5, 4.0))
+    grpo, reinf = role_losses(VALUES, MASK, reinforce, separate=True, mode="constant", constant=10.0)
+    # constant: each part over its own rows: 3 / (1 * 10), 4 / (1 * 10)
+    assert (grpo.item(), reinf.item()) == pytest.approx((0.3, 0.4))
+    grpo, reinf = role_losses(
+        VALUES, MASK, torch.tensor([False, False]), separate=True, mode="constant", constant=10.0
+    )
+    assert (grpo.item(), reinf.item()) == pytest.approx((0.35, 0.0))  # no REINFORCE rows: 0, not nan

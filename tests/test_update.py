@@ -9,8 +9,10 @@ from aepo_core.aepo import ControllerState
 from aepo_core.batch import SequenceBatch
 from aepo_core.config import AlgorithmConfig, TrainerConfig
 from aepo_core.entropy import exact_entropy, nll_entropy, shifted_logprobs_and_entropy
+from aepo_core.losses import masked_mean
 from aepo_core.update import (
     autocast_dtype,
+    compute_logprobs,
     is_checkpointing,
     make_optimizer,
     prepare_update_batch,
@@ -176,10 +178,14 @@ def test_add_mode_reinforce_loss_by_hand():
         ControllerState(),
         group_size=2,
     )
-    # X = 2 REINFORCE rows (2 and 4 tokens) + all 8 policy rows (20 tokens) = 26 tokens, ratio 1:
-    # reinforce part = -alpha * 6 / 26 = -0.115385
+    # X = 2 REINFORCE rows (2 and 4 tokens) + all 8 policy rows (20 tokens), one micro-batch, ratio 1.
+    # add mode: loss = J_GRPO + alpha * J_REINFORCE, each over its own tokens:
+    #   reinforce = alpha * (-(1 * 6) / 6) = -0.5   (not the shared-denominator -0.5 * 6 / 26)
+    #   grpo      = (-0.707107 * 3 + 0.707107 * 2 + 0.707107 * 3 - 0.707107 * 2) / 20 = 0
     assert res.metrics["batch/rows"] == 10
-    assert res.metrics["loss/reinforce"] == pytest.approx(-0.115385, abs=1e-5)
+    assert res.metrics["loss/reinforce"] == pytest.approx(-0.5, abs=1e-6)
+    assert res.metrics["loss/grpo"] == pytest.approx(0.0, abs=1e-6)
+    assert res.metrics["loss/total"] == pytest.approx(-0.5, abs=1e-6)
     assert [r["weight"] for r in res.rows[:3]] == [0.5, 0.5, 1.0]
 
 
@@ -331,3 +337,294 @@ def test_gradient_checkpointing_and_bf16_autocast_run():
     assert is_checkpointing(model)
     assert all(math.isfinite(v) for v in res.metrics.values())
     assert res.metrics["entropy/nll"] > 0
+
+
+# ---------------------------------------------------------------------------------------- review fixes
+class GradRecorder(torch.optim.Optimizer):
+    """An 'optimiser' that records the (clipped) gradients at each step and never moves the weights."""
+
+    def __init__(self, params):
+        super().__init__(list(params), {})
+        self.grads: list[list[torch.Tensor]] = []
+
+    def step(self, closure=None):
+        self.grads.append(
+            [
+                p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                for group in self.param_groups
+                for p in group["params"]
+            ]
+        )
+
+
+def _record_grads(model, batch, algo, trainer, reg=None, state=None, **kw):
+    opt = GradRecorder(p for p in model.parameters() if p.requires_grad)
+    res = update_step(model, opt, batch, reg, algo, trainer, state or ControllerState(), group_size=2, **kw)
+    return opt.grads, res
+
+
+def _forward_logp_entropy(model, batch):
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return shifted_logprobs_and_entropy(logits, batch.input_ids)
+
+
+def _assert_grads_close(a, b, atol=1e-6):
+    assert len(a) == len(b)
+    for ga, gb in zip(a, b, strict=True):
+        torch.testing.assert_close(ga, gb, atol=atol, rtol=1e-5)
+
+
+def test_add_mode_gradient_is_grpo_plus_alpha_times_reinforce():
+    model = tiny_qwen()
+    algo = AlgorithmConfig(name="aepo", combine="add", alpha=0.5, reinforce_sample_num=8)
+    trainer = TrainerConfig(grad_clip=1e9)
+    grads, res = _record_grads(model, policy_batch(), algo, trainer, reg=reg_batch())
+    # explicit loss: token mean of -A logp over the 20 GRPO tokens + 0.5 * token mean of -logp over
+    # the 6 REINFORCE tokens (ratio 1: the gradient of -A r is that of -A logp)
+    x = prepare_update_batch(policy_batch(), reg_batch(), algo, ControllerState(), group_size=2).batch
+    logits = model(input_ids=x.input_ids, attention_mask=x.attention_mask).logits
+    logp, _ = shifted_logprobs_and_entropy(logits, x.input_ids, with_entropy=False)
+    reinf = torch.tensor([r == "reinforce" for r in x.roles]).float().unsqueeze(1)
+    mask = x.response_mask
+    grpo = -(x.advantages * logp * mask * (1 - reinf)).sum() / (mask * (1 - reinf)).sum()
+    reinforce = -(logp * mask * reinf).sum() / (mask * reinf).sum()
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected = torch.autograd.grad(grpo + 0.5 * reinforce, params, allow_unused=True)
+    expected = [torch.zeros_like(p) if g is None else g for g, p in zip(expected, params, strict=True)]
+    _assert_grads_close(grads[0], expected, atol=1e-5)
+    assert res.metrics["loss/reinforce"] == pytest.approx(-0.5, abs=1e-6)
+
+
+def test_dropout_model_first_mini_batch_ratio_exactly_one():
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attention_dropout=0.1,
+    )
+    model = transformers.Qwen2ForCausalLM(cfg)
+    batch = policy_batch()
+    # the dropout is live in train(): two forward passes differ
+    model.train()
+    a = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    b = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    assert not torch.equal(a, b)
+    model.eval()
+    trainer = TrainerConfig(lr=5e-3, mini_batches=2, micro_batch_size=2, gradient_checkpointing=True)
+    res = update_step(
+        model,
+        make_optimizer(model, trainer),
+        batch,
+        reg_batch(),
+        AlgorithmConfig(name="aepo", reinforce_sample_num=8),
+        trainer,
+        ControllerState(),
+        group_size=2,
+    )
+    assert res.metrics["aepo/reinforce_ratio_min"] == 1.0 and res.metrics["aepo/reinforce_ratio_max"] == 1.0
+    # one mini-batch: every ratio of the (only, on-policy) mini-batch is exactly 1
+    trainer1 = TrainerConfig(lr=5e-3, mini_batches=1, micro_batch_size=3)
+    res1 = update_step(
+        model,
+        make_optimizer(model, trainer1),
+        batch,
+        None,
+        AlgorithmConfig(name="grpo"),
+        trainer1,
+        ControllerState(),
+        group_size=2,
+    )
+    assert res1.metrics["actor/ratio_min"] == 1.0 and res1.metrics["actor/ratio_max"] == 1.0
+    # the dropout settings and the mode are restored
+    assert not model.training
+    assert all(layer.self_attn.attention_dropout == 0.1 for layer in model.model.layers)
+
+
+def test_reinforce_rows_spilling_out_of_first_mini_batch_warn():
+    model = tiny_qwen()
+    trainer = TrainerConfig(lr=1e-3, mini_batches=8)  # first mini-batch: 1 row, k = 2
+    with pytest.warns(UserWarning, match=r"2 REINFORCE rows .* only 1 of the 8 rows.*1 REINFORCE rows"):
+        res = update_step(
+            model,
+            make_optimizer(model, trainer),
+            policy_batch(),
+            reg_batch(),
+            AlgorithmConfig(name="aepo", reinforce_sample_num=8),
+            trainer,
+            ControllerState(),
+            group_size=2,
+        )
+    assert res.metrics["aepo/k"] == 2
+    assert res.metrics["aepo/reinforce_in_first_mini_batch"] == 0.0
+
+
+def test_empty_micro_batches_are_skipped_in_the_averages():
+    model = tiny_qwen()
+    responses = [[4, 5, 6], [7, 8], [], [], [14, 15, 16, 9], [17]]
+    batch = make_batch(responses, [1, 0, 1, 1, 0, 1], seed=3)
+    logp, ent = _forward_logp_entropy(model, batch)
+    mask = batch.response_mask
+    mbs = [slice(0, 2), slice(4, 6)]  # micro-batch [2:4] has no response token
+    nll = sum(nll_entropy(logp[s], mask[s]).item() for s in mbs) / 2
+    exact = sum(exact_entropy(ent[s], mask[s]).item() for s in mbs) / 2
+    trainer = TrainerConfig(lr=1e-3, micro_batch_size=2)
+    res = update_step(
+        model,
+        make_optimizer(model, trainer),
+        batch,
+        None,
+        AlgorithmConfig(name="grpo"),
+        trainer,
+        ControllerState(),
+        group_size=2,
+    )
+    assert res.metrics["entropy/nll"] == pytest.approx(nll, abs=1e-5)
+    assert res.metrics["entropy/exact"] == pytest.approx(exact, abs=1e-5)
+    assert res.controller.h_prev == res.metrics["entropy/nll"]
+    assert [r["response_tokens"] for r in res.rows] == [3, 2, 0, 0, 4, 1]
+    assert [r["mini_batch"] for r in res.rows] == [0] * 6
+
+
+def test_old_logprobs_of_tempered_rows_are_recomputed_at_temperature_one():
+    model = tiny_qwen()
+    batch = reg_batch(temperature=1.2)
+    old, _ = compute_logprobs(model, batch, [[range(0, 2), range(2, 4)]], chunk=2)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    labels = batch.input_ids[:, 1:].unsqueeze(-1)
+    at_one = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, labels).squeeze(-1)
+    at_t = torch.log_softmax(logits[:, :-1].float() / 1.2, -1).gather(-1, labels).squeeze(-1)
+    m = batch.response_mask[:, 1:].bool()
+    torch.testing.assert_close(old[:, 1:][m], at_one[m], atol=1e-5, rtol=1e-5)
+    assert (old[:, 1:][m] - at_t[m]).abs().max() > 1e-2
+
+
+def test_gradient_accumulation_matches_one_micro_batch_for_equal_micro_batches():
+    # every row: 3 prompt + 3 response tokens, so equal-size micro-batches hold equal token counts
+    responses = [[4 + i, 5 + i, 6 + i] for i in range(8)]
+    batch = make_batch(responses, POLICY_REWARDS, seed=4)
+    grads = {}
+    for micro in (None, 4, 2):
+        trainer = TrainerConfig(grad_clip=1e9, micro_batch_size=micro)
+        grads[micro], _ = _record_grads(tiny_qwen(), batch, AlgorithmConfig(name="grpo"), trainer)
+    assert any(g.abs().max() > 0 for g in grads[None][0])
+    _assert_grads_close(grads[4][0], grads[None][0])
+    _assert_grads_close(grads[2][0], grads[None][0])
+
+
+def test_h_prev_is_the_average_over_micro_batches_of_token_mean_nll():
+    model = tiny_qwen()
+    batch = policy_batch()
+    logp, ent = _forward_logp_entropy(model, batch)
+    mask = batch.response_mask
+    # micro-batches [0:5] (3+2+4+1+3 = 13 tokens) and [5:8] (2+2+3 = 7 tokens)
+    per_micro = [nll_entropy(logp[s], mask[s]).item() for s in (slice(0, 5), slice(5, 8))]
+    expected = sum(per_micro) / 2
+    token_mean = nll_entropy(logp, mask).item()
+    assert abs(expected - token_mean) > 1e-4  # the two definitions differ on this batch
+    trainer = TrainerConfig(lr=1e-3, micro_batch_size=5)
+    res = update_step(
+        model,
+        make_optimizer(model, trainer),
+        batch,
+        None,
+        AlgorithmConfig(name="aepo"),
+        trainer,
+        ControllerState(),
+        group_size=2,
+    )
+    assert res.metrics["entropy/nll"] == pytest.approx(expected, abs=1e-5)
+    assert res.controller.h_prev == pytest.approx(expected, abs=1e-5)
+
+
+def test_regulariser_advantages_use_their_own_group_size():
+    cfg = AlgorithmConfig(name="aepo", reinforce_sample_num=8)
+    reg = make_batch(REG_RESPONSES, [1, 1, 0, 1], 1.2, seed=2)
+    # one group of 4: mean 0.75, A_T = [+0.5, +0.5, -1.5, +0.5] -> POS = [0, 1, 3]
+    four = prepare_update_batch(
+        policy_batch(), reg, cfg, ControllerState(), group_size=2, regulariser_group_size=4
+    )
+    assert (four.num_positives, four.k) == (3, 3)
+    assert four.batch.source_index[:3].tolist() == [0, 1, 3]
+    # groups of 2 ([1, 1] all equal, [0, 1]): POS = [3] only
+    two = prepare_update_batch(policy_batch(), reg, cfg, ControllerState(), group_size=2)
+    assert (two.num_positives, two.k) == (1, 1)
+    model = tiny_qwen()
+    trainer = TrainerConfig(lr=1e-3)
+    res = update_step(
+        model,
+        make_optimizer(model, trainer),
+        policy_batch(),
+        reg,
+        cfg,
+        trainer,
+        ControllerState(),
+        group_size=2,
+        regulariser_group_size=4,
+    )
+    assert res.metrics["aepo/num_positives"] == 3 and res.metrics["aepo/k"] == 3
+    assert [r["source_index"] for r in res.rows[:3]] == [0, 1, 3]
+
+
+def test_entropy_adv_uncapped_branch_uses_pi_old_entropy():
+    model = tiny_qwen()
+    batch = policy_batch()
+    _, ent_old = _forward_logp_entropy(model, batch)
+    mask = batch.response_mask
+    alpha = 0.01
+    row_h = (ent_old * mask).sum(1) / mask.sum(1)
+    adv = [0.707107, -0.707107, 0.0, 0.0, -0.707107, 0.707107, 0.0, 0.0]
+    # alpha * H (~0.035) < |A| / kappa (0.354): the min picks alpha * H, not the cap
+    assert (alpha * ent_old[mask.bool()]).max() < 0.707107 / 2
+    trainer = TrainerConfig(lr=5e-2, mini_batches=2)
+    res = update_step(
+        model,
+        make_optimizer(model, trainer),
+        batch,
+        None,
+        AlgorithmConfig(name="entropy_adv", entropy_adv_alpha=alpha, entropy_adv_kappa=2.0),
+        trainer,
+        ControllerState(),
+        group_size=2,
+    )
+    for i in (0, 1, 4, 5):  # rows 4, 5 are trained after the first step, still shaped with pi_old's H
+        assert res.rows[i]["advantage"] == pytest.approx(adv[i] + alpha * row_h[i].item(), abs=1e-5)
+    assert res.rows[2]["advantage"] == 0.0  # min(alpha * H, 0) = 0
+    _, ent_new = _forward_logp_entropy(model, batch)
+    assert (ent_new - ent_old).abs().max() > 1e-3  # the policy moved: pi_old's H is not the current one
+
+
+@pytest.mark.parametrize("estimator", ["nll", "exact"])
+def test_entropy_reg_bonus_changes_the_gradient(estimator):
+    batch = policy_batch()
+    trainer = TrainerConfig(grad_clip=1e9)
+    c = 0.03
+
+    def algo(coef):
+        return AlgorithmConfig(name="entropy_reg", entropy_coef=coef, entropy_bonus_estimator=estimator)
+
+    g0, _ = _record_grads(tiny_qwen(), batch, algo(0.0), trainer)
+    gc, res = _record_grads(tiny_qwen(), batch, algo(c), trainer)
+    diff = [a - b for a, b in zip(gc[0], g0[0], strict=True)]
+    assert max(d.abs().max().item() for d in diff) > 1e-5
+    # the difference is the gradient of -c * H with the configured estimator: the full-vocabulary
+    # entropy, or for nll the score-function surrogate (-logp).detach() * logp (E[grad] = grad H)
+    model = tiny_qwen()
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logp, ent = shifted_logprobs_and_entropy(logits, batch.input_ids)
+    mask = batch.response_mask
+    h = masked_mean(ent, mask) if estimator == "exact" else masked_mean((-logp).detach() * logp, mask)
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected = torch.autograd.grad(-c * h, params, allow_unused=True)
+    expected = [torch.zeros_like(p) if g is None else g for g, p in zip(expected, params, strict=True)]
+    _assert_grads_close(diff, expected, atol=1e-6)
+    # the logged bonus is -c times the entropy value, not the surrogate's value
+    assert res.metrics["loss/entropy_bonus"] == pytest.approx(
+        -c * res.metrics[f"entropy/{estimator}"], rel=1e-5
+    )
