@@ -277,7 +277,7 @@ def _batch_of(rows: pa.Table, rewards: np.ndarray, pad_id: int) -> SequenceBatch
     )
 
 
-def update(run: RunDir, iteration: int) -> dict[str, Any]:
+def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str, Any]:
     """One AEPO (or baseline) update on this iteration's rollouts; saves policy, optimiser, batch record."""
     started = time.perf_counter()
     cfg = run.config()
@@ -307,10 +307,19 @@ def update(run: RunDir, iteration: int) -> dict[str, Any]:
         batches[role] = (order, _batch_of(rollouts.take(order), reward_of[order], tokenizer.pad_token_id) if len(order) else None)
     controller = controller_state(run, cfg, iteration)
     step_started = time.perf_counter()
-    result = update_step(
-        policy, optimizer, batches[POLICY][1], batches[REGULARISER][1], cfg.algorithm, cfg.trainer, controller,
-        group_size=cfg.rollout.n,
-    )
+    bar = None
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(batches[POLICY][0]), desc="update", unit="row", leave=False)
+    try:
+        result = update_step(
+            policy, optimizer, batches[POLICY][1], batches[REGULARISER][1], cfg.algorithm, cfg.trainer, controller,
+            group_size=cfg.rollout.n, progress=bar.update if bar is not None else None,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
     seconds = time.perf_counter() - step_started
     row_ids = rollouts.column("row_id").to_numpy()
     records = [

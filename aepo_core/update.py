@@ -49,6 +49,7 @@ import contextlib
 import math
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -334,6 +335,7 @@ def update_step(
     group_size: int,
     regulariser_group_size: int | None = None,
     ref_policy=None,
+    progress: Callable[[int], None] | None = None,
 ) -> UpdateResult:
     """One rollout's update of ``policy`` (1 PPO epoch, trainer.mini_batches optimiser steps).
 
@@ -351,6 +353,7 @@ def update_step(
         group_size: n, responses per prompt in policy_batch.
         regulariser_group_size: n of the regulariser batch, default group_size.
         ref_policy: reference model for the k3 KL term (needed when algo_cfg.kl_coef > 0).
+        progress: called with the number of rows done after each micro-batch (progress bars).
     Returns:
         UpdateResult(metrics, per-row records, new controller state).
 
@@ -479,6 +482,8 @@ def update_step(
                         loss_value = loss_value + bonus
                         sums["loss/entropy_bonus"].append(bonus.item())
                     total.backward()
+                    if progress is not None:
+                        progress(len(rows))
 
                     with torch.no_grad():
                         if not separate or has_tokens(rows, False):

@@ -19,7 +19,7 @@ def _stage_task(name: str):
     @task(name=name, cache_policy=NO_CACHE, task_run_name=f"{name}-iter-{{iteration:04d}}", retries=0)
     def run_stage(run_dir: str, iteration: int, show_progress: bool = False) -> dict:
         run = RunDir(run_dir)
-        if name == "rollout":
+        if name in ("rollout", "update"):
             return fn(run, iteration, show_progress=show_progress)
         return fn(run, iteration)
 
