@@ -48,6 +48,30 @@ def config_digest(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# The parts of the config each stage reads: a stage's manifest records their digest, so changing,
+# say, the verifier makes `reward` (and what depends on its output) stale, and nothing before it.
+STAGE_CONFIG_KEYS = {
+    "prepare": ("rollout.prompts_per_batch", "rollout.seed"),  # the dataset: via its snapshot digest
+    "rollout": ("model", "data.prompt_suffix", "rollout", "algorithm"),
+    "reward": ("data.verifier",),
+    "update": ("algorithm", "trainer", "rollout.n"),
+    "entropy": ("algorithm",),
+    "evaluate": ("model", "evaluation", "data.verifier", "data.prompt_suffix", "rollout.engine",
+                 "rollout.max_new_tokens", "rollout.batch_size"),
+}
+
+
+def stage_config_digest(cfg: Config, stage: str) -> str:
+    tree = cfg.model_dump(mode="json")
+    picked = {}
+    for dotted in STAGE_CONFIG_KEYS[stage]:
+        node = tree
+        for part in dotted.split("."):
+            node = node[part]
+        picked[dotted] = node
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def default_run_name(cfg: Config) -> str:
     a = cfg.algorithm
     tag = f"-h{a.target_entropy:g}" if a.name == "aepo" else ""
@@ -114,25 +138,28 @@ def upstream(run: RunDir, cfg: Config, iteration: int, stage: str) -> dict[str, 
     prev_policy = run.read_json("base.json")["digest"] if i == 0 else run.digest(i - 1, "update")
     prev_controller = "initial" if i == 0 else run.digest(i - 1, "entropy")
     if stage == "prepare":
-        return {"dataset": file_digest(run.dataset_path("train")), "config": config_digest(cfg)}
-    if stage == "rollout":
-        return {"prepare": run.digest(i, "prepare"), "policy": prev_policy, "controller": prev_controller}
-    if stage == "reward":
-        return {"prepare": run.digest(i, "prepare"), "rollout": run.digest(i, "rollout")}
-    if stage == "update":
-        return {
+        ups = {"dataset": file_digest(run.dataset_path("train"))}
+    elif stage == "rollout":
+        ups = {"prepare": run.digest(i, "prepare"), "policy": prev_policy, "controller": prev_controller}
+    elif stage == "reward":
+        ups = {"prepare": run.digest(i, "prepare"), "rollout": run.digest(i, "rollout")}
+    elif stage == "update":
+        ups = {
             "rollout": run.digest(i, "rollout"),
             "reward": run.digest(i, "reward"),
             "policy": prev_policy,
             "controller": prev_controller,
         }
-    if stage == "entropy":
-        return {"update": run.digest(i, "update"), "controller": prev_controller}
-    if stage == "evaluate":
+    elif stage == "entropy":
+        ups = {"update": run.digest(i, "update"), "controller": prev_controller}
+    elif stage == "evaluate":
         if not run.dataset_path("eval").is_file():
             raise StageNotReady("no evaluation split in this run (set data.eval)")
-        return {"update": run.digest(i, "update"), "dataset": file_digest(run.dataset_path("eval"))}
-    raise ValueError(f"unknown stage '{stage}' (stages: {', '.join(STAGES)})")
+        ups = {"update": run.digest(i, "update"), "dataset": file_digest(run.dataset_path("eval"))}
+    else:
+        raise ValueError(f"unknown stage '{stage}' (stages: {', '.join(STAGES)})")
+    ups["config"] = stage_config_digest(cfg, stage)
+    return ups
 
 
 def stages_of(cfg: Config, iteration: int) -> list[str]:

@@ -7,6 +7,8 @@ keeps logging to the same MLflow run without duplicate points.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -69,6 +71,26 @@ class Tracker:
 
     def open(self) -> str:
         """Start the MLflow run of this pipeline run, or reopen the one recorded in the run directory."""
+        with self._store_lock():
+            return self._open()
+
+    @contextlib.contextmanager
+    def _store_lock(self):
+        """Serialise first use of a shared sqlite store: two runs creating its tables at once (a sweep
+        in parallel) make MLflow's schema migration fail."""
+        if not self.uri.startswith("sqlite:///"):
+            yield
+            return
+        lock_path = Path(self.uri[len("sqlite:///"):] + ".lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _open(self) -> str:
         rec = self._record()
         if rec.get("tracking_uri") == self.uri and rec.get("run_id"):
             self.run_id = rec["run_id"]

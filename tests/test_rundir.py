@@ -1,0 +1,70 @@
+import json
+
+import pytest
+
+from aepo_core.config import load_config
+from aepo_core.rundir import MANIFEST, RunDir, StageNotReady
+from aepo_core.stages import STAGE_CONFIG_KEYS, stage_config_digest
+
+
+def test_publish_is_atomic_and_writes_the_manifest_last(tmp_path):
+    run = RunDir(tmp_path)
+    with run.publish(0, "reward", {"rollout": "abc"}, {"p": 1}) as (tmp, metrics):
+        (tmp / "rewards.parquet").write_bytes(b"data")
+        metrics["reward_mean"] = 0.5
+        assert not (tmp / MANIFEST).exists()
+        assert not run.stage_dir(0, "reward").exists()  # nothing under the final name yet
+    manifest = json.loads((run.stage_dir(0, "reward") / MANIFEST).read_text())
+    assert manifest["upstream"] == {"rollout": "abc"} and manifest["metrics"] == {"reward_mean": 0.5}
+    assert manifest["params"] == {"p": 1} and len(manifest["digest"]) == 64
+    assert run.is_complete(0, "reward", {"rollout": "abc"})
+    assert not run.is_complete(0, "reward", {"rollout": "changed"})
+
+
+def test_a_crash_mid_stage_leaves_the_previous_version_and_no_debris(tmp_path):
+    run = RunDir(tmp_path)
+    with run.publish(0, "reward", {"rollout": "v1"}) as (tmp, _):
+        (tmp / "rewards.parquet").write_bytes(b"v1")
+    with pytest.raises(RuntimeError), run.publish(0, "reward", {"rollout": "v2"}) as (tmp, _):
+        (tmp / "rewards.parquet").write_bytes(b"half")
+        raise RuntimeError("killed")
+    assert (run.stage_dir(0, "reward") / "rewards.parquet").read_bytes() == b"v1"
+    assert run.manifest(0, "reward")["upstream"] == {"rollout": "v1"}
+    assert [p.name for p in run.stage_dir(0, "reward").parent.iterdir()] == ["reward"]
+
+
+def test_digest_changes_with_content_and_missing_stage_is_named(tmp_path):
+    run = RunDir(tmp_path)
+    digests = []
+    for content in (b"a", b"b", b"a"):
+        with run.publish(1, "prepare", {}) as (tmp, _):
+            (tmp / "prompts.parquet").write_bytes(content)
+        digests.append(run.digest(1, "prepare"))
+    assert digests[0] != digests[1] and digests[0] == digests[2]
+    with pytest.raises(StageNotReady, match="iter_0001/rollout"):
+        run.digest(1, "rollout")
+    with pytest.raises(ValueError, match="unknown stage 'rollouts'"):
+        run.stage_dir(0, "rollouts")
+
+
+def test_unreadable_manifest_counts_as_not_done(tmp_path):
+    run = RunDir(tmp_path)
+    run.stage_dir(0, "prepare").mkdir(parents=True)
+    (run.stage_dir(0, "prepare") / MANIFEST).write_text("{not json")
+    assert run.manifest(0, "prepare") is None
+
+
+@pytest.mark.parametrize(
+    ("override", "stale"),
+    [
+        ("data.verifier=math", {"reward", "evaluate"}),
+        ("evaluation.n=16", {"evaluate"}),
+        ("trainer.lr=0.01", {"update"}),
+        ("algorithm.target_entropy=0.9", {"rollout", "update", "entropy"}),
+        ("rollout.prompts_per_batch=4", {"prepare", "rollout"}),
+    ],
+)
+def test_a_config_change_makes_exactly_the_stages_that_read_it_stale(override, stale):
+    before, after = load_config(None), load_config(None, [override])
+    changed = {s for s in STAGE_CONFIG_KEYS if stage_config_digest(before, s) != stage_config_digest(after, s)}
+    assert changed == stale
