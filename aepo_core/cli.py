@@ -132,6 +132,52 @@ def run_cmd(
         typer.echo(f"open the MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
 
 
+@app.command("rerun-stage")
+def rerun_stage_cmd(
+    run_dir: Annotated[Path, typer.Option(help="The run directory.")],
+    iteration: Annotated[int, typer.Option(help="Iteration whose stage to recompute.")],
+    stage: Annotated[str, typer.Option(help="prepare, rollout, reward, update, entropy or evaluate.")],
+    overrides: Overrides = None,
+    downstream: Annotated[bool, typer.Option(help="Also recompute the stages this makes stale, now.")] = False,
+) -> None:
+    """Recompute one stage from the artifacts before it (overrides change the run's config first)."""
+    _quiet_prefect()
+    from aepo_core.config import ConfigError
+    from aepo_core.rundir import StageNotReady
+    from flows.rerun import rerun_stage
+
+    try:
+        rerun_stage(str(run_dir), iteration, stage, downstream=downstream, overrides=list(overrides or []))
+    except (StageNotReady, ConfigError, ValueError) as exc:
+        typer.secho(f"cannot rerun: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command("compare")
+def compare_cmd(
+    tracking_uri: Annotated[str, typer.Option(help="MLflow tracking URI.")] = "sqlite:///runs/mlflow.db",
+    experiment: Annotated[str | None, typer.Option(help="Experiment name (default: aepo).")] = None,
+    run_id: Annotated[list[str] | None, typer.Option("--run-id", help="Run ids to compare (repeatable).")] = None,
+    filter: Annotated[str | None, typer.Option(help="MLflow filter, e.g. \"tags.algorithm = 'aepo'\".")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the comparison plots.")] = Path("comparison"),
+) -> None:
+    """Compare MLflow runs: a summary table and entropy/temperature/reward/accuracy plots."""
+    from aepo_core.compare import compare_runs, format_table
+
+    if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
+        tracking_uri = f"sqlite:///{Path(tracking_uri[len('sqlite:///'):]).resolve()}"
+    try:
+        rows, plots = compare_runs(tracking_uri, out, experiment, run_id, filter)
+    except ValueError as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(format_table(rows))
+    (out / "summary.json").write_text(json.dumps(rows, indent=2))
+    for path in plots:
+        typer.echo(f"plot: {path}")
+    typer.echo(f"table: {out / 'summary.json'}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -23,7 +23,7 @@ import torch
 
 from aepo_core.aepo import ControllerState, controller_temperature, reinforce_count
 from aepo_core.batch import SequenceBatch
-from aepo_core.config import Config, save_config
+from aepo_core.config import Config, load_config, save_config
 from aepo_core.datasets import load_prompt_table
 from aepo_core.engines import SamplingRequest, make_engine
 from aepo_core.evaluation import evaluate_model
@@ -113,6 +113,25 @@ def init_run(cfg: Config, run_dir: str | Path | None = None, log=print) -> RunDi
     return run
 
 
+def open_run(
+    config: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    iterations: int | None = None,
+    overrides: list[str] | None = None,
+    log=print,
+) -> RunDir:
+    """The run to train: an existing run directory reopened with its stored config (when no config
+    or override is given), or `init_run` with the requested config (which must then match)."""
+    if run_dir and RunDir(run_dir).config_path.is_file() and not config and not overrides:
+        run = RunDir(run_dir)
+        if iterations:
+            stored = run.config()
+            save_config(stored.model_copy(update={"run": stored.run.model_copy(update={"iterations": iterations})}), run.config_path)
+        return run
+    extra = list(overrides or []) + ([f"run.iterations={iterations}"] if iterations else [])
+    return init_run(load_config(config, extra), run_dir, log=log)
+
+
 def policy_dir(run: RunDir, iteration: int) -> Path:
     """The policy that samples iteration `iteration`: the previous update's output, or the base."""
     if iteration == 0:
@@ -132,32 +151,36 @@ def evaluation_due(cfg: Config, iteration: int) -> bool:
     return (iteration + 1) % cfg.evaluation.every == 0 or iteration == cfg.run.iterations - 1
 
 
+# What each stage reads, as (iteration offset, stage): -1 is the previous iteration's output (for
+# iteration 0: the base policy and the initial controller state).
+DEPENDENCIES: dict[str, tuple[tuple[int, str], ...]] = {
+    "prepare": (),
+    "rollout": ((0, "prepare"), (-1, "update"), (-1, "entropy")),
+    "reward": ((0, "prepare"), (0, "rollout")),
+    "update": ((0, "rollout"), (0, "reward"), (-1, "update"), (-1, "entropy")),
+    "entropy": ((0, "update"), (-1, "entropy")),
+    "evaluate": ((0, "update"),),
+}
+
+
 def upstream(run: RunDir, cfg: Config, iteration: int, stage: str) -> dict[str, str]:
     """Digests of what `stage` of `iteration` reads; StageNotReady when one is missing."""
-    i = iteration
-    prev_policy = run.read_json("base.json")["digest"] if i == 0 else run.digest(i - 1, "update")
-    prev_controller = "initial" if i == 0 else run.digest(i - 1, "entropy")
+    if stage not in DEPENDENCIES:
+        raise ValueError(f"unknown stage '{stage}' (stages: {', '.join(STAGES)})")
+    ups: dict[str, str] = {}
+    for offset, name in DEPENDENCIES[stage]:
+        i = iteration + offset
+        key = name if offset == 0 else f"previous_{name}"
+        if i >= 0:
+            ups[key] = run.digest(i, name)
+        else:
+            ups[key] = run.read_json("base.json")["digest"] if name == "update" else "initial"
     if stage == "prepare":
-        ups = {"dataset": file_digest(run.dataset_path("train"))}
-    elif stage == "rollout":
-        ups = {"prepare": run.digest(i, "prepare"), "policy": prev_policy, "controller": prev_controller}
-    elif stage == "reward":
-        ups = {"prepare": run.digest(i, "prepare"), "rollout": run.digest(i, "rollout")}
-    elif stage == "update":
-        ups = {
-            "rollout": run.digest(i, "rollout"),
-            "reward": run.digest(i, "reward"),
-            "policy": prev_policy,
-            "controller": prev_controller,
-        }
-    elif stage == "entropy":
-        ups = {"update": run.digest(i, "update"), "controller": prev_controller}
-    elif stage == "evaluate":
+        ups["dataset"] = file_digest(run.dataset_path("train"))
+    if stage == "evaluate":
         if not run.dataset_path("eval").is_file():
             raise StageNotReady("no evaluation split in this run (set data.eval)")
-        ups = {"update": run.digest(i, "update"), "dataset": file_digest(run.dataset_path("eval"))}
-    else:
-        raise ValueError(f"unknown stage '{stage}' (stages: {', '.join(STAGES)})")
+        ups["dataset"] = file_digest(run.dataset_path("eval"))
     ups["config"] = stage_config_digest(cfg, stage)
     return ups
 
@@ -420,3 +443,37 @@ STAGE_FUNCTIONS = {
     "entropy": entropy,
     "evaluate": evaluate_stage,
 }
+
+
+# ------------------------------------------------------------------------------------- reruns
+def stale_stages(run: RunDir, cfg: Config, from_iteration: int = 0) -> list[tuple[int, str]]:
+    """(iteration, stage) pairs that were done but no longer match what they read, directly or
+    through a stale stage before them."""
+    stale: set[tuple[int, str]] = set()
+    for i in range(from_iteration, cfg.run.iterations):
+        for stage in stages_of(cfg, i):
+            if run.manifest(i, stage) is None:
+                continue
+            if any((i + d, name) in stale for d, name in DEPENDENCIES[stage]) or not is_stage_complete(run, cfg, i, stage):
+                stale.add((i, stage))
+    return sorted(stale, key=lambda item: (item[0], STAGES.index(item[1])))
+
+
+def prepare_rerun(run_dir: str | Path, iteration: int, stage: str, overrides: list[str] | None = None) -> RunDir:
+    """Check a single-stage rerun can go ahead (run, stage name, iteration, upstream artifacts) and
+    apply config overrides to the run (recorded in config_history.jsonl). Raises with a clear message."""
+    run = RunDir(run_dir)
+    if not run.config_path.is_file():
+        raise StageNotReady(f"{run.root} is not a run directory (no config.yaml)")
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage '{stage}' (stages: {', '.join(STAGES)})")
+    cfg = load_config(run.config_path, overrides or [])
+    if not 0 <= iteration < cfg.run.iterations:
+        raise ValueError(f"iteration {iteration} is outside this run (0..{cfg.run.iterations - 1})")
+    upstream(run, cfg, iteration, stage)  # StageNotReady names the missing artifact
+    if overrides:  # only now, so a refused rerun leaves the run as it was
+        with open(run.root / "config_history.jsonl", "a") as fh:
+            record = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rerun": f"{stage}@{iteration}", "overrides": overrides}
+            fh.write(json.dumps(record) + "\n")
+        save_config(cfg, run.config_path)
+    return run

@@ -131,8 +131,13 @@ class Tracker:
         rec = self._record()
         metrics = iteration_metrics(self.run, iteration)
         signature = hashlib.sha256(json.dumps(metrics, sort_keys=True).encode()).hexdigest()[:16]
-        if not metrics or rec["synced"].get(str(iteration)) == signature:
+        previous = rec["synced"].get(str(iteration))
+        if not metrics or previous == signature:
             return 0
+        if previous is not None:  # a stage of this iteration was rerun: replace its points
+            if not self._forget_points(iteration):
+                return self._rebuild()
+            rec = self._record()
         now = int(time.time() * 1000)
         items = [Metric(k, v, now, iteration) for k, v in sorted(metrics.items())]
         for start in range(0, len(items), 1000):
@@ -140,6 +145,44 @@ class Tracker:
         rec["synced"][str(iteration)] = signature
         self.run.write_json("mlflow.json", rec)
         return len(items)
+
+    def _forget_points(self, iteration: int) -> bool:
+        """Delete the points logged at step `iteration` (SQL stores: sqlite, postgres …), so that
+        re-logging replaces them. Returns False when the store cannot do that (a tracking server)."""
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        store = self.client._tracking_client.store
+        if not isinstance(store, SqlAlchemyStore):
+            return False
+        from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric
+
+        with store.ManagedSessionMaker() as session:
+            session.query(SqlMetric).filter(SqlMetric.run_uuid == self.run_id, SqlMetric.step == iteration).delete()
+            # a key whose latest point was this step gets its latest value from the re-logged point
+            session.query(SqlLatestMetric).filter(
+                SqlLatestMetric.run_uuid == self.run_id, SqlLatestMetric.step == iteration
+            ).delete()
+        return True
+
+    def _rebuild(self) -> int:
+        """Recreate the MLflow run from the run directory (stores that cannot delete points): the old
+        run is deleted (MLflow keeps it in its trash) and the new one is tagged with its id."""
+        old = self.run_id
+        self.client.delete_run(old)
+        rec = self._record()
+        self.run.write_json("mlflow.json", {k: v for k, v in rec.items() if k not in ("run_id", "synced")})
+        self._open()
+        self.client.set_tag(self.run_id, "replaces_run_id", old)
+        logged = sum(self.sync(int(i)) for i in sorted(rec.get("synced", {}), key=int))
+        for i, ckpt in sorted(rec.get("checkpoints", {}).items()):
+            self.log_checkpoint(int(i), Path(ckpt["path"]), ckpt["digest"], upload=False)
+        return logged
+
+    def note_config_history(self) -> None:
+        """Params are immutable in MLflow: record config changes made by reruns as a tag."""
+        history = self.run.root / "config_history.jsonl"
+        if history.is_file():
+            self.client.set_tag(self.run_id, "config_history", history.read_text()[-4000:])
 
     def log_checkpoint(self, iteration: int, folder: Path, digest: str, upload: bool) -> None:
         """Record the checkpoint's path and digest (always) and upload its files (when `upload`)."""
@@ -153,3 +196,12 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status=status)
+
+
+def run_history(run: RunDir, iterations: int) -> dict[str, list[tuple[int, float]]]:
+    """{metric: [(iteration, value), ...]} straight from the manifests."""
+    history: dict[str, list[tuple[int, float]]] = {}
+    for i in range(iterations):
+        for key, value in iteration_metrics(run, i).items():
+            history.setdefault(key, []).append((i, value))
+    return history

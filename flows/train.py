@@ -10,11 +10,13 @@ import math
 import time
 
 from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from aepo_core.config import load_config
+from aepo_core.compare import plot_histories, summarise
+from aepo_core.config import Config
 from aepo_core.rundir import RunDir
-from aepo_core.stages import init_run, is_stage_complete, stages_of
-from aepo_core.tracking import Tracker
+from aepo_core.stages import is_stage_complete, open_run, stages_of
+from aepo_core.tracking import Tracker, run_history
 from tasks import STAGE_TASKS
 
 
@@ -43,6 +45,65 @@ def summary_line(run: RunDir, iteration: int, seconds: float, skipped: list[str]
     return " | ".join(parts)
 
 
+def artifact_key(run: RunDir, what: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    slug = "".join(c if c.isalnum() else "-" for c in run.root.name.lower()).strip("-")
+    return f"aepo-{slug}-{what}"[:100]
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(value, 4)
+
+
+def report(run: RunDir, cfg: Config, tracker: Tracker) -> None:
+    """End of a run: plots (run directory + MLflow) and Prefect table and markdown artifacts."""
+    history = run_history(run, cfg.run.iterations)
+    a = cfg.algorithm
+    target = a.target_entropy if a.name in ("aepo", "adaptive_entropy") else None
+    plots = plot_histories({run.root.name: history}, run.root / "plots", {run.root.name: target})
+    for path in plots:
+        tracker.client.log_artifact(tracker.run_id, str(path), "plots")
+    columns = {
+        "reward": "reward/reward_mean",
+        "entropy_nll": "entropy/nll",
+        "entropy_exact": "entropy/exact",
+        "temperature": "rollout/regulariser_temperature",
+        "k": "aepo/k",
+        "positives": "aepo/num_positives",
+        "eval_accuracy": "eval/accuracy",
+        "seconds": "time/iteration_s",
+    }
+    by_step = {key: dict(points) for key, points in history.items()}
+    rows = [
+        {"iteration": i, **{col: _rounded(by_step.get(key, {}).get(i)) for col, key in columns.items()}}
+        for i in range(cfg.run.iterations)
+    ]
+    create_table_artifact(key=artifact_key(run, "metrics"), table=rows, description=f"per-iteration metrics of {run.root}")
+    s = summarise(history, a.name, target)
+    trace = ", ".join(f"{v:.3f}" for _, v in sorted(history.get("entropy/nll", [])))
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    md = "\n".join([
+        f"# AEPO run `{run.root.name}`",
+        "",
+        f"- algorithm **{a.name}**" + (f", target entropy **{a.target_entropy}** ({a.entropy_estimator})" if target is not None else ""),
+        f"- iterations {cfg.run.iterations}, {cfg.rollout.prompts_per_batch} prompts x {cfg.rollout.n}, lr {cfg.trainer.lr}",
+        f"- final held-out accuracy **{fmt(s['final_accuracy'])}** (best {fmt(s['best_accuracy'])}), "
+        f"T={cfg.evaluation.temperature}, n={cfg.evaluation.n}",
+        f"- entropy trace (nll): {trace}",
+        f"- mean abs(H - H*) over the second half: {fmt(s['mean_abs_dev'])}, mean k: {fmt(s['mean_k'])}",
+        f"- run directory: `{run.root.resolve()}`",
+        f"- MLflow run `{tracker.run_id}` at `{tracker.uri}`",
+        "",
+        "```yaml",
+        cfg.to_yaml().strip(),
+        "```",
+    ])
+    create_markdown_artifact(key=artifact_key(run, "summary"), markdown=md, description=f"summary of {run.root}")
+
+
 @flow(name="train")
 def train(
     config: str | None = None,
@@ -52,9 +113,7 @@ def train(
     show_progress: bool = False,
 ) -> dict:
     """Train (or resume) a run; returns its run directory, MLflow run id and tracking URI."""
-    extra = list(overrides or []) + ([f"run.iterations={iterations}"] if iterations else [])
-    cfg = load_config(config, extra)
-    run = init_run(cfg, run_dir)
+    run = open_run(config, run_dir, iterations, overrides)
     cfg = run.config()
     tracker = Tracker(run, cfg)
     tracker.open()
@@ -74,6 +133,7 @@ def train(
             if len(skipped) < len(stages_of(cfg, i)) or last:
                 tracker.log_checkpoint(i, policy, run.digest(i, "update"), upload=upload)
             print(summary_line(run, i, time.perf_counter() - started, skipped), flush=True)
+        report(run, cfg, tracker)
     except BaseException:
         tracker.finish("FAILED")
         raise

@@ -61,3 +61,12 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides():
+    """Overrides for a small, fast pipeline run on the real base policy (see tiny_run.py)."""
+    from tiny_run import tiny_overrides as make
+
+    return make

@@ -10,12 +10,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from tiny_run import K, N, P
 
 from aepo_core.advantages import group_advantages
 from aepo_core.rundir import MANIFEST, STAGES, RunDir
@@ -23,28 +23,10 @@ from aepo_core.verifiers import SyntheticVerifier
 
 pytestmark = pytest.mark.slow
 
-P, N, K = 8, 4, 3
-
-
-def tiny_overrides(base_policy_dir: Path, root: Path, target: float = 0.3) -> list[str]:
-    return [
-        f"model.path={base_policy_dir}",
-        f"run.runs_root={root}",
-        f"rollout.prompts_per_batch={P}",
-        f"rollout.n={N}",
-        "rollout.max_new_tokens=48",
-        f"algorithm.reinforce_sample_num={K}",
-        f"algorithm.target_entropy={target}",
-        "algorithm.reg_prompt_fraction=0.5",
-        "trainer.lr=5e-4",
-        "evaluation.every=2",
-        "evaluation.n=2",
-        "evaluation.num_prompts=12",
-    ]
 
 
 @pytest.fixture(scope="module")
-def trained_run(base_policy_dir, tmp_path_factory, prefect_harness):
+def trained_run(base_policy_dir, tmp_path_factory, prefect_harness, tiny_overrides):
     from flows.train import train
 
     root = tmp_path_factory.mktemp("runs")
@@ -193,7 +175,7 @@ def test_second_run_skips_everything_and_logs_nothing_twice(trained_run):
     assert sorted(m.step for m in history) == [0, 1, 2]
 
 
-def test_resume_after_a_real_kill(base_policy_dir, tmp_path):
+def test_resume_after_a_real_kill(base_policy_dir, tmp_path, tiny_overrides):
     """Start `aepo run` in a subprocess, SIGKILL it in the middle of iteration 1, run it again."""
     root = tmp_path / "runs"
     run_dir = tmp_path / "runs" / "killed"

@@ -1,0 +1,42 @@
+"""The `rerun-stage` flow: recompute one stage of one iteration from the artifacts before it.
+
+Stages after it that read what changed become stale (their manifests' upstream digests no longer
+match); `downstream=True` recomputes exactly those, and the later iterations, right away. Otherwise
+the next `aepo run --run-dir …` does.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from aepo_core.stages import prepare_rerun, stale_stages
+from aepo_core.tracking import Tracker
+from flows.train import train
+from tasks import STAGE_TASKS
+
+
+@flow(name="rerun-stage")
+def rerun_stage(
+    run_dir: str, iteration: int, stage: str, downstream: bool = False, overrides: list[str] | None = None
+) -> dict:
+    """Returns whether the stage's output changed and which stages are stale (or were recomputed)."""
+    run = prepare_rerun(run_dir, iteration, stage, overrides)
+    before = run.manifest(iteration, stage)
+    STAGE_TASKS[stage](str(run.root), iteration)
+    changed = before is None or before["digest"] != run.digest(iteration, stage)
+    cfg = run.config()
+    stale = stale_stages(run, cfg, iteration)
+    print(f"reran {stage} of iteration {iteration}: output {'changed' if changed else 'unchanged'}")
+    tracker = Tracker(run, cfg)
+    tracker.open()
+    if overrides:
+        tracker.note_config_history()
+    tracker.sync(iteration)  # replaces this iteration's points, no duplicates
+    if stale and not downstream:
+        print("stale now (the next `aepo run --run-dir` recomputes them):")
+        for i, s in stale:
+            print(f"  iteration {i:04d} {s}")
+    tracker.finish("FINISHED")
+    if downstream:
+        train(run_dir=str(run.root))
+    return {"changed": changed, "stale": [f"{i:04d}/{s}" for i, s in stale], "run_dir": str(run.root)}

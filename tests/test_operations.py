@@ -1,0 +1,145 @@
+"""Operating a run: single-stage reruns (and what becomes stale), Prefect artifacts, run comparison."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from aepo_core.rundir import MANIFEST, RunDir, StageNotReady
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def runs(base_policy_dir, tmp_path_factory, prefect_harness, tiny_overrides):
+    from flows.train import train
+
+    root = tmp_path_factory.mktemp("ops")
+    aepo = train(overrides=tiny_overrides(base_policy_dir, root), iterations=2)
+    grpo = train(overrides=tiny_overrides(base_policy_dir, root) + ["algorithm.name=grpo"], iterations=2)
+    return root, aepo, grpo
+
+
+def _mtimes(run: RunDir) -> dict:
+    return {str(p.relative_to(run.root)): p.stat().st_mtime_ns for p in run.root.rglob(MANIFEST)}
+
+
+def _history(result, key):
+    from mlflow.tracking import MlflowClient
+
+    rec = json.loads((RunDir(result["run_dir"]).root / "mlflow.json").read_text())
+    return sorted((m.step, m.value) for m in MlflowClient(rec["tracking_uri"]).get_metric_history(rec["run_id"], key))
+
+
+def test_prefect_artifacts_of_a_run(runs):
+    from prefect.artifacts import Artifact
+
+    from flows.train import artifact_key
+
+    _, aepo, _ = runs
+    run = RunDir(aepo["run_dir"])
+    assert artifact_key(run, "metrics") == f"aepo-{run.root.name.replace('.', '-')}-metrics"
+    table = Artifact.get(artifact_key(run, "metrics"))
+    summary = Artifact.get(artifact_key(run, "summary"))
+    assert table is not None and summary is not None
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert [r["iteration"] for r in rows] == [0, 1] and rows[1]["eval_accuracy"] is not None
+    assert "final held-out accuracy" in summary.data and aepo["mlflow_run_id"] in summary.data
+    assert (RunDir(aepo["run_dir"]).root / "plots" / "entropy.png").is_file()
+
+
+def test_rerun_with_nothing_changed_keeps_everything_valid(runs):
+    from flows.rerun import rerun_stage
+
+    _, aepo, _ = runs
+    run = RunDir(aepo["run_dir"])
+    before = _mtimes(run)
+    result = rerun_stage(aepo["run_dir"], 0, "reward")
+    assert result == {"changed": False, "stale": [], "run_dir": str(run.root)}
+    after = _mtimes(run)
+    assert after.pop("iter_0000/reward/_SUCCESS.json") != before.pop("iter_0000/reward/_SUCCESS.json")
+    assert after == before
+    assert [s for s, _ in _history(aepo, "reward/reward_mean")] == [0, 1]
+
+
+def test_rerun_evaluate_with_new_settings_replaces_its_points(runs):
+    from flows.rerun import rerun_stage
+
+    _, aepo, _ = runs
+    run = RunDir(aepo["run_dir"])
+    result = rerun_stage(aepo["run_dir"], 1, "evaluate", overrides=["evaluation.n=3"])
+    assert result["changed"] and result["stale"] == []
+    assert pq.read_table(run.stage_dir(1, "evaluate") / "eval.parquet").num_rows == 12 * 3
+    assert run.config().evaluation.n == 3
+    history = _history(aepo, "eval/n")
+    assert history == [(1, 3.0)]  # one point for the rerun iteration, the new value
+    assert "evaluation.n=3" in (run.root / "config_history.jsonl").read_text()
+
+
+def test_rerun_update_makes_downstream_stale_and_resume_recomputes_exactly_those(runs):
+    from flows.rerun import rerun_stage
+    from flows.train import train
+
+    _, aepo, _ = runs
+    run = RunDir(aepo["run_dir"])
+    before = _mtimes(run)
+    result = rerun_stage(aepo["run_dir"], 0, "update", overrides=["trainer.lr=0.002"])
+    assert result["changed"]
+    assert result["stale"] == ["0000/entropy", "0001/rollout", "0001/reward", "0001/update", "0001/entropy", "0001/evaluate"]
+    middle = _mtimes(run)
+    train(run_dir=aepo["run_dir"])
+    after = _mtimes(run)
+    untouched = ["iter_0000/prepare", "iter_0000/rollout", "iter_0000/reward", "iter_0001/prepare"]
+    for stage in untouched:
+        assert after[f"{stage}/_SUCCESS.json"] == before[f"{stage}/_SUCCESS.json"], stage
+    assert after["iter_0000/update/_SUCCESS.json"] == middle["iter_0000/update/_SUCCESS.json"]
+    for stale in result["stale"]:
+        i, stage = stale.split("/")
+        assert after[f"iter_{i}/{stage}/_SUCCESS.json"] != middle[f"iter_{i}/{stage}/_SUCCESS.json"], stale
+    for key in ("entropy/nll", "reward/reward_mean", "time/update_s"):
+        assert [s for s, _ in _history(aepo, key)] == [0, 1], key
+    new_h = run.manifest(1, "update")["metrics"]["entropy/nll"]
+    assert _history(aepo, "entropy/nll")[1][1] == pytest.approx(new_h)
+
+
+def test_rerun_refuses_bad_requests(runs):
+    from flows.rerun import rerun_stage
+
+    _, aepo, _ = runs
+    with pytest.raises(ValueError, match="unknown stage 'rewards'"):
+        rerun_stage(aepo["run_dir"], 0, "rewards")
+    with pytest.raises(ValueError, match="outside this run"):
+        rerun_stage(aepo["run_dir"], 7, "reward")
+    with pytest.raises(StageNotReady, match="not a run directory"):
+        rerun_stage(aepo["run_dir"] + "-missing", 0, "reward")
+    run = RunDir(aepo["run_dir"])
+    moved = run.stage_dir(1, "rollout").with_name("rollout-moved")
+    run.stage_dir(1, "rollout").rename(moved)
+    try:
+        with pytest.raises(StageNotReady, match="iter_0001/rollout"):
+            rerun_stage(aepo["run_dir"], 1, "reward", overrides=["data.verifier=math"])
+        assert run.config().data.verifier == "synthetic"  # a refused rerun leaves the config alone
+    finally:
+        moved.rename(run.stage_dir(1, "rollout"))
+
+
+def test_compare_two_runs(runs, tmp_path):
+    from typer.testing import CliRunner
+
+    from aepo_core.cli import app
+
+    root, aepo, grpo = runs
+    result = CliRunner().invoke(app, ["compare", "--tracking-uri", aepo["tracking_uri"], "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split()[:3] == ["run", "algorithm", "H*"]
+    assert any(" aepo " in line for line in lines) and any(" grpo " in line for line in lines)
+    for name in ("entropy", "temperature", "reward", "eval_accuracy"):
+        assert (tmp_path / "cmp" / f"{name}.png").stat().st_size > 5000
+    summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    assert {r["algorithm"] for r in summary} == {"aepo", "grpo"}
+    only = CliRunner().invoke(app, ["compare", "--tracking-uri", aepo["tracking_uri"], "--filter",
+                                    "tags.algorithm = 'grpo'", "--out", str(tmp_path / "g")])
+    assert only.exit_code == 0 and " aepo " not in only.output
