@@ -60,15 +60,12 @@ def evaluate_cmd(
     output: Annotated[Path | None, typer.Option(help="Write eval.parquet and metrics.json into this folder.")] = None,
 ) -> None:
     """Evaluate a policy on the held-out split: accuracy (avg@n), pass@k, entropy, at stated settings."""
-    import pyarrow.parquet as pq
-
-    from aepo_core.atomic import atomic_dir
-    from aepo_core.evaluation import evaluate_model
+    from aepo_core.evaluation import evaluate_model, write_evaluation
     from aepo_core.models import resolve_model_path
 
     cfg = _config(config, overrides)
     path = model or resolve_model_path(cfg, log=typer.echo)
-    records, metrics = evaluate_model(cfg, path)
+    metrics = write_evaluation(cfg, path, output) if output else evaluate_model(cfg, path)[1]
     typer.echo(f"model: {path}")
     typer.echo(
         f"held-out accuracy {metrics['accuracy']:.3f} (avg@{int(metrics['n'])}, T={metrics['temperature']}, "
@@ -81,9 +78,6 @@ def evaluate_cmd(
         f"{metrics['response_tokens_mean']:.1f} tokens/response, {metrics['tokens_per_s']:.0f} tokens/s"
     )
     if output:
-        with atomic_dir(output) as tmp:
-            pq.write_table(records, tmp / "eval.parquet")
-            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         typer.echo(f"wrote {output}/eval.parquet and metrics.json")
 
 

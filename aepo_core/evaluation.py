@@ -132,3 +132,18 @@ def evaluate_model(cfg, model_path, table: pa.Table | None = None) -> tuple[pa.T
     finally:
         engine.close()
         getattr(verifier, "close", lambda: None)()
+
+
+def write_evaluation(cfg, model_path, output) -> dict[str, float]:
+    """evaluate_model, then eval.parquet + metrics.json published atomically into `output`."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from aepo_core.atomic import atomic_dir
+
+    records, metrics = evaluate_model(cfg, model_path)
+    with atomic_dir(output) as tmp:
+        pq.write_table(records, tmp / "eval.parquet")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
