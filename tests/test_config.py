@@ -63,7 +63,7 @@ def test_yaml_round_trip_and_flat(tmp_path):
     path.write_text(cfg.to_yaml())
     assert load_config(path) == cfg
     flat = Config().flat()
-    assert flat["algorithm.target_entropy"] == 0.5 and flat["rollout.n"] == 8
+    assert flat["algorithm.target_entropy"] == 0.15 and flat["rollout.n"] == 8
 
 
 def test_shipped_configs_are_valid():

@@ -15,8 +15,12 @@ def make_engine(cfg: Config, model_path: str | Path, show_progress: bool = False
     if cfg.rollout.engine == "hf":
         from aepo_core.engines.hf import HFRolloutEngine
         from aepo_core.models import load_policy, load_tokenizer
+        from aepo_core.update import resolve_device
 
-        model = load_policy(model_path, dtype="float32", trust_remote_code=cfg.model.trust_remote_code)
+        # same device as the update step (trainer.device; "auto": cuda when present)
+        model = load_policy(
+            model_path, device=resolve_device(cfg.trainer), dtype="float32", trust_remote_code=cfg.model.trust_remote_code
+        )
         tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
         return HFRolloutEngine(model, tokenizer, batch_size=cfg.rollout.batch_size, show_progress=show_progress)
     # The vLLM engine is not built yet (it is its own piece of work); say so instead of failing later.
