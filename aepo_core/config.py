@@ -57,6 +57,18 @@ class DataConfig(_Section):
     synthetic: SyntheticTaskConfig = Field(default_factory=SyntheticTaskConfig)
 
 
+class VLLMConfig(_Section):
+    """vLLM engine options (rollout.engine == "vllm")."""
+
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0, description="leave room for the update step")
+    max_model_len: int | None = Field(None, ge=16)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    enforce_eager: bool = False
+    # Free the engine's GPU memory while the update step runs (vLLM sleep mode; a no-op on CPUs).
+    sleep_between_iterations: bool = False
+
+
 class RolloutConfig(_Section):
     engine: Literal["hf", "vllm"] = "hf"
     n: int = Field(8, ge=1, description="responses per prompt")
@@ -67,6 +79,7 @@ class RolloutConfig(_Section):
     seed: int = 0
     # HF engine: rows sampled in one forward batch (None: all rows at once).
     batch_size: int | None = Field(None, ge=1)
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
 
 
 class AlgorithmConfig(_Section):

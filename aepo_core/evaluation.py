@@ -112,9 +112,12 @@ def settings_from_config(cfg) -> EvalSettings:
     )
 
 
-def evaluate_model(cfg, model_path, table: pa.Table | None = None) -> tuple[pa.Table, dict[str, float]]:
+def evaluate_model(
+    cfg, model_path, table: pa.Table | None = None, engine: RolloutEngine | None = None
+) -> tuple[pa.Table, dict[str, float]]:
     """Evaluate the policy in `model_path` on `table` (default: the held-out split of `cfg`,
-    its first evaluation.num_prompts rows) with the configured engine, verifier and settings."""
+    its first evaluation.num_prompts rows) with the configured verifier and settings, on `engine`
+    (already holding that policy) or on a new engine of the configured kind."""
     from aepo_core.datasets import load_prompt_table
     from aepo_core.engines import make_engine
     from aepo_core.prompts import encode_prompts
@@ -124,13 +127,15 @@ def evaluate_model(cfg, model_path, table: pa.Table | None = None) -> tuple[pa.T
         table = load_prompt_table(cfg.data, "eval")
     if cfg.evaluation.num_prompts:
         table = table.slice(0, cfg.evaluation.num_prompts)
-    engine = make_engine(cfg, model_path)
+    own_engine = engine is None
+    engine = make_engine(cfg, model_path) if own_engine else engine
     verifier = make_verifier(cfg.data.verifier)
     try:
         prompt_ids = encode_prompts(engine.tokenizer, table.column("prompt").to_pylist(), cfg.data.prompt_suffix)
         return evaluate(engine, prompt_ids, table, verifier, settings_from_config(cfg))
     finally:
-        engine.close()
+        if own_engine:
+            engine.close()
         getattr(verifier, "close", lambda: None)()
 
 

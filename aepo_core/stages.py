@@ -25,7 +25,7 @@ from aepo_core.aepo import ControllerState, controller_temperature, reinforce_co
 from aepo_core.batch import SequenceBatch
 from aepo_core.config import Config, load_config, save_config
 from aepo_core.datasets import load_prompt_table
-from aepo_core.engines import SamplingRequest, make_engine
+from aepo_core.engines import SamplingRequest, shared_engine
 from aepo_core.evaluation import evaluate_model
 from aepo_core.models import load_policy, load_tokenizer, resolve_model_path, write_policy
 from aepo_core.prompts import encode_prompts
@@ -228,25 +228,23 @@ def rollout(run: RunDir, iteration: int, show_progress: bool = False) -> dict[st
     ups = upstream(run, cfg, iteration, "rollout")
     prompts = pq.read_table(run.stage_dir(iteration, "prepare") / "prompts.parquet")
     state = controller_state(run, cfg, iteration)
-    engine = make_engine(cfg, policy_dir(run, iteration), show_progress=show_progress)
+    engine = shared_engine(cfg, policy_dir(run, iteration))
+    engine.show_progress = show_progress
     r = cfg.rollout
-    try:
-        prompt_ids = encode_prompts(engine.tokenizer, prompts.column("prompt").to_pylist(), cfg.data.prompt_suffix)
-        requests = [SamplingRequest(ids, r.n, r.temperature, r.top_p, r.max_new_tokens) for ids in prompt_ids]
-        roles = [POLICY] * len(requests)
-        reg_temperature = None
-        if cfg.algorithm.name == "aepo":
-            reg_temperature = controller_temperature(state, cfg.algorithm)
-            num_reg = math.ceil(cfg.algorithm.reg_prompt_fraction * len(prompt_ids))
-            requests += [
-                SamplingRequest(ids, r.n, reg_temperature, r.top_p, r.max_new_tokens) for ids in prompt_ids[:num_reg]
-            ]
-            roles += [REGULARISER] * num_reg
-        gen_started = time.perf_counter()
-        completions = engine.generate(requests, seed=_seed(r.seed, iteration))
-        seconds = time.perf_counter() - gen_started
-    finally:
-        engine.close()
+    prompt_ids = encode_prompts(engine.tokenizer, prompts.column("prompt").to_pylist(), cfg.data.prompt_suffix)
+    requests = [SamplingRequest(ids, r.n, r.temperature, r.top_p, r.max_new_tokens) for ids in prompt_ids]
+    roles = [POLICY] * len(requests)
+    reg_temperature = None
+    if cfg.algorithm.name == "aepo":
+        reg_temperature = controller_temperature(state, cfg.algorithm)
+        num_reg = math.ceil(cfg.algorithm.reg_prompt_fraction * len(prompt_ids))
+        requests += [
+            SamplingRequest(ids, r.n, reg_temperature, r.top_p, r.max_new_tokens) for ids in prompt_ids[:num_reg]
+        ]
+        roles += [REGULARISER] * num_reg
+    gen_started = time.perf_counter()
+    completions = engine.generate(requests, seed=_seed(r.seed, iteration))
+    seconds = time.perf_counter() - gen_started
     num_prompts = len(prompt_ids)
     pids = prompts.column("id").to_pylist()
     table = pa.table(
@@ -428,7 +426,9 @@ def evaluate_stage(run: RunDir, iteration: int) -> dict[str, Any]:
     started = time.perf_counter()
     cfg = run.config()
     ups = upstream(run, cfg, iteration, "evaluate")
-    records, results = evaluate_model(cfg, run.stage_dir(iteration, "update") / "policy", pq.read_table(run.dataset_path("eval")))
+    policy = run.stage_dir(iteration, "update") / "policy"
+    table = pq.read_table(run.dataset_path("eval"))
+    records, results = evaluate_model(cfg, policy, table, engine=shared_engine(cfg, policy))
     with run.publish(iteration, "evaluate", ups, started=started) as (tmp, metrics):
         pq.write_table(records, tmp / "eval.parquet")
         metrics.update(results)

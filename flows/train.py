@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from aepo_core.compare import plot_histories, summarise
 from aepo_core.config import Config
+from aepo_core.engines import release_shared_engine
 from aepo_core.rundir import RunDir
 from aepo_core.stages import is_stage_complete, open_run, stages_of
 from aepo_core.tracking import Tracker, run_history
@@ -137,5 +138,7 @@ def train(
     except BaseException:
         tracker.finish("FAILED")
         raise
+    finally:
+        release_shared_engine()  # free the rollout engine's memory (vLLM holds a large share)
     tracker.finish("FINISHED")
     return {"run_dir": str(run.root.resolve()), "mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri}

@@ -87,3 +87,21 @@ def test_sample_tokens_greedy_row_reports_t1_logprob():
     tok, lp = sample_tokens(logits, torch.tensor([0.0]), torch.tensor([1.0]), None)
     assert int(tok) == 0
     assert abs(float(lp) - float(torch.log_softmax(logits, -1)[0, 0])) < 1e-6
+
+
+def test_vllm_engine_without_vllm_says_how_to_get_it(tmp_path):
+    import importlib.util
+
+    import pytest
+
+    from aepo_core.config import load_config
+    from aepo_core.engines import make_engine
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here; tests/test_vllm.py covers the engine")
+    tokenizer_dir = tmp_path / "tok"
+    from aepo_core.tokenizer import build_tokenizer
+
+    build_tokenizer(["Add: 1 2"], vocab_size=270).save_pretrained(tokenizer_dir)
+    with pytest.raises(ImportError, match="needs vLLM"):
+        make_engine(load_config(None, ["rollout.engine=vllm"]), tokenizer_dir)

@@ -7,7 +7,11 @@ from pathlib import Path
 from aepo_core.config import Config
 from aepo_core.engines.base import Completion, RolloutEngine, SamplingRequest
 
-__all__ = ["Completion", "RolloutEngine", "SamplingRequest", "make_engine"]
+__all__ = ["Completion", "RolloutEngine", "SamplingRequest", "make_engine", "shared_engine", "release_shared_engine"]
+
+# One engine per process, kept across stages and iterations (vLLM takes seconds to start; the next
+# policy is loaded into it in place).
+_shared: dict = {}
 
 
 def make_engine(cfg: Config, model_path: str | Path, show_progress: bool = False) -> RolloutEngine:
@@ -23,7 +27,41 @@ def make_engine(cfg: Config, model_path: str | Path, show_progress: bool = False
         )
         tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
         return HFRolloutEngine(model, tokenizer, batch_size=cfg.rollout.batch_size, show_progress=show_progress)
-    # The vLLM engine is not built yet (it is its own piece of work); say so instead of failing later.
-    raise NotImplementedError(
-        "rollout.engine 'vllm' is not available in this version; use rollout.engine=hf"
+    from aepo_core.engines.vllm import VLLMRolloutEngine
+    from aepo_core.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    return VLLMRolloutEngine(model_path, tokenizer, cfg.rollout.vllm, seed=cfg.rollout.seed)
+
+
+def _engine_key(cfg: Config) -> str:
+    import json
+
+    return json.dumps(
+        [cfg.rollout.engine, cfg.rollout.vllm.model_dump(), cfg.rollout.batch_size, cfg.rollout.seed,
+         cfg.model.trust_remote_code, cfg.trainer.device],
+        sort_keys=True,
     )
+
+
+def shared_engine(cfg: Config, model_path: str | Path) -> RolloutEngine:
+    """The process's engine for this config, holding the policy in `model_path`."""
+    key = _engine_key(cfg)
+    # the folder's identity includes when it was written: a rerun rewrites a checkpoint in place
+    folder = Path(model_path).resolve()
+    path = f"{folder}@{(folder / 'config.json').stat().st_mtime_ns}"
+    if _shared.get("key") == key:
+        if _shared["path"] != path:
+            _shared["engine"].load_weights(folder)
+            _shared["path"] = path
+        return _shared["engine"]
+    release_shared_engine()
+    _shared.update(key=key, path=path, engine=make_engine(cfg, folder))
+    return _shared["engine"]
+
+
+def release_shared_engine() -> None:
+    engine = _shared.pop("engine", None)
+    _shared.clear()
+    if engine is not None:
+        engine.close()
