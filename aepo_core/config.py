@@ -50,6 +50,9 @@ class DataConfig(_Section):
     answer_column: str = "answer"
     id_column: str | None = None
     source_column: str | None = None
+    # The held-out file may use another layout (e.g. DAPO-Math-17k for training, MATH-500 for eval).
+    eval_prompt_column: str | None = None  # None: prompt_column
+    eval_answer_column: str | None = None  # None: answer_column
     # How the reward is computed: the synthetic task's verifier or math-verify on \boxed{} answers.
     verifier: Literal["synthetic", "math"] = "synthetic"
     # Text appended to each user prompt before the chat template (e.g. the math format instruction).

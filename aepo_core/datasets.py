@@ -116,4 +116,11 @@ def load_prompt_table(data: DataConfig, split: str) -> pa.Table:
         source = "synthetic"
     if source == "synthetic":
         return synthetic_table(data, split)
+    if split == "eval":
+        data = data.model_copy(
+            update={
+                "prompt_column": data.eval_prompt_column or data.prompt_column,
+                "answer_column": data.eval_answer_column or data.answer_column,
+            }
+        )
     return load_file_table(source, data)

@@ -17,12 +17,20 @@ def resolve_model_path(cfg: Config, log=print) -> Path:
     """cfg.model.path, or the embedded base policy (built on first use) when it is None."""
     if cfg.model.path:
         path = Path(cfg.model.path)
-        if not (path / "config.json").is_file():
+        if path.exists() and not (path / "config.json").is_file():
             raise FileNotFoundError(f"model.path {path} is not an HF model folder (no config.json)")
+        if not path.exists() and not is_hub_id(cfg.model.path):
+            raise FileNotFoundError(f"model.path {path} does not exist (give an HF model folder or a hub id)")
         return path
     from aepo_core.base_policy import ensure_base_policy
 
     return ensure_base_policy(cfg.data.synthetic, cfg.model.cache_dir, log=log)
+
+
+def is_hub_id(text: str) -> bool:
+    """'org/name' that is not a local path: transformers and vLLM fetch it (needs network access)."""
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not Path(text).exists() and not text.startswith((".", "~"))
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

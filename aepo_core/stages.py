@@ -107,8 +107,12 @@ def init_run(cfg: Config, run_dir: str | Path | None = None, log=print) -> RunDi
             raise
         run.dataset_path(split).parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, run.dataset_path(split))
-    base = resolve_model_path(cfg, log=log).resolve()
-    run.write_json("base.json", {"path": str(base), "digest": folder_digest(base)})
+    base = resolve_model_path(cfg, log=log)
+    if base.exists():
+        base = base.resolve()
+        run.write_json("base.json", {"path": str(base), "digest": folder_digest(base)})
+    else:  # a hub id: identified by name (pin a local copy for reproducible runs)
+        run.write_json("base.json", {"path": str(base), "digest": f"hub:{base}"})
     save_config(cfg, run.config_path)  # written last: its presence marks an initialised run
     return run
 

@@ -88,3 +88,25 @@ def test_empty_missing_and_unsupported_files(tmp_path):
         load_prompt_table(DataConfig(train=str(tmp_path / "a.txt")), "train")
     with pytest.raises(DatasetError, match="data.eval is not set"):
         load_prompt_table(DataConfig(train=str(tmp_path / "a.txt")), "eval")
+
+
+def test_the_real_model_config_reads_both_math_layouts():
+    from pathlib import Path
+
+    from aepo_core.config import load_config
+    from aepo_core.verifiers import MathVerifier
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "data/configs/qwen2.5-math-1.5b-gpu.yaml")
+    data = cfg.data.model_copy(update={"train": str(repo / cfg.data.train), "eval": str(repo / cfg.data.eval)})
+    train, held_out = load_prompt_table(data, "train"), load_prompt_table(data, "eval")
+    assert train.num_rows == 6 and held_out.num_rows == 8
+    assert train.column("prompt")[1].as_py() == "If $a+b=10$ and $a-b=4$, what is $ab$?"
+    assert held_out.column("answer")[0].as_py() == "\\frac{5}{6}"
+    verifier = MathVerifier(timeout_s=20)
+    try:
+        golds = train.column("answer").to_pylist() + held_out.column("answer").to_pylist()
+        judged = verifier.judge_batch([f"so the answer is \\boxed{{{g}}}." for g in golds], golds)
+    finally:
+        verifier.close()
+    assert [j.reward for j in judged] == [1.0] * len(golds)

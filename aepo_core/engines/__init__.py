@@ -48,8 +48,9 @@ def shared_engine(cfg: Config, model_path: str | Path) -> RolloutEngine:
     """The process's engine for this config, holding the policy in `model_path`."""
     key = _engine_key(cfg)
     # the folder's identity includes when it was written: a rerun rewrites a checkpoint in place
-    folder = Path(model_path).resolve()
-    path = f"{folder}@{(folder / 'config.json').stat().st_mtime_ns}"
+    folder = Path(model_path).resolve() if Path(model_path).exists() else Path(model_path)  # or a hub id
+    written = (folder / "config.json").stat().st_mtime_ns if (folder / "config.json").is_file() else "hub"
+    path = f"{folder}@{written}"
     if _shared.get("key") == key:
         if _shared["path"] != path:
             _shared["engine"].load_weights(folder)
