@@ -24,10 +24,10 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         yield tmp
         if final.exists():
             # Move the old version aside first so `final` is never missing a complete version for long.
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent)) / final.name
             final.rename(old)
             tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old.parent, ignore_errors=True)
         else:
             tmp.rename(final)
     except BaseException:

@@ -102,7 +102,7 @@ def run_cmd(
     progress: Annotated[bool, typer.Option(help="Progress bars on rollout and update.")] = True,
 ) -> None:
     """Train with AEPO (or a baseline) as a Prefect flow; resumes an existing run directory."""
-    cfg = _config(config, overrides)  # fail fast on a bad config, before Prefect starts
+    _config(config, overrides)  # fail fast on a bad config, before Prefect starts
     _quiet_prefect()
     from aepo_core.stages import ConfigMismatch
     from flows.train import train
@@ -121,7 +121,7 @@ def run_cmd(
         raise typer.Exit(2) from None
     uri = result["tracking_uri"]
     typer.echo(f"run directory: {result['run_dir']}")
-    typer.echo(f"MLflow: run {result['mlflow_run_id']} in {uri} (experiment '{cfg.tracking.experiment}')")
+    typer.echo(f"MLflow: run {result['mlflow_run_id']} in {uri} (experiment '{result['experiment']}')")
     if uri.startswith("sqlite:///"):
         typer.echo(f"open the MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
 
@@ -138,13 +138,15 @@ def rerun_stage_cmd(
     _quiet_prefect()
     from aepo_core.config import ConfigError
     from aepo_core.rundir import StageNotReady
+    from aepo_core.stages import prepare_rerun
     from flows.rerun import rerun_stage
 
-    try:
-        rerun_stage(str(run_dir), iteration, stage, downstream=downstream, overrides=list(overrides or []))
+    try:  # refuse a bad request here, with a one-line message; errors while it runs keep their traceback
+        prepare_rerun(run_dir, iteration, stage, list(overrides or []), apply=False)
     except (StageNotReady, ConfigError, ValueError) as exc:
         typer.secho(f"cannot rerun: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+    rerun_stage(str(run_dir), iteration, stage, downstream=downstream, overrides=list(overrides or []))
 
 
 @app.command("sweep")

@@ -14,7 +14,7 @@ History = dict[str, list[tuple[int, float]]]
 
 # what is plotted against iteration, one PNG each: file stem -> (metric, y label)
 PLOTS = {
-    "entropy": ("entropy/nll", "entropy (sampled-token NLL, nats/token)"),
+    "entropy": ("entropy/nll", "entropy (nats/token; nll unless the run controls exact)"),
     "temperature": ("rollout/regulariser_temperature", "regulariser temperature"),
     "reward": ("reward/reward_mean", "policy-batch reward"),
     "eval_accuracy": ("eval/accuracy", "held-out accuracy"),
@@ -25,10 +25,13 @@ def _values(history: History, key: str) -> list[float]:
     return [v for _, v in sorted(history.get(key, []))]
 
 
-def summarise(history: History, algorithm: str, target: float | None) -> dict[str, float | str | None]:
-    """Final/best eval accuracy, mean |H - H*| over the second half, mean k, wall time."""
+def summarise(
+    history: History, algorithm: str, target: float | None, entropy_key: str = "entropy/nll"
+) -> dict[str, float | str | None]:
+    """Final/best eval accuracy, mean |H - H*| over the second half (H in the estimator the target is
+    stated in, `entropy_key`), mean k, wall time."""
     evals = _values(history, "eval/accuracy")
-    entropy = _values(history, "entropy/nll")
+    entropy = _values(history, entropy_key)
     half = entropy[len(entropy) // 2 :]
     ks = _values(history, "aepo/k")
     return {
@@ -63,8 +66,14 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)) for line in table)
 
 
-def plot_histories(histories: dict[str, History], out_dir: str | Path, targets: dict[str, float] | None = None) -> list[Path]:
-    """One PNG per trace in PLOTS, every run on the same axes; entropy targets drawn dashed."""
+def plot_histories(
+    histories: dict[str, History],
+    out_dir: str | Path,
+    targets: dict[str, float] | None = None,
+    entropy_keys: dict[str, str] | None = None,
+) -> list[Path]:
+    """One PNG per trace in PLOTS, every run on the same axes; entropy targets drawn dashed, each run's
+    entropy in the estimator its target is stated in (`entropy_keys`, default nll)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,7 +87,8 @@ def plot_histories(histories: dict[str, History], out_dir: str | Path, targets: 
         fig, ax = plt.subplots(figsize=(7, 4))
         drawn = False
         for i, (name, history) in enumerate(sorted(histories.items())):
-            points = sorted(history.get(key, []))
+            run_key = (entropy_keys or {}).get(name, key) if stem == "entropy" else key
+            points = sorted(history.get(run_key, []))
             if not points:
                 continue
             color = f"C{i % 10}"
@@ -106,7 +116,7 @@ def plot_histories(histories: dict[str, History], out_dir: str | Path, targets: 
 
 
 def mlflow_histories(client, run_ids: list[str]) -> dict[str, History]:
-    keys = {key for key, _ in PLOTS.values()} | {"aepo/k", "time/iteration_s"}
+    keys = {key for key, _ in PLOTS.values()} | {"entropy/exact", "aepo/k", "time/iteration_s"}
     out: dict[str, History] = {}
     for run_id in run_ids:
         out[run_id] = {
@@ -139,14 +149,16 @@ def compare_runs(tracking_uri: str, out_dir: str | Path, experiment: str | None 
     if not runs:
         raise ValueError("no runs matched")
     histories_by_id = mlflow_histories(client, [r.info.run_id for r in runs])
-    rows, histories, targets = [], {}, {}
+    rows, histories, targets, entropy_keys = [], {}, {}, {}
     for r in runs:
         tags = r.data.tags
         target = float(tags["target_entropy"]) if tags.get("target_entropy", "none") != "none" else None
         label = r.info.run_name or r.info.run_id[:8]
         history = histories_by_id[r.info.run_id]
-        row = {"run": label, "run_id": r.info.run_id, **summarise(history, tags.get("algorithm", "?"), target)}
+        entropy_keys[label] = f"entropy/{tags.get('entropy_estimator', 'nll')}"
+        row = {"run": label, "run_id": r.info.run_id,
+               **summarise(history, tags.get("algorithm", "?"), target, entropy_keys[label])}
         rows.append(row)
         histories[label] = history
         targets[label] = target
-    return rows, plot_histories(histories, out_dir, targets)
+    return rows, plot_histories(histories, out_dir, targets, entropy_keys)

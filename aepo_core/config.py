@@ -260,4 +260,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(cfg.to_yaml())
+    from aepo_core.atomic import atomic_write_text
+
+    atomic_write_text(path, cfg.to_yaml())

@@ -44,7 +44,7 @@ class ConfigMismatch(ValueError):
 def config_digest(cfg: Config) -> str:
     """Digest of everything that shapes the artifacts (run length and naming excluded)."""
     tree = cfg.model_dump(mode="json")
-    tree["run"] = {}
+    tree["run"], tree["tracking"] = {}, {}
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -99,12 +99,9 @@ def init_run(cfg: Config, run_dir: str | Path | None = None, log=print) -> RunDi
         return run
     root.mkdir(parents=True, exist_ok=True)
     for split in ("train", "eval"):
-        try:
-            table = load_prompt_table(cfg.data, split)
-        except ValueError:
-            if split == "eval":
-                continue  # no eval split: the evaluate stage says so when it is due
-            raise
+        if split == "eval" and cfg.data.eval is None and cfg.data.train != "synthetic":
+            continue  # no eval split: the evaluate stage says so when it is due
+        table = load_prompt_table(cfg.data, split)
         run.dataset_path(split).parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, run.dataset_path(split))
     base = resolve_model_path(cfg, log=log)
@@ -348,6 +345,8 @@ def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str
     if iteration > 0:
         state_path = run.stage_dir(iteration - 1, "update") / "optimizer.pt"
         optimizer.load_state_dict(torch.load(state_path, map_location=device, weights_only=True))
+        for group in optimizer.param_groups:  # the moments carry on; the hyperparameters follow the config
+            group.update(lr=cfg.trainer.lr, betas=cfg.trainer.betas, weight_decay=cfg.trainer.weight_decay)
     torch.manual_seed(_seed(cfg.trainer.seed, iteration))
 
     batches = {}
@@ -463,19 +462,31 @@ def stale_stages(run: RunDir, cfg: Config, from_iteration: int = 0) -> list[tupl
     return sorted(stale, key=lambda item: (item[0], STAGES.index(item[1])))
 
 
-def prepare_rerun(run_dir: str | Path, iteration: int, stage: str, overrides: list[str] | None = None) -> RunDir:
-    """Check a single-stage rerun can go ahead (run, stage name, iteration, upstream artifacts) and
-    apply config overrides to the run (recorded in config_history.jsonl). Raises with a clear message."""
+# Keys fixed when a run is created (the dataset snapshot, the starting policy, where the run lives).
+FROZEN_KEYS = ("model.", "data.train", "data.eval", "data.synthetic", "data.prompt_column", "data.answer_column",
+               "data.id_column", "data.source_column", "run.runs_root", "run.name", "run.iterations")
+
+
+def prepare_rerun(
+    run_dir: str | Path, iteration: int, stage: str, overrides: list[str] | None = None, apply: bool = True
+) -> RunDir:
+    """Check a single-stage rerun can go ahead (run, stage name, iteration, upstream artifacts, no
+    override of a key fixed at run creation) and, if `apply`, write the overrides into the run's
+    config (recorded in config_history.jsonl). Raises with a clear message and changes nothing."""
     run = RunDir(run_dir)
     if not run.config_path.is_file():
         raise StageNotReady(f"{run.root} is not a run directory (no config.yaml)")
     if stage not in STAGES:
         raise ValueError(f"unknown stage '{stage}' (stages: {', '.join(STAGES)})")
+    frozen = [o for o in overrides or [] if o.split("=", 1)[0].strip().startswith(FROZEN_KEYS)]
+    if frozen:
+        raise ValueError(f"{', '.join(frozen)}: fixed when the run was created (dataset snapshot, base policy); "
+                         "start a new run for that")
     cfg = load_config(run.config_path, overrides or [])
     if not 0 <= iteration < cfg.run.iterations:
         raise ValueError(f"iteration {iteration} is outside this run (0..{cfg.run.iterations - 1})")
     upstream(run, cfg, iteration, stage)  # StageNotReady names the missing artifact
-    if overrides:  # only now, so a refused rerun leaves the run as it was
+    if overrides and apply:  # only now, so a refused rerun leaves the run as it was
         with open(run.root / "config_history.jsonl", "a") as fh:
             record = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rerun": f"{stage}@{iteration}", "overrides": overrides}
             fh.write(json.dumps(record) + "\n")

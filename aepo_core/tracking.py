@@ -109,6 +109,7 @@ class Tracker:
         tags = {
             "algorithm": a.name,
             "target_entropy": str(a.target_entropy) if a.name in ("aepo", "adaptive_entropy") else "none",
+            "entropy_estimator": a.entropy_estimator,
             "model": self.cfg.model.path or "embedded-base",
             "run_dir": str(self.run.root.resolve()),
         }
@@ -134,10 +135,10 @@ class Tracker:
         previous = rec["synced"].get(str(iteration))
         if not metrics or previous == signature:
             return 0
-        if previous is not None:  # a stage of this iteration was rerun: replace its points
-            if not self._forget_points(iteration):
-                return self._rebuild()
-            rec = self._record()
+        # Replace whatever this step holds: a rerun's old points, or points logged just before a crash
+        # that kept them out of the record. A store that cannot delete points is rebuilt instead.
+        if not self._forget_points(iteration) and previous is not None:
+            return self._rebuild()
         now = int(time.time() * 1000)
         items = [Metric(k, v, now, iteration) for k, v in sorted(metrics.items())]
         for start in range(0, len(items), 1000):
@@ -187,11 +188,14 @@ class Tracker:
     def log_checkpoint(self, iteration: int, folder: Path, digest: str, upload: bool) -> None:
         """Record the checkpoint's path and digest (always) and upload its files (when `upload`)."""
         rec = self._record()
-        rec.setdefault("checkpoints", {})[f"{iteration:04d}"] = {"path": str(folder.resolve()), "digest": digest}
-        self.run.write_json("mlflow.json", rec)
-        self.client.log_text(self.run_id, json.dumps(rec["checkpoints"], indent=2), "checkpoints.json")
+        known = rec.setdefault("checkpoints", {}).get(f"{iteration:04d}", {})
+        if known.get("digest") == digest and (known.get("uploaded") or not upload):
+            return  # already recorded (and uploaded, if due): a resumed run does not upload it again
         if upload:
             self.client.log_artifacts(self.run_id, str(folder), f"checkpoints/iter_{iteration:04d}")
+        rec["checkpoints"][f"{iteration:04d}"] = {"path": str(folder.resolve()), "digest": digest, "uploaded": upload}
+        self.client.log_text(self.run_id, json.dumps(rec["checkpoints"], indent=2), "checkpoints.json")
+        self.run.write_json("mlflow.json", rec)
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:

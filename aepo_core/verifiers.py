@@ -54,6 +54,10 @@ class SyntheticVerifier:
         return [self.judge(r, g) for r, g in zip(responses, golds, strict=True)]
 
 
+def _import_math_verify() -> None:
+    import math_verify  # noqa: F401 - a slow import (sympy), done once per worker
+
+
 def _math_verify_one(response: str, gold: str) -> tuple[float, str, str | None]:
     """Runs in a worker process: math-verify with its signal-based timeouts switched off."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
@@ -92,7 +96,12 @@ class MathVerifier:
 
     def _get_pool(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+            self._pool = cf.ProcessPoolExecutor(
+                self.workers, mp_context=mp.get_context("spawn"), initializer=_import_math_verify
+            )
+            # start the workers (and their sympy import) before any item's deadline starts counting
+            for fut in [self._pool.submit(_import_math_verify) for _ in range(self.workers)]:
+                fut.result()
         return self._pool
 
     def _reset_pool(self) -> None:

@@ -25,7 +25,7 @@ def rerun_stage(
     STAGE_TASKS[stage](str(run.root), iteration)
     changed = before is None or before["digest"] != run.digest(iteration, stage)
     cfg = run.config()
-    stale = stale_stages(run, cfg, iteration)
+    stale = stale_stages(run, cfg, 0)  # a config override can reach earlier iterations too
     print(f"reran {stage} of iteration {iteration}: output {'changed' if changed else 'unchanged'}")
     tracker = Tracker(run, cfg)
     tracker.open()

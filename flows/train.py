@@ -61,7 +61,9 @@ def report(run: RunDir, cfg: Config, tracker: Tracker) -> None:
     history = run_history(run, cfg.run.iterations)
     a = cfg.algorithm
     target = a.target_entropy if a.name in ("aepo", "adaptive_entropy") else None
-    plots = plot_histories({run.root.name: history}, run.root / "plots", {run.root.name: target})
+    entropy_key = f"entropy/{a.entropy_estimator}"
+    plots = plot_histories({run.root.name: history}, run.root / "plots", {run.root.name: target},
+                           {run.root.name: entropy_key})
     for path in plots:
         tracker.client.log_artifact(tracker.run_id, str(path), "plots")
     columns = {
@@ -80,7 +82,7 @@ def report(run: RunDir, cfg: Config, tracker: Tracker) -> None:
         for i in range(cfg.run.iterations)
     ]
     create_table_artifact(key=artifact_key(run, "metrics"), table=rows, description=f"per-iteration metrics of {run.root}")
-    s = summarise(history, a.name, target)
+    s = summarise(history, a.name, target, entropy_key)
     trace = ", ".join(f"{v:.3f}" for _, v in sorted(history.get("entropy/nll", [])))
 
     def fmt(v):
@@ -131,8 +133,7 @@ def train(
             last = i == cfg.run.iterations - 1
             policy = run.stage_dir(i, "update") / "policy"
             upload = (i + 1) % cfg.tracking.save_every == 0 or last
-            if len(skipped) < len(stages_of(cfg, i)) or last:
-                tracker.log_checkpoint(i, policy, run.digest(i, "update"), upload=upload)
+            tracker.log_checkpoint(i, policy, run.digest(i, "update"), upload=upload)
             print(summary_line(run, i, time.perf_counter() - started, skipped), flush=True)
         report(run, cfg, tracker)
     except BaseException:
@@ -141,4 +142,9 @@ def train(
     finally:
         release_shared_engine()  # free the rollout engine's memory (vLLM holds a large share)
     tracker.finish("FINISHED")
-    return {"run_dir": str(run.root.resolve()), "mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri}
+    return {
+        "run_dir": str(run.root.resolve()),
+        "mlflow_run_id": tracker.run_id,
+        "tracking_uri": tracker.uri,
+        "experiment": cfg.tracking.experiment,
+    }

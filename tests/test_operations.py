@@ -100,6 +100,11 @@ def test_rerun_update_makes_downstream_stale_and_resume_recomputes_exactly_those
         assert after[f"iter_{i}/{stage}/_SUCCESS.json"] != middle[f"iter_{i}/{stage}/_SUCCESS.json"], stale
     for key in ("entropy/nll", "reward/reward_mean", "time/update_s"):
         assert [s for s, _ in _history(aepo, key)] == [0, 1], key
+    import torch
+
+    # the optimiser state carries on, with the hyperparameters of the changed config
+    saved = torch.load(run.stage_dir(1, "update") / "optimizer.pt", weights_only=True)
+    assert saved["param_groups"][0]["lr"] == 0.002
     new_h = run.manifest(1, "update")["metrics"]["entropy/nll"]
     assert _history(aepo, "entropy/nll")[1][1] == pytest.approx(new_h)
 
@@ -110,6 +115,8 @@ def test_rerun_refuses_bad_requests(runs):
     _, aepo, _ = runs
     with pytest.raises(ValueError, match="unknown stage 'rewards'"):
         rerun_stage(aepo["run_dir"], 0, "rewards")
+    with pytest.raises(ValueError, match="fixed when the run was created"):
+        rerun_stage(aepo["run_dir"], 0, "prepare", overrides=["data.train=other.jsonl"])
     with pytest.raises(ValueError, match="outside this run"):
         rerun_stage(aepo["run_dir"], 7, "reward")
     with pytest.raises(StageNotReady, match="not a run directory"):

