@@ -129,14 +129,14 @@ def select_runs(client, experiment: str | None, run_ids: list[str] | None, filte
     """Top-level MLflow runs by ids, or by experiment (+ optional filter such as "tags.algorithm = 'aepo'")."""
     if run_ids:
         return [client.get_run(r) for r in run_ids]
-    names = [experiment or "aepo"]
-    exps = [client.get_experiment_by_name(n) for n in names]
-    if any(e is None for e in exps):
-        raise ValueError(f"no MLflow experiment named {names[0]!r} in this tracking store")
+    name = experiment or "aepo"
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        raise ValueError(f"no MLflow experiment named {name!r} in this tracking store")
     query = "tags.mlflow.parentRunId IS NULL"
     if filter_string:
         query = f"{query} and {filter_string}"
-    return client.search_runs([e.experiment_id for e in exps], filter_string=query, order_by=["attributes.start_time ASC"])
+    return client.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time ASC"])
 
 
 def compare_runs(tracking_uri: str, out_dir: str | Path, experiment: str | None = None,

@@ -136,7 +136,7 @@ def evaluate_model(
     finally:
         if own_engine:
             engine.close()
-        getattr(verifier, "close", lambda: None)()
+        verifier.close()
 
 
 def write_evaluation(cfg, model_path, output) -> dict[str, float]:

@@ -123,14 +123,10 @@ def open_run(
 ) -> RunDir:
     """The run to train: an existing run directory reopened with its stored config (when no config
     or override is given), or `init_run` with the requested config (which must then match)."""
+    extra = [f"run.iterations={iterations}"] if iterations else []
     if run_dir and RunDir(run_dir).config_path.is_file() and not config and not overrides:
-        run = RunDir(run_dir)
-        if iterations:
-            stored = run.config()
-            save_config(stored.model_copy(update={"run": stored.run.model_copy(update={"iterations": iterations})}), run.config_path)
-        return run
-    extra = list(overrides or []) + ([f"run.iterations={iterations}"] if iterations else [])
-    return init_run(load_config(config, extra), run_dir, log=log)
+        return init_run(load_config(RunDir(run_dir).config_path, extra), run_dir, log=log)
+    return init_run(load_config(config, list(overrides or []) + extra), run_dir, log=log)
 
 
 def policy_dir(run: RunDir, iteration: int) -> Path:
@@ -209,11 +205,13 @@ def prepare(run: RunDir, iteration: int) -> dict[str, Any]:
     ups = upstream(run, cfg, iteration, "prepare")
     table = pq.read_table(run.dataset_path("train"))
     size, per_batch = table.num_rows, cfg.rollout.prompts_per_batch
+    perms: dict[int, np.ndarray] = {}  # a batch spans at most a few epochs
     indices = []
     for j in range(iteration * per_batch, (iteration + 1) * per_batch):
         epoch, pos = divmod(j, size)
-        perm = np.random.default_rng(_seed(cfg.rollout.seed, epoch)).permutation(size)
-        indices.append(int(perm[pos]))
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng(_seed(cfg.rollout.seed, epoch)).permutation(size)
+        indices.append(int(perms[epoch][pos]))
     prompts = table.take(indices).append_column("prompt_index", pa.array(range(per_batch), pa.int32()))
     with run.publish(iteration, "prepare", ups, {"prompts": per_batch}, started=started) as (tmp, metrics):
         pq.write_table(prompts, tmp / "prompts.parquet")
@@ -292,7 +290,7 @@ def reward(run: RunDir, iteration: int) -> dict[str, Any]:
     try:
         judged = verifier.judge_batch(rollouts.column("text").to_pylist(), golds)
     finally:
-        getattr(verifier, "close", lambda: None)()
+        verifier.close()
     rewards = np.array([j.reward for j in judged], dtype=np.float32)
     table = pa.table(
         {

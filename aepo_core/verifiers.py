@@ -30,6 +30,8 @@ class Judgement:
 class Verifier(Protocol):
     def judge_batch(self, responses: list[str], golds: list[str]) -> list[Judgement]: ...
 
+    def close(self) -> None: ...
+
 
 _ANSWER = re.compile(r"Answer:\s*(-?\d{1,18})(?!\d)")
 
@@ -52,6 +54,9 @@ class SyntheticVerifier:
 
     def judge_batch(self, responses: list[str], golds: list[str]) -> list[Judgement]:
         return [self.judge(r, g) for r, g in zip(responses, golds, strict=True)]
+
+    def close(self) -> None:
+        """Nothing to release (the math verifier holds a process pool)."""
 
 
 def _import_math_verify() -> None:
