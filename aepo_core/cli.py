@@ -151,32 +151,29 @@ def rerun_stage_cmd(
 
 @app.command("sweep")
 def sweep_cmd(
-    plan: Annotated[Path, typer.Option(help="YAML with `arms: {name: [overrides]}` and `seeds: [..]`.")],
+    plan: Annotated[Path, typer.Option(help="YAML plan: `arms`, optional `seeds` and `overrides` (aepo_core/sweeps.py).")],
     config: ConfigOpt = None,
     overrides: Overrides = None,
     iterations: Annotated[int | None, typer.Option(help="Iterations per run.")] = None,
+    arm: Annotated[list[str] | None, typer.Option("--arm", help="Train only this arm (repeatable).")] = None,
 ) -> None:
     """Train a grid of runs (arms x seeds) one after another, then compare them (table + plots)."""
-    import yaml
+    from aepo_core.sweeps import PlanError, read_plan, sweep_runs
 
     try:
-        spec = yaml.safe_load(plan.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        typer.secho(f"cannot read the sweep plan {plan}: {exc}", fg=typer.colors.RED, err=True)
+        spec = read_plan(plan)
+        shared = spec["overrides"] + list(overrides or [])
+        runs = sweep_runs(spec["arms"], spec["seeds"], shared, arm, where=str(plan))
+    except PlanError as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
-    arms, seeds = spec.get("arms"), spec.get("seeds", [0])
-    unknown = set(spec) - {"arms", "seeds"}
-    if not isinstance(arms, dict) or not arms or unknown or not all(isinstance(v, list) for v in arms.values()):
-        typer.secho(f"{plan}: expected `arms: {{name: [overrides]}}` and optional `seeds: [..]`"
-                    + (f"; unknown keys {sorted(unknown)}" if unknown else ""), fg=typer.colors.RED, err=True)
-        raise typer.Exit(2)
-    for arm in arms.values():  # fail fast on a bad arm, before anything trains
-        _config(config, list(overrides or []) + list(arm))
+    for run in runs:  # fail fast on a bad arm, before anything trains
+        _config(config, list(run.overrides))
     _quiet_prefect()
     from flows.sweep import sweep
 
-    result = sweep(arms=arms, seeds=seeds, config=str(config) if config else None, iterations=iterations,
-                   overrides=list(overrides or []))
+    result = sweep(arms=spec["arms"], seeds=spec["seeds"], config=str(config) if config else None,
+                   iterations=iterations, overrides=shared, only=arm)
     for path in result["plots"]:
         typer.echo(f"plot: {path}")
 

@@ -324,6 +324,21 @@ def _batch_of(rows: pa.Table, rewards: np.ndarray, pad_id: int) -> SequenceBatch
     )
 
 
+def role_batches(rollouts: pa.Table, reward_of: np.ndarray, pad_id: int) -> dict[str, tuple[np.ndarray, SequenceBatch | None]]:
+    """Split rollouts.parquet rows into the policy and regulariser batches the update step takes.
+
+    Returns {role: (order, batch)}: ``order`` are the rollout rows in batch order (groups of n
+    consecutive samples of one prompt), ``batch`` their SequenceBatch (None when the role is empty).
+    """
+    roles = np.array(rollouts.column("batch").to_pylist())
+    batches = {}
+    for role in (POLICY, REGULARISER):
+        idx = np.flatnonzero(roles == role)
+        order = idx[np.lexsort((rollouts.column("sample").to_numpy()[idx], rollouts.column("prompt_index").to_numpy()[idx]))]
+        batches[role] = (order, _batch_of(rollouts.take(order), reward_of[order], pad_id) if len(order) else None)
+    return batches
+
+
 def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str, Any]:
     """One AEPO (or baseline) update on this iteration's rollouts; saves policy, optimiser, batch record."""
     started = time.perf_counter()
@@ -347,13 +362,7 @@ def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str
             group.update(lr=cfg.trainer.lr, betas=cfg.trainer.betas, weight_decay=cfg.trainer.weight_decay)
     torch.manual_seed(_seed(cfg.trainer.seed, iteration))
 
-    batches = {}
-    for role in (POLICY, REGULARISER):
-        mask = np.array(rollouts.column("batch").to_pylist()) == role
-        idx = np.flatnonzero(mask)
-        # groups of n consecutive rows of one prompt
-        order = idx[np.lexsort((rollouts.column("sample").to_numpy()[idx], rollouts.column("prompt_index").to_numpy()[idx]))]
-        batches[role] = (order, _batch_of(rollouts.take(order), reward_of[order], tokenizer.pad_token_id) if len(order) else None)
+    batches = role_batches(rollouts, reward_of, tokenizer.pad_token_id)
     controller = controller_state(run, cfg, iteration)
     step_started = time.perf_counter()
     bar = None

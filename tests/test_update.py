@@ -34,6 +34,15 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True)
+def _float32_by_default(monkeypatch):
+    # these tests compare gradients and metrics to hand computations at 1e-6: trainer.dtype "auto"
+    # must mean float32 here even on CPUs where it would pick bfloat16
+    import aepo_core.update as update
+
+    monkeypatch.setattr(update, "cpu_has_native_bf16", lambda: False)
+
+
 def tiny_qwen(seed: int = 0) -> transformers.Qwen2ForCausalLM:
     torch.manual_seed(seed)
     cfg = transformers.Qwen2Config(
@@ -79,8 +88,13 @@ def test_split_in_order():
     assert split_micro(range(3, 8), None) == [range(3, 8)]
 
 
-def test_autocast_dtype_choice():
+def test_autocast_dtype_choice(monkeypatch):
+    import aepo_core.update as update
+
+    monkeypatch.setattr(update, "cpu_has_native_bf16", lambda: False)
     assert autocast_dtype(torch.device("cpu"), "auto") is None
+    monkeypatch.setattr(update, "cpu_has_native_bf16", lambda: True)
+    assert autocast_dtype(torch.device("cpu"), "auto") is torch.bfloat16
     assert autocast_dtype(torch.device("cpu"), "float32") is None
     assert autocast_dtype(torch.device("cpu"), "bfloat16") is torch.bfloat16
 
@@ -628,3 +642,20 @@ def test_entropy_reg_bonus_changes_the_gradient(estimator):
     assert res.metrics["loss/entropy_bonus"] == pytest.approx(
         -c * res.metrics[f"entropy/{estimator}"], rel=1e-5
     )
+
+
+@pytest.mark.parametrize("micro", [None, 3])
+def test_single_mini_batch_skips_the_old_logprob_pass_without_changing_the_step(micro):
+    # one mini-batch is exactly on-policy: reusing the training pass's detached log-probs as pi_old
+    # must give the same gradient and metrics as the separate no-grad pass
+    algo = AlgorithmConfig(name="aepo", reinforce_sample_num=8)
+    trainer = TrainerConfig(grad_clip=1e9, micro_batch_size=micro)
+    runs = {}
+    for recompute in (True, None):
+        runs[recompute] = _record_grads(
+            tiny_qwen(), policy_batch(), algo, trainer, reg=reg_batch(), recompute_old_logprobs=recompute
+        )
+    _assert_grads_close(runs[None][0][0], runs[True][0][0])
+    for key in ("loss/total", "entropy/nll", "actor/clip_frac", "actor/approx_kl", "aepo/reinforce_ratio_max"):
+        assert runs[None][1].metrics[key] == pytest.approx(runs[True][1].metrics[key], abs=1e-6)
+    assert runs[None][1].metrics["aepo/reinforce_ratio_max"] == 1.0
