@@ -198,6 +198,7 @@ def compare_cmd(
         raise typer.Exit(2) from None
     typer.echo(format_table(rows))
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
+    (out / "summary.md").write_text(format_table(rows, markdown=True) + "\n")
     for path in plots:
         typer.echo(f"plot: {path}")
     typer.echo(f"table: {out / 'summary.json'}")

@@ -25,34 +25,81 @@ def _values(history: History, key: str) -> list[float]:
     return [v for _, v in sorted(history.get(key, []))]
 
 
+def largest_pass_at(history: History) -> int | None:
+    """The largest K with an eval/pass_at_K trace (the evaluation's n)."""
+    ks = [int(key.rsplit("_", 1)[1]) for key in history if key.startswith("eval/pass_at_") and history[key]]
+    return max(ks, default=None)
+
+
+def temperature_switches(temperatures: list[float]) -> tuple[int, int]:
+    """(switches up, switches down) between consecutive iterations' regulariser temperatures."""
+    pairs = list(zip(temperatures, temperatures[1:], strict=False))
+    return sum(b > a for a, b in pairs), sum(b < a for a, b in pairs)
+
+
 def summarise(
-    history: History, algorithm: str, target: float | None, entropy_key: str = "entropy/nll"
+    history: History, algorithm: str, target: float | None, entropy_key: str = "entropy/nll",
+    t_high: float | None = None, t_low: float | None = None,
 ) -> dict[str, float | str | None]:
-    """Final/best eval accuracy, mean |H - H*| over the second half (H in the estimator the target is
-    stated in, `entropy_key`), mean k, wall time."""
+    """One run's summary row.
+
+    Final/best held-out accuracy (avg@n) and final pass@1 / pass@n; entropy first/last/min (H in the
+    estimator the target is stated in, `entropy_key`) and its relative fall; mean |H - H*| and
+    mean |H - H*| / H* over the second half of the iterations; for AEPO the fraction of iterations
+    sampled at T_high (when T_high != T_low), the temperature switches up and down, mean k and mean
+    positives found; wall time.
+    """
     evals = _values(history, "eval/accuracy")
     entropy = _values(history, entropy_key)
     half = entropy[len(entropy) // 2 :]
     ks = _values(history, "aepo/k")
+    temps = [t for t in _values(history, "rollout/regulariser_temperature") if math.isfinite(t)]
+    positives = _values(history, "aepo/num_positives")
+    big_k = largest_pass_at(history)
+    pass_big = _values(history, f"eval/pass_at_{big_k}") if big_k else []
+    pass_one = _values(history, "eval/pass_at_1")
+    up, down = temperature_switches(temps) if temps else (None, None)
+    dev = statistics.fmean(abs(h - target) for h in half) if half and target is not None else None
     return {
         "algorithm": algorithm,
         "target": target,
         "iterations": len(entropy),
         "final_accuracy": evals[-1] if evals else None,
         "best_accuracy": max(evals) if evals else None,
+        "final_pass_at_1": pass_one[-1] if pass_one else None,
+        "pass_k": big_k,
+        "final_pass_at_k": pass_big[-1] if pass_big else None,
         "entropy_first": entropy[0] if entropy else None,
         "entropy_last": entropy[-1] if entropy else None,
-        "mean_abs_dev": statistics.fmean(abs(h - target) for h in half) if half and target is not None else None,
+        "entropy_fall": 1 - statistics.fmean(half) / entropy[0] if half and entropy[0] else None,
+        "mean_abs_dev": dev,
+        "mean_rel_dev": dev / target if dev is not None and target else None,
+        "frac_t_high": (
+            statistics.fmean(abs(t - t_high) < 1e-6 for t in temps)
+            if temps and t_high is not None and t_low is not None and t_high != t_low else None
+        ),
+        "switches_up": up,
+        "switches_down": down,
         "mean_k": statistics.fmean(ks) if ks else None,
+        "mean_positives": statistics.fmean(positives) if positives else None,
         "wall_s": sum(_values(history, "time/iteration_s")) or None,
     }
 
 
-def format_table(rows: list[dict]) -> str:
-    cols = ["run", "algorithm", "target", "iterations", "final_accuracy", "best_accuracy", "entropy_first",
-            "entropy_last", "mean_abs_dev", "mean_k", "wall_s"]
-    heads = ["run", "algorithm", "H*", "iters", "final acc", "best acc", "H first", "H last", "mean|H-H*|",
-             "mean k", "wall s"]
+TABLE = {  # summary key -> column head
+    "run": "run", "algorithm": "algorithm", "target": "H*", "iterations": "iters",
+    "final_accuracy": "avg@n", "final_pass_at_1": "pass@1", "final_pass_at_k": "pass@n",
+    "best_accuracy": "best avg@n", "entropy_first": "H first", "entropy_last": "H last",
+    "entropy_fall": "H fall", "mean_rel_dev": "|H-H*|/H*", "frac_t_high": "at T_high",
+    "switches_up": "T up", "switches_down": "T down", "mean_k": "mean k", "mean_positives": "positives",
+    "wall_s": "wall s",
+}
+
+
+def format_table(rows: list[dict], markdown: bool = False) -> str:
+    """The summary rows as an aligned text table (or a Markdown table); H fall is 1 - mean(H over
+    the second half) / H first; |H-H*|/H* is averaged over the second half."""
+    cols, heads = list(TABLE), list(TABLE.values())
 
     def cell(value) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -62,6 +109,9 @@ def format_table(rows: list[dict]) -> str:
         return str(value)
 
     table = [heads] + [[cell(r.get(c)) for c in cols] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(line) + " |" for line in table]
+        return "\n".join([lines[0], "|" + "---|" * len(cols), *lines[1:]])
     widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)) for line in table)
 
@@ -115,13 +165,57 @@ def plot_histories(
     return written
 
 
-def mlflow_histories(client, run_ids: list[str]) -> dict[str, History]:
-    keys = {key for key, _ in PLOTS.values()} | {"entropy/exact", "aepo/k", "time/iteration_s"}
+def plot_against_target(rows: list[dict], out_dir: str | Path) -> Path | None:
+    """Final avg@n and pass@n of the AEPO runs against their target entropy (mean over seeds, each seed
+    a dot), the other algorithms as horizontal lines; None when no AEPO run has both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    aepo = [r for r in rows if r["algorithm"] == "aepo" and r.get("target") is not None
+            and r.get("final_accuracy") is not None]
+    if not aepo:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "final_accuracy", "final avg@n"), (axes[1], "final_pass_at_k", "final pass@n")):
+        by_target: dict[float, list[float]] = {}
+        for r in aepo:
+            if r.get(key) is not None:
+                by_target.setdefault(r["target"], []).append(r[key])
+        xs = sorted(by_target)
+        ax.plot(xs, [statistics.fmean(by_target[x]) for x in xs], "o-", color="C0", label="aepo (mean of seeds)")
+        ax.plot([x for x in xs for _ in by_target[x]], [v for x in xs for v in by_target[x]], ".", color="C0", alpha=0.5)
+        others: dict[str, list[float]] = {}
+        for r in rows:
+            if r["algorithm"] != "aepo" and r.get(key) is not None:
+                others.setdefault(r["algorithm"], []).append(r[key])
+        for i, (name, values) in enumerate(sorted(others.items())):
+            ax.axhline(statistics.fmean(values), color=f"C{i + 1}", ls="--", lw=1, label=f"{name} (mean)")
+        ax.set_xlabel("target entropy H* (nats/token)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(out_dir) / "against_target.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+HISTORY_KEYS = {key for key, _ in PLOTS.values()} | {
+    "entropy/exact", "aepo/k", "aepo/num_positives", "time/iteration_s", "eval/pass_at_1",
+}
+
+
+def mlflow_histories(client, runs) -> dict[str, History]:
+    """{run id: History} of the traces the summary and plots read (every eval/pass_at_K included)."""
     out: dict[str, History] = {}
-    for run_id in run_ids:
-        out[run_id] = {
-            key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in keys
-        }
+    for run in runs:
+        keys = HISTORY_KEYS | {k for k in run.data.metrics if k.startswith("eval/pass_at_")}
+        run_id = run.info.run_id
+        out[run_id] = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in keys}
     return out
 
 
@@ -148,7 +242,7 @@ def compare_runs(tracking_uri: str, out_dir: str | Path, experiment: str | None 
     runs = select_runs(client, experiment, run_ids, filter_string)
     if not runs:
         raise ValueError("no runs matched")
-    histories_by_id = mlflow_histories(client, [r.info.run_id for r in runs])
+    histories_by_id = mlflow_histories(client, runs)
     rows, histories, targets, entropy_keys = [], {}, {}, {}
     for r in runs:
         tags = r.data.tags
@@ -156,9 +250,13 @@ def compare_runs(tracking_uri: str, out_dir: str | Path, experiment: str | None 
         label = r.info.run_name or r.info.run_id[:8]
         history = histories_by_id[r.info.run_id]
         entropy_keys[label] = f"entropy/{tags.get('entropy_estimator', 'nll')}"
+        params = r.data.params
+        t_high, t_low = (float(params[k]) if k in params else None for k in ("algorithm.t_high", "algorithm.t_low"))
         row = {"run": label, "run_id": r.info.run_id,
-               **summarise(history, tags.get("algorithm", "?"), target, entropy_keys[label])}
+               **summarise(history, tags.get("algorithm", "?"), target, entropy_keys[label], t_high, t_low)}
         rows.append(row)
         histories[label] = history
         targets[label] = target
-    return rows, plot_histories(histories, out_dir, targets, entropy_keys)
+    plots = plot_histories(histories, out_dir, targets, entropy_keys)
+    against = plot_against_target(rows, out_dir)
+    return rows, plots + ([against] if against else [])

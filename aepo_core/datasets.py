@@ -34,7 +34,8 @@ def synthetic_table(data: DataConfig, split: str) -> pa.Table:
             "id": [p.id for p in problems],
             "prompt": [p.prompt for p in problems],
             "answer": [p.answer for p in problems],
-            "source": ["synthetic"] * len(problems),
+            # the number of terms is the task's difficulty: the evaluation breaks accuracy down by it
+            "source": [f"synthetic-{len(p.terms)}-terms" for p in problems],
         },
         schema=SCHEMA,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 
@@ -52,7 +53,8 @@ def evaluate(
     Returns one row per response (prompt id, sample, text, reward, verdict, extracted, tokens, nll) and
     metrics: accuracy (avg@n), pass_at_K for K = 1, 2, 4 … n, entropy_nll (mean -log p of the sampled
     tokens at the sampling temperature), mean response length, truncation rate, tokens/s — plus the
-    settings, so every number says how it was measured.
+    settings, so every number says how it was measured. With more than one source in the table, also
+    `<source>/accuracy`, `<source>/pass_at_K` and `<source>/num_prompts` per source.
     """
     requests = [
         SamplingRequest(ids, n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
@@ -85,7 +87,7 @@ def evaluate(
         correct[c.request_index] += int(j.reward > 0)
     tokens = sum(len(c.token_ids) for c in completions)
     metrics = {
-        "accuracy": sum(j.reward for j in judgements) / max(1, len(judgements)),
+        **accuracy_and_pass_at_k(correct, settings.n),
         "entropy_nll": sum(-sum(c.logprobs) for c in completions) / max(1, tokens),
         "response_tokens_mean": tokens / max(1, len(completions)),
         "truncated_fraction": sum(c.finish_reason == "length" for c in completions) / max(1, len(completions)),
@@ -96,9 +98,31 @@ def evaluate(
         "top_p": settings.top_p,
         "max_new_tokens": float(settings.max_new_tokens),
     }
-    for k in ks_up_to(settings.n):
-        metrics[f"pass_at_{k}"] = sum(pass_at_k(settings.n, c, k) for c in correct) / max(1, len(correct))
+    by_source: dict[str, list[int]] = {}
+    for request_index, count in enumerate(correct):
+        by_source.setdefault(sources[request_index], []).append(count)
+    if len(by_source) > 1:  # one source: the overall numbers already are its numbers
+        for source, counts in sorted(by_source.items()):
+            name = metric_safe(source)
+            metrics[f"{name}/num_prompts"] = float(len(counts))
+            for key, value in accuracy_and_pass_at_k(counts, settings.n).items():
+                metrics[f"{name}/{key}"] = value
     return records, metrics
+
+
+def accuracy_and_pass_at_k(correct: list[int], n: int) -> dict[str, float]:
+    """avg@n ("accuracy") and pass_at_K for K = 1, 2, 4 … n, from the correct counts of each prompt
+    (each out of n samples); 0 for no prompts. With 0/1 rewards avg@n equals pass_at_1."""
+    prompts = max(1, len(correct))
+    metrics = {"accuracy": sum(correct) / (n * prompts)}
+    for k in ks_up_to(n):
+        metrics[f"pass_at_{k}"] = sum(pass_at_k(n, c, k) for c in correct) / prompts
+    return metrics
+
+
+def metric_safe(name: str) -> str:
+    """A source name as an MLflow-safe metric name part (letters, digits, _ - . and spaces kept)."""
+    return re.sub(r"[^A-Za-z0-9_\-. ]", "_", name) or "_"
 
 
 def settings_from_config(cfg) -> EvalSettings:

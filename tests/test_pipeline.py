@@ -140,6 +140,14 @@ def test_evaluation_metrics(trained_run):
     assert records.num_rows == 12 * 2
     assert metrics["accuracy"] == pytest.approx(np.mean(records.column("reward").to_numpy()))
     assert metrics["n"] == 2 and metrics["temperature"] == 1.0
+    # per-source breakdown: the synthetic source is the number of terms
+    sources = records.column("source").to_pylist()
+    rewards = records.column("reward").to_numpy()
+    assert len(set(sources)) > 1
+    for source in set(sources):
+        mine = [r for r, s in zip(rewards, sources, strict=True) if s == source]
+        assert metrics[f"{source}/accuracy"] == pytest.approx(np.mean(mine))
+        assert metrics[f"{source}/num_prompts"] == len(mine) / 2
 
 
 def test_mlflow_has_one_point_per_iteration(trained_run):

@@ -1,0 +1,56 @@
+import pytest
+
+from aepo_core.compare import format_table, plot_against_target, summarise, temperature_switches
+
+
+def history(**traces):
+    return {key.replace("__", "/"): list(enumerate(values)) for key, values in traces.items()}
+
+
+def test_summarise_hand_values():
+    h = history(
+        entropy__nll=[0.20, 0.10, 0.12, 0.08],
+        rollout__regulariser_temperature=[1.2, 0.8, 0.8, 1.2],
+        aepo__k=[4, 2, 2, 4],
+        aepo__num_positives=[6, 5, 5, 8],
+        eval__accuracy=[0.3, 0.4],
+        eval__pass_at_1=[0.3, 0.4],
+        eval__pass_at_8=[0.7, 0.9],
+        eval__pass_at_2=[0.5, 0.6],
+    )
+    s = summarise(h, "aepo", 0.10, t_high=1.2, t_low=0.8)
+    assert s["final_accuracy"] == 0.4 and s["final_pass_at_1"] == 0.4
+    assert s["pass_k"] == 8 and s["final_pass_at_k"] == 0.9
+    # second half [0.12, 0.08]: |dev| 0.02 each; relative 0.2; fall 1 - 0.10 / 0.20
+    assert s["mean_abs_dev"] == pytest.approx(0.02)
+    assert s["mean_rel_dev"] == pytest.approx(0.2)
+    assert s["entropy_fall"] == pytest.approx(0.5)
+    assert s["frac_t_high"] == pytest.approx(0.5)
+    assert (s["switches_up"], s["switches_down"]) == (1, 1)
+    assert s["mean_k"] == 3 and s["mean_positives"] == 6
+
+
+def test_summarise_without_controller_or_target():
+    s = summarise(history(entropy__nll=[0.2, 0.1]), "grpo", None)
+    assert s["mean_rel_dev"] is None and s["frac_t_high"] is None and s["switches_up"] is None
+    # equal temperatures (the T_high = T_low = 1 ablation): no fraction at T_high
+    s = summarise(history(entropy__nll=[0.2], rollout__regulariser_temperature=[1.0]), "aepo", 0.1, t_high=1.0, t_low=1.0)
+    assert s["frac_t_high"] is None
+
+
+def test_temperature_switches():
+    assert temperature_switches([1.2, 1.2, 0.8, 1.2, 0.8, 0.8]) == (1, 2)
+    assert temperature_switches([1.0]) == (0, 0)
+
+
+def test_markdown_table_and_target_plot(tmp_path):
+    rows = [
+        {"run": "a", "algorithm": "aepo", "target": 0.1, "final_accuracy": 0.4, "final_pass_at_k": 0.9},
+        {"run": "b", "algorithm": "aepo", "target": 0.2, "final_accuracy": 0.5, "final_pass_at_k": 0.95},
+        {"run": "g", "algorithm": "grpo", "target": None, "final_accuracy": 0.45, "final_pass_at_k": 0.85},
+    ]
+    md = format_table(rows, markdown=True).splitlines()
+    assert md[0].startswith("| run | algorithm | H* |") and md[1].startswith("|---|") and len(md) == 5
+    path = plot_against_target(rows, tmp_path)
+    assert path is not None and path.stat().st_size > 1000
+    assert plot_against_target(rows[2:], tmp_path / "none") is None
