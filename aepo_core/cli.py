@@ -88,6 +88,9 @@ def _quiet_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # the temporary server's default 20 s start-up limit was missed on a busy 2-core machine when two
+    # runs started at once
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-stage "Loading weights" bars drown the iteration lines
