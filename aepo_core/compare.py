@@ -204,6 +204,49 @@ def plot_against_target(rows: list[dict], out_dir: str | Path) -> Path | None:
     return path
 
 
+def plot_controller(
+    histories: dict[str, History], out_dir: str | Path, targets: dict[str, float | None],
+    entropy_keys: dict[str, str] | None = None,
+) -> Path | None:
+    """One panel per run with a regulariser temperature trace: its entropy, its target (dashed) and
+    the temperature the controller chose (steps, right axis), to see the switches; None if no run
+    has a temperature trace."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "rollout/regulariser_temperature"
+    names = [n for n in sorted(histories) if any(math.isfinite(v) for _, v in histories[n].get(key, []))]
+    if not names:
+        return None
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names, strict=False):
+        entropy = sorted(histories[name].get((entropy_keys or {}).get(name, "entropy/nll"), []))
+        ax.plot([s for s, _ in entropy], [v for _, v in entropy], color="C0", lw=1.2)
+        if targets.get(name) is not None:
+            ax.axhline(targets[name], color="C0", ls="--", lw=0.8)
+        ax.set_title(name, fontsize=8)
+        ax.set_ylabel("entropy", fontsize=7, color="C0")
+        ax.tick_params(labelsize=7)
+        temps = sorted((s, v) for s, v in histories[name][key] if math.isfinite(v))
+        twin = ax.twinx()
+        twin.step([s for s, _ in temps], [v for _, v in temps], where="post", color="C3", lw=0.8, alpha=0.7)
+        twin.set_ylabel("T", fontsize=7, color="C3")
+        twin.tick_params(labelsize=7)
+    fig.suptitle("entropy (blue; dashed: target) and the controller's temperature (red)", fontsize=9)
+    fig.tight_layout()
+    path = Path(out_dir) / "controller.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 HISTORY_KEYS = {key for key, _ in PLOTS.values()} | {
     "entropy/exact", "aepo/k", "aepo/num_positives", "time/iteration_s", "eval/pass_at_1",
 }
@@ -258,5 +301,5 @@ def compare_runs(tracking_uri: str, out_dir: str | Path, experiment: str | None 
         histories[label] = history
         targets[label] = target
     plots = plot_histories(histories, out_dir, targets, entropy_keys)
-    against = plot_against_target(rows, out_dir)
-    return rows, plots + ([against] if against else [])
+    extra = [plot_controller(histories, out_dir, targets, entropy_keys), plot_against_target(rows, out_dir)]
+    return rows, plots + [p for p in extra if p is not None]

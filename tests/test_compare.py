@@ -1,6 +1,12 @@
 import pytest
 
-from aepo_core.compare import format_table, plot_against_target, summarise, temperature_switches
+from aepo_core.compare import (
+    format_table,
+    plot_against_target,
+    plot_controller,
+    summarise,
+    temperature_switches,
+)
 
 
 def history(**traces):
@@ -54,3 +60,11 @@ def test_markdown_table_and_target_plot(tmp_path):
     path = plot_against_target(rows, tmp_path)
     assert path is not None and path.stat().st_size > 1000
     assert plot_against_target(rows[2:], tmp_path / "none") is None
+
+
+def test_controller_plot_only_for_runs_with_a_temperature(tmp_path):
+    aepo = history(entropy__nll=[0.2, 0.1, 0.12], rollout__regulariser_temperature=[1.2, 0.8, 1.2])
+    grpo = history(entropy__nll=[0.2, 0.1, 0.05], rollout__regulariser_temperature=[float("nan")] * 3)
+    path = plot_controller({"aepo": aepo, "grpo": grpo}, tmp_path, {"aepo": 0.1, "grpo": None})
+    assert path is not None and path.stat().st_size > 1000
+    assert plot_controller({"grpo": grpo}, tmp_path / "none", {"grpo": None}) is None
