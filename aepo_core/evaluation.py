@@ -92,6 +92,7 @@ def evaluate(
         "response_tokens_mean": tokens / max(1, len(completions)),
         "truncated_fraction": sum(c.finish_reason == "length" for c in completions) / max(1, len(completions)),
         "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+        "generate_seconds": seconds,
         "num_prompts": float(len(requests)),
         "n": float(settings.n),
         "temperature": settings.temperature,

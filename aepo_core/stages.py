@@ -286,11 +286,13 @@ def reward(run: RunDir, iteration: int) -> dict[str, Any]:
     rollouts = pq.read_table(run.stage_dir(iteration, "rollout") / "rollouts.parquet", columns=["row_id", "prompt_index", "batch", "text"])
     answers = prompts.column("answer").to_pylist()
     golds = [answers[i] for i in rollouts.column("prompt_index").to_pylist()]
+    verify_started = time.perf_counter()
     verifier = make_verifier(cfg.data.verifier)
     try:
         judged = verifier.judge_batch(rollouts.column("text").to_pylist(), golds)
     finally:
         verifier.close()
+    verify_seconds = time.perf_counter() - verify_started
     rewards = np.array([j.reward for j in judged], dtype=np.float32)
     table = pa.table(
         {
@@ -310,6 +312,7 @@ def reward(run: RunDir, iteration: int) -> dict[str, Any]:
             accuracy=float((rewards[is_policy] > 0).mean()),
             mixed_group_fraction=float(((groups.min(1) != groups.max(1))).mean()),
             regulariser_accuracy=float((rewards[~is_policy] > 0).mean()) if (~is_policy).any() else float("nan"),
+            verify_seconds=verify_seconds,
         )
     return metrics
 
