@@ -45,7 +45,10 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/rollout.json")
     parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM engine even if installed")
     parser.add_argument("--vllm-dtype", default="float32", help="vLLM dtype (the HF sides run in float32)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     cfg = load_config(None, [f"model.path={args.model}"] if args.model else [])
     path = resolve_model_path(cfg)
