@@ -190,7 +190,7 @@ def compare_cmd(
     out: Annotated[Path, typer.Option(help="Folder for the comparison plots.")] = Path("comparison"),
 ) -> None:
     """Compare MLflow runs: a summary table and entropy/temperature/reward/accuracy plots."""
-    from aepo_core.compare import compare_runs, format_table
+    from aepo_core.compare import compare_runs, format_source_table, format_table
 
     if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
         tracking_uri = f"sqlite:///{Path(tracking_uri[len('sqlite:///'):]).resolve()}"
@@ -201,7 +201,10 @@ def compare_cmd(
         raise typer.Exit(2) from None
     typer.echo(format_table(rows))
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
-    (out / "summary.md").write_text(format_table(rows, markdown=True) + "\n")
+    by_source = format_source_table(rows)
+    (out / "summary.md").write_text(
+        format_table(rows, markdown=True) + "\n" + (f"\nFinal avg@n by source:\n\n{by_source}\n" if by_source else "")
+    )
     for path in plots:
         typer.echo(f"plot: {path}")
     typer.echo(f"table: {out / 'summary.json'}")

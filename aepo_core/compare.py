@@ -59,6 +59,11 @@ def summarise(
     pass_big = _values(history, f"eval/pass_at_{big_k}") if big_k else []
     pass_one = _values(history, "eval/pass_at_1")
     up, down = temperature_switches(temps) if temps else (None, None)
+    by_source = {
+        key[len("eval/"):-len("/accuracy")]: _values(history, key)[-1]
+        for key in sorted(history) if key.startswith("eval/") and key.endswith("/accuracy") and history[key]
+        and key.count("/") == 2
+    }
     dev = statistics.fmean(abs(h - target) for h in half) if half and target is not None else None
     return {
         "algorithm": algorithm,
@@ -83,6 +88,7 @@ def summarise(
         "mean_k": statistics.fmean(ks) if ks else None,
         "mean_positives": statistics.fmean(positives) if positives else None,
         "wall_s": sum(_values(history, "time/iteration_s")) or None,
+        "final_accuracy_by_source": by_source or None,
     }
 
 
@@ -114,6 +120,20 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
         return "\n".join([lines[0], "|" + "---|" * len(cols), *lines[1:]])
     widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)) for line in table)
+
+
+def format_source_table(rows: list[dict]) -> str | None:
+    """Final avg@n per evaluation source (columns) and run (rows) as a Markdown table; None when no
+    run has a per-source breakdown."""
+    sources = sorted({s for r in rows for s in (r.get("final_accuracy_by_source") or {})})
+    if not sources:
+        return None
+    lines = ["| run | " + " | ".join(sources) + " |", "|" + "---|" * (len(sources) + 1)]
+    for r in rows:
+        values = r.get("final_accuracy_by_source") or {}
+        lines.append(f"| {r['run']} | " + " | ".join(
+            f"{values[s]:.3f}" if s in values else "-" for s in sources) + " |")
+    return "\n".join(lines)
 
 
 def plot_histories(
@@ -256,7 +276,10 @@ def mlflow_histories(client, runs) -> dict[str, History]:
     """{run id: History} of the traces the summary and plots read (every eval/pass_at_K included)."""
     out: dict[str, History] = {}
     for run in runs:
-        keys = HISTORY_KEYS | {k for k in run.data.metrics if k.startswith("eval/pass_at_")}
+        keys = HISTORY_KEYS | {
+            k for k in run.data.metrics
+            if k.startswith("eval/pass_at_") or (k.startswith("eval/") and k.endswith("/accuracy"))
+        }
         run_id = run.info.run_id
         out[run_id] = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in keys}
     return out

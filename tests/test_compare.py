@@ -1,6 +1,7 @@
 import pytest
 
 from aepo_core.compare import (
+    format_source_table,
     format_table,
     plot_against_target,
     plot_controller,
@@ -68,3 +69,14 @@ def test_controller_plot_only_for_runs_with_a_temperature(tmp_path):
     path = plot_controller({"aepo": aepo, "grpo": grpo}, tmp_path, {"aepo": 0.1, "grpo": None})
     assert path is not None and path.stat().st_size > 1000
     assert plot_controller({"grpo": grpo}, tmp_path / "none", {"grpo": None}) is None
+
+
+def test_final_accuracy_by_source():
+    h = {"entropy/nll": [(0, 0.2)], "eval/accuracy": [(0, 0.5)], "eval/a-3/accuracy": [(0, 0.1), (9, 0.6)],
+         "eval/b/accuracy": [(9, 0.4)], "eval/pass_at_8": [(9, 0.9)]}
+    s = summarise(h, "grpo", None)
+    assert s["final_accuracy_by_source"] == {"a-3": 0.6, "b": 0.4}
+    table = format_source_table([{"run": "r", **s}, {"run": "q", "final_accuracy_by_source": {"b": 0.25}}])
+    assert table.splitlines()[0] == "| run | a-3 | b |"
+    assert table.splitlines()[2:] == ["| r | 0.600 | 0.400 |", "| q | - | 0.250 |"]
+    assert format_source_table([{"run": "x"}]) is None
