@@ -68,18 +68,17 @@ import copy
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from common import peak_rss  # benchmarks/common.py (the script's folder is on sys.path)
 
 from aepo_core.advantages import group_advantages
 from aepo_core.aepo import ControllerState
@@ -285,30 +284,6 @@ def timed(side) -> tuple[float, dict[str, float]]:
     return time.perf_counter() - started, out
 
 
-def _proc_status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def peak_extra_rss_mib(fn: Callable[[], object]) -> tuple[float, str]:
-    """(peak RSS during fn minus RSS right before it, in MiB; the method used)."""
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak-RSS high-water mark to the current RSS
-        before = _proc_status_kib("VmRSS")
-        fn()
-        return (_proc_status_kib("VmHWM") - before) / 1024, "VmHWM after (reset by clear_refs) - VmRSS before"
-    except OSError:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        fn()
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return (after - before) / 1024, "ru_maxrss after - ru_maxrss before (0 if setup peaked higher)"
-
-
 def memory_in_subprocess(side: str, rollout_file: Path, args: argparse.Namespace) -> dict:
     """Run this script in `--memory-side` mode: a fresh process, so one side's allocations cannot hide
     or inflate the other's."""
@@ -346,8 +321,8 @@ def memory_main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as workdir:
         side = make_side(args.memory_side, pristine, tokenizer, rollout, cfg, args.max_new_tokens, workdir)
         side.prepare()
-        mib, method = peak_extra_rss_mib(side.step)
-    print(json.dumps({"peak_extra_mib": mib, "method": method}))
+        _, memory = peak_rss(side.step)
+    print(json.dumps({"peak_extra_mib": memory["extra_mib"], "method": memory["method"]}))
 
 
 # ---------------------------------------------------------------------------------------- main
