@@ -37,14 +37,23 @@ def temperature_switches(temperatures: list[float]) -> tuple[int, int]:
     return sum(b > a for a, b in pairs), sum(b < a for a, b in pairs)
 
 
+def entropy_fall(entropy: list[float], window: int = 10) -> float | None:
+    """1 - mean of the last `window` iterations' entropy / mean of the first `window` (windows, not
+    single iterations: one iteration's entropy is a noisy 16-prompt estimate); None if too short."""
+    if len(entropy) < 2 * window:
+        return None
+    start = statistics.fmean(entropy[:window])
+    return 1 - statistics.fmean(entropy[-window:]) / start if start else None
+
+
 def summarise(
     history: History, algorithm: str, target: float | None, entropy_key: str = "entropy/nll",
     t_high: float | None = None, t_low: float | None = None,
 ) -> dict[str, float | str | None]:
     """One run's summary row.
 
-    Final/best held-out accuracy (avg@n) and final pass@1 / pass@n; entropy first/last/min (H in the
-    estimator the target is stated in, `entropy_key`) and its relative fall; mean |H - H*| and
+    Final/best held-out accuracy (avg@n) and final pass@1 / pass@n; entropy first/last (H in the
+    estimator the target is stated in, `entropy_key`) and its relative fall (`entropy_fall`); mean |H - H*| and
     mean |H - H*| / H* over the second half of the iterations; for AEPO the fraction of iterations
     sampled at T_high (when T_high != T_low), the temperature switches up and down, mean k and mean
     positives found; wall time.
@@ -76,7 +85,7 @@ def summarise(
         "final_pass_at_k": pass_big[-1] if pass_big else None,
         "entropy_first": entropy[0] if entropy else None,
         "entropy_last": entropy[-1] if entropy else None,
-        "entropy_fall": 1 - statistics.fmean(half) / entropy[0] if half and entropy[0] else None,
+        "entropy_fall": entropy_fall(entropy),
         "mean_abs_dev": dev,
         "mean_rel_dev": dev / target if dev is not None and target else None,
         "frac_t_high": (
@@ -103,8 +112,8 @@ TABLE = {  # summary key -> column head
 
 
 def format_table(rows: list[dict], markdown: bool = False) -> str:
-    """The summary rows as an aligned text table (or a Markdown table); H fall is 1 - mean(H over
-    the second half) / H first; |H-H*|/H* is averaged over the second half."""
+    """The summary rows as an aligned text table (or a Markdown table); H fall is 1 - mean(H, last 10
+    iterations) / mean(H, first 10); |H-H*|/H* is averaged over the second half."""
     cols, heads = list(TABLE), list(TABLE.values())
 
     def cell(value) -> str:

@@ -1,6 +1,7 @@
 import pytest
 
 from aepo_core.compare import (
+    entropy_fall,
     format_source_table,
     format_table,
     plot_against_target,
@@ -28,10 +29,10 @@ def test_summarise_hand_values():
     s = summarise(h, "aepo", 0.10, t_high=1.2, t_low=0.8)
     assert s["final_accuracy"] == 0.4 and s["final_pass_at_1"] == 0.4
     assert s["pass_k"] == 8 and s["final_pass_at_k"] == 0.9
-    # second half [0.12, 0.08]: |dev| 0.02 each; relative 0.2; fall 1 - 0.10 / 0.20
+    # second half [0.12, 0.08]: |dev| 0.02 each; relative 0.2; too short for the 10-iteration windows
     assert s["mean_abs_dev"] == pytest.approx(0.02)
     assert s["mean_rel_dev"] == pytest.approx(0.2)
-    assert s["entropy_fall"] == pytest.approx(0.5)
+    assert s["entropy_fall"] is None
     assert s["frac_t_high"] == pytest.approx(0.5)
     assert (s["switches_up"], s["switches_down"]) == (1, 1)
     assert s["mean_k"] == 3 and s["mean_positives"] == 6
@@ -80,3 +81,10 @@ def test_final_accuracy_by_source():
     assert table.splitlines()[0] == "| run | a-3 | b |"
     assert table.splitlines()[2:] == ["| r | 0.600 | 0.400 |", "| q | - | 0.250 |"]
     assert format_source_table([{"run": "x"}]) is None
+
+
+def test_entropy_fall_compares_ten_iteration_windows():
+    trace = [0.3] + [0.2] * 9 + [0.5] * 5 + [0.1] * 9 + [0.19]
+    # first ten: mean 0.21; last ten: mean 0.109 -> fall 1 - 0.109 / 0.21
+    assert entropy_fall(trace) == pytest.approx(1 - 0.109 / 0.21)
+    assert entropy_fall(trace[:19]) is None
