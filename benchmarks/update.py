@@ -87,7 +87,8 @@ def main() -> None:
         )
     print(
         f"batch: {len(policy_batch)} policy rows ({int(policy_batch.response_mask.sum())} response tokens), "
-        f"{len(reg_batch) if reg_batch is not None else 0} regulariser rows at T={controller.temperature}; "
+        f"{len(reg_batch) if reg_batch is not None else 0} regulariser rows at "
+        f"T={float(reg_batch.temperatures[0]) if reg_batch is not None else '-'}; "
         f"{sum(p.numel() for p in pristine.parameters()):,} parameters, {torch.get_num_threads()} threads"
     )
 
