@@ -6,6 +6,7 @@ Works on metric histories `{metric name: [(step, value), ...]}`, which come eith
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
 from pathlib import Path
@@ -194,9 +195,23 @@ def plot_histories(
     return written
 
 
+# what may differ between the runs of one AEPO line in the against-target plot
+_LINE_FREE = ("algorithm.target_entropy", "rollout.seed", "trainer.seed", "run.name")
+
+
+def aepo_variant(params: dict[str, str]) -> str:
+    """A digest of a run's settings apart from its target, seed and name: AEPO runs with equal
+    variants form one line against the target; ablations (fixed temperature, other K, ...) differ."""
+    kept = sorted((k, v) for k, v in params.items() if k not in _LINE_FREE)
+    return hashlib.sha256(repr(kept).encode()).hexdigest()[:8]
+
+
 def plot_against_target(rows: list[dict], out_dir: str | Path) -> Path | None:
     """Final avg@n and pass@n of the AEPO runs against their target entropy (mean over seeds, each seed
-    a dot), the other algorithms as horizontal lines; None when no AEPO run has both."""
+    a dot), the other algorithms as horizontal lines; None when no AEPO run has both.
+
+    Rows may carry `variant` (see `aepo_variant`): the most common variant is the line, AEPO runs of
+    other variants (ablations) are single labelled crosses."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,6 +221,10 @@ def plot_against_target(rows: list[dict], out_dir: str | Path) -> Path | None:
             and r.get("final_accuracy") is not None]
     if not aepo:
         return None
+    variants = [r.get("variant") for r in aepo]
+    main = max(set(variants), key=variants.count)
+    ablations = [r for r in aepo if r.get("variant") != main]
+    aepo = [r for r in aepo if r.get("variant") == main]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "final_accuracy", "final avg@n"), (axes[1], "final_pass_at_k", "final pass@n")):
         by_target: dict[float, list[float]] = {}
@@ -215,6 +234,10 @@ def plot_against_target(rows: list[dict], out_dir: str | Path) -> Path | None:
         xs = sorted(by_target)
         ax.plot(xs, [statistics.fmean(by_target[x]) for x in xs], "o-", color="C0", label="aepo (mean of seeds)")
         ax.plot([x for x in xs for _ in by_target[x]], [v for x in xs for v in by_target[x]], ".", color="C0", alpha=0.5)
+        for r in ablations:
+            if r.get(key) is not None:
+                ax.plot([r["target"]], [r[key]], "x", color="0.3")
+                ax.annotate(r["run"], (r["target"], r[key]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         others: dict[str, list[float]] = {}
         for r in rows:
             if r["algorithm"] != "aepo" and r.get(key) is not None:
@@ -327,7 +350,7 @@ def compare_runs(tracking_uri: str, out_dir: str | Path, experiment: str | None 
         entropy_keys[label] = f"entropy/{tags.get('entropy_estimator', 'nll')}"
         params = r.data.params
         t_high, t_low = (float(params[k]) if k in params else None for k in ("algorithm.t_high", "algorithm.t_low"))
-        row = {"run": label, "run_id": r.info.run_id,
+        row = {"run": label, "run_id": r.info.run_id, "variant": aepo_variant(params),
                **summarise(history, tags.get("algorithm", "?"), target, entropy_keys[label], t_high, t_low)}
         rows.append(row)
         histories[label] = history

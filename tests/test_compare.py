@@ -88,3 +88,19 @@ def test_entropy_fall_compares_ten_iteration_windows():
     # first ten: mean 0.21; last ten: mean 0.109 -> fall 1 - 0.109 / 0.21
     assert entropy_fall(trace) == pytest.approx(1 - 0.109 / 0.21)
     assert entropy_fall(trace[:19]) is None
+
+
+def test_ablations_are_crosses_not_part_of_the_line(tmp_path):
+    from aepo_core.compare import aepo_variant
+
+    base = {"algorithm.name": "aepo", "algorithm.t_high": "1.2", "rollout.seed": "0", "algorithm.target_entropy": "0.1"}
+    same = {**base, "rollout.seed": "1", "algorithm.target_entropy": "0.2", "run.name": "x"}
+    ablation = {**base, "algorithm.t_high": "1.0"}
+    assert aepo_variant(base) == aepo_variant(same) != aepo_variant(ablation)
+    rows = [
+        {"run": "a", "algorithm": "aepo", "target": 0.1, "final_accuracy": 0.4, "variant": aepo_variant(base)},
+        {"run": "b", "algorithm": "aepo", "target": 0.2, "final_accuracy": 0.5, "variant": aepo_variant(same)},
+        {"run": "t1", "algorithm": "aepo", "target": 0.15, "final_accuracy": 0.3, "variant": aepo_variant(ablation)},
+    ]
+    path = plot_against_target(rows, tmp_path)
+    assert path is not None and path.stat().st_size > 1000
