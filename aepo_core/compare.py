@@ -146,14 +146,26 @@ def format_source_table(rows: list[dict]) -> str | None:
     return "\n".join(lines)
 
 
+def running_mean(values: list[float], window: int) -> list[float]:
+    """Mean of each value and up to window - 1 values before it (trailing window)."""
+    out = []
+    for i in range(len(values)):
+        part = values[max(0, i - window + 1) : i + 1]
+        out.append(sum(part) / len(part))
+    return out
+
+
 def plot_histories(
     histories: dict[str, History],
     out_dir: str | Path,
     targets: dict[str, float] | None = None,
     entropy_keys: dict[str, str] | None = None,
+    smooth: int = 5,
 ) -> list[Path]:
     """One PNG per trace in PLOTS, every run on the same axes; entropy targets drawn dashed, each run's
-    entropy in the estimator its target is stated in (`entropy_keys`, default nll)."""
+    entropy in the estimator its target is stated in (`entropy_keys`, default nll). Per-iteration
+    traces are drawn faint with their `smooth`-iteration running mean on top (one iteration's value
+    is a noisy estimate from one batch); evaluations are drawn as points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,16 +176,21 @@ def plot_histories(
     last = max((s for h in histories.values() for pts in h.values() for s, _ in pts), default=0)
     written = []
     for stem, (key, label) in PLOTS.items():
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = plt.subplots(figsize=(8, 4.5))
         drawn = False
+        colors = plt.get_cmap("tab20" if len(histories) > 10 else "tab10")
         for i, (name, history) in enumerate(sorted(histories.items())):
             run_key = (entropy_keys or {}).get(name, key) if stem == "entropy" else key
             points = sorted(history.get(run_key, []))
             if not points:
                 continue
-            color = f"C{i % 10}"
-            style = "o-" if key.startswith("eval/") else "-"
-            ax.plot([s for s, _ in points], [v for _, v in points], style, color=color, label=name, lw=1.4, ms=3)
+            color = colors(i % colors.N)
+            steps, values = [s for s, _ in points], [v for _, v in points]
+            if key.startswith("eval/"):
+                ax.plot(steps, values, "o-", color=color, label=name, lw=1.4, ms=3)
+            else:
+                ax.plot(steps, values, "-", color=color, lw=0.6, alpha=0.25)
+                ax.plot(steps, running_mean(values, smooth), "-", color=color, label=name, lw=1.4)
             if stem == "entropy" and targets and targets.get(name) is not None:
                 ax.axhline(targets[name], color=color, ls="--", lw=0.8)
             drawn = True
@@ -186,7 +203,8 @@ def plot_histories(
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
         if stem == "entropy" and targets:
-            ax.set_title("entropy per iteration (dashed: each run's target)", fontsize=9)
+            ax.set_title(f"entropy per iteration ({smooth}-iteration running mean; faint: raw; "
+                         "dashed: each run's target)", fontsize=9)
         fig.tight_layout()
         path = out / f"{stem}.png"
         fig.savefig(path, dpi=110)

@@ -104,3 +104,10 @@ def test_ablations_are_crosses_not_part_of_the_line(tmp_path):
     ]
     path = plot_against_target(rows, tmp_path)
     assert path is not None and path.stat().st_size > 1000
+
+
+def test_running_mean_hand_values():
+    from aepo_core.compare import running_mean
+
+    assert running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert running_mean([2.0], 5) == [2.0]
