@@ -146,6 +146,28 @@ def format_source_table(rows: list[dict]) -> str | None:
     return "\n".join(lines)
 
 
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display on servers and workers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out_dir: str | Path, stem: str) -> Path:
+    """Lay out, write `<out_dir>/<stem>.png` and close the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(out_dir) / f"{stem}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def running_mean(values: list[float], window: int) -> list[float]:
     """Mean of each value and up to window - 1 values before it (trailing window)."""
     out = []
@@ -166,10 +188,7 @@ def plot_histories(
     entropy in the estimator its target is stated in (`entropy_keys`, default nll). Per-iteration
     traces are drawn faint with their `smooth`-iteration running mean on top (one iteration's value
     is a noisy estimate from one batch); evaluations are drawn as points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -205,11 +224,7 @@ def plot_histories(
         if stem == "entropy" and targets:
             ax.set_title(f"entropy per iteration ({smooth}-iteration running mean; faint: raw; "
                          "dashed: each run's target)", fontsize=9)
-        fig.tight_layout()
-        path = out / f"{stem}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out, stem))
     return written
 
 
@@ -224,25 +239,29 @@ def aepo_variant(params: dict[str, str]) -> str:
     return hashlib.sha256(repr(kept).encode()).hexdigest()[:8]
 
 
+def split_aepo_line(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The AEPO rows with a target and a final accuracy, split into the line (the most common
+    `variant`) and the ablations (every other variant)."""
+    aepo = [r for r in rows if r["algorithm"] == "aepo" and r.get("target") is not None
+            and r.get("final_accuracy") is not None]
+    if not aepo:
+        return [], []
+    variants = [r.get("variant") for r in aepo]
+    main = max(set(variants), key=variants.count)
+    return [r for r in aepo if r.get("variant") == main], [r for r in aepo if r.get("variant") != main]
+
+
 def plot_against_target(rows: list[dict], out_dir: str | Path) -> Path | None:
     """Final avg@n and pass@n of the AEPO runs against their target entropy (mean over seeds, each seed
     a dot), the other algorithms as horizontal lines; None when no AEPO run has both.
 
     Rows may carry `variant` (see `aepo_variant`): the most common variant is the line, AEPO runs of
     other variants (ablations) are single labelled crosses."""
-    import matplotlib
+    plt = _pyplot()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    aepo = [r for r in rows if r["algorithm"] == "aepo" and r.get("target") is not None
-            and r.get("final_accuracy") is not None]
+    aepo, ablations = split_aepo_line(rows)
     if not aepo:
         return None
-    variants = [r.get("variant") for r in aepo]
-    main = max(set(variants), key=variants.count)
-    ablations = [r for r in aepo if r.get("variant") != main]
-    aepo = [r for r in aepo if r.get("variant") == main]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "final_accuracy", "final avg@n"), (axes[1], "final_pass_at_k", "final pass@n")):
         by_target: dict[float, list[float]] = {}
@@ -266,12 +285,7 @@ def plot_against_target(rows: list[dict], out_dir: str | Path) -> Path | None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(out_dir) / "against_target.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir, "against_target")
 
 
 def plot_controller(
@@ -281,10 +295,7 @@ def plot_controller(
     """One panel per run with a regulariser temperature trace: its entropy, its target (dashed) and
     the temperature the controller chose (steps, right axis), to see the switches; None if no run
     has a temperature trace."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     key = "rollout/regulariser_temperature"
     names = [n for n in sorted(histories) if any(math.isfinite(v) for _, v in histories[n].get(key, []))]
@@ -309,12 +320,7 @@ def plot_controller(
         twin.set_ylabel("T", fontsize=7, color="C3")
         twin.tick_params(labelsize=7)
     fig.suptitle("entropy (blue; dashed: target) and the controller's temperature (red)", fontsize=9)
-    fig.tight_layout()
-    path = Path(out_dir) / "controller.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir, "controller")
 
 
 HISTORY_KEYS = {key for key, _ in PLOTS.values()} | {

@@ -91,7 +91,7 @@ def test_entropy_fall_compares_ten_iteration_windows():
 
 
 def test_ablations_are_crosses_not_part_of_the_line(tmp_path):
-    from aepo_core.compare import aepo_variant
+    from aepo_core.compare import aepo_variant, split_aepo_line
 
     base = {"algorithm.name": "aepo", "algorithm.t_high": "1.2", "rollout.seed": "0", "algorithm.target_entropy": "0.1"}
     same = {**base, "rollout.seed": "1", "algorithm.target_entropy": "0.2", "run.name": "x"}
@@ -104,6 +104,8 @@ def test_ablations_are_crosses_not_part_of_the_line(tmp_path):
     ]
     path = plot_against_target(rows, tmp_path)
     assert path is not None and path.stat().st_size > 1000
+    line, ablations = split_aepo_line(rows)
+    assert [r["run"] for r in line] == ["a", "b"] and [r["run"] for r in ablations] == ["t1"]
 
 
 def test_running_mean_hand_values():

@@ -645,16 +645,22 @@ def test_entropy_reg_bonus_changes_the_gradient(estimator):
 
 
 @pytest.mark.parametrize("micro", [None, 3])
-def test_single_mini_batch_skips_the_old_logprob_pass_without_changing_the_step(micro):
+def test_single_mini_batch_skips_the_old_logprob_pass_without_changing_the_step(micro, monkeypatch):
     # one mini-batch is exactly on-policy: reusing the training pass's detached log-probs as pi_old
     # must give the same gradient and metrics as the separate no-grad pass
+    import aepo_core.update as update
+
     algo = AlgorithmConfig(name="aepo", reinforce_sample_num=8)
     trainer = TrainerConfig(grad_clip=1e9, micro_batch_size=micro)
+    passes = []
+    counting = lambda *a, **kw: passes.append(1) or compute_logprobs(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(update, "compute_logprobs", counting)
     runs = {}
     for recompute in (True, None):
         runs[recompute] = _record_grads(
             tiny_qwen(), policy_batch(), algo, trainer, reg=reg_batch(), recompute_old_logprobs=recompute
         )
+    assert len(passes) == 1  # the default skipped the extra pass; True ran it
     _assert_grads_close(runs[None][0][0], runs[True][0][0])
     for key in ("loss/total", "entropy/nll", "actor/clip_frac", "actor/approx_kl", "aepo/reinforce_ratio_max"):
         assert runs[None][1].metrics[key] == pytest.approx(runs[True][1].metrics[key], abs=1e-6)

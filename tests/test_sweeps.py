@@ -1,0 +1,41 @@
+import pytest
+
+from aepo_core.sweeps import PlanError, read_plan, sweep_runs
+
+
+def test_runs_per_arm_and_seed_with_shared_overrides_first(tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "seeds: [0]\noverrides: [rollout.n=4]\n"
+        "arms:\n  grpo: {overrides: [algorithm.name=grpo], seeds: [0, 1]}\n  aepo: [algorithm.target_entropy=0.1]\n"
+    )
+    spec = read_plan(plan)
+    runs = sweep_runs(**spec)
+    assert [r.name for r in runs] == ["grpo-s0", "grpo-s1", "aepo-s0"]
+    assert runs[1].overrides == (
+        "rollout.n=4", "algorithm.name=grpo", "rollout.seed=1", "trainer.seed=1", "run.name=grpo-s1"
+    )
+    assert [r.name for r in sweep_runs(**spec, only=["aepo"])] == ["aepo-s0"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("arms: {a: [x=1]}\nrepeats: 2\n", "unknown keys ['repeats']"),
+        ("arms: {a: {overrides: [x=1], seed: [1]}}\n", "arms.a: unknown keys ['seed']"),
+        ("arms: {a: [x=1]}\nseeds: [zero]\n", "seeds: expected a non-empty list of integer seeds"),
+        ("arms: {a: x=1}\n", "arms.a: expected a list of overrides"),
+        ("arms: [a, b]\n", "`arms` must map arm names"),
+    ],
+)
+def test_bad_plans_name_the_file_and_key(tmp_path, text, message):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(text)
+    with pytest.raises(PlanError, match=r".*") as err:
+        sweep_runs(**read_plan(plan), where=str(plan))
+    assert message in str(err.value) and str(plan) in str(err.value)
+
+
+def test_unknown_arm_selection_lists_the_arms():
+    with pytest.raises(PlanError, match=r"no arm named \['c'\]; arms are \['a', 'b'\]"):
+        sweep_runs({"a": [], "b": []}, only=["c"])
