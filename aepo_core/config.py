@@ -77,7 +77,9 @@ class RolloutConfig(_Section):
     n: int = Field(8, ge=1, description="responses per prompt")
     prompts_per_batch: int = Field(32, ge=1)
     max_new_tokens: int = Field(48, ge=1)
-    temperature: float = Field(1.0, ge=0.0)
+    # > 0: training needs log-probabilities (greedy rows have none); policy rows are trained at this
+    # temperature (aepo_core.update.scoring_temperatures)
+    temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int = 0
     # HF engine: rows sampled in one forward batch (None: all rows at once).
@@ -192,17 +194,28 @@ class Config(_Section):
         return out
 
 
-def _describe_errors(err: ValidationError, origin: str) -> str:
-    lines = []
+def _describe_errors(err: ValidationError, origin: str, overrides: list[tuple[str, str]] = ()) -> str:
+    """One line per error, each naming its key and where the wrong value came from: the last
+    override that set that key (or a key inside it), else the file (``origin``)."""
+    lines, origins = [], []
     for item in err.errors():
         key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        source = origin
+        for dotted, text in overrides:
+            if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + "."):
+                source = f"override '{text}'"
+        origins.append(source)
+        where = "" if not overrides else f" (from {source})"
         if item["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{key}'")
+            lines.append(f"unknown key '{key}'{where}")
         else:
             got = item.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"key '{key}': {item['msg']}{shown}")
-    return f"invalid configuration in {origin}:\n  " + "\n  ".join(lines)
+            lines.append(f"key '{key}': {item['msg']}{shown}{where}")
+    if len(set(origins)) == 1:  # one source: name it once, as before
+        lines = [line.replace(f" (from {origins[0]})", "") for line in lines]
+        return f"invalid configuration in {origins[0]}:\n  " + "\n  ".join(lines)
+    return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -245,18 +258,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
         tree = loaded
-    try:
-        Config.model_validate(tree)
-    except ValidationError as exc:
-        raise ConfigError(_describe_errors(exc, origin)) from None
+    applied: list[tuple[str, str]] = []  # (dotted key, override text)
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
-        try:
-            Config.model_validate(tree)
-        except ValidationError as exc:
-            raise ConfigError(_describe_errors(exc, f"override '{text}'")) from None
-    return Config.model_validate(tree)
+        applied.append((key, text))
+    # validated once, after every override: keys that depend on each other (loss_agg=constant with
+    # loss_constant=...) may be set in any order, by the file or the command line
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe_errors(exc, origin, applied)) from None
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -29,8 +29,10 @@ def token_logprobs_and_entropy(
     chunk: int = 1024,
     with_entropy: bool = True,
     entropy_grad: bool = True,
+    temperature: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Log-prob of each label and the entropy of each predictive distribution, at temperature 1.
+    """Log-prob of each label and the entropy of each predictive distribution, at temperature 1
+    (or at a temperature per row).
 
     ``logits[:, t]`` is the distribution that ``labels[:, t]`` was drawn from (already aligned; use
     :func:`shifted_logprobs_and_entropy` for a causal LM's raw output).
@@ -43,6 +45,9 @@ def token_logprobs_and_entropy(
         with_entropy: also return the full-vocabulary entropy.
         entropy_grad: keep the entropy in the autograd graph (only needed for an exact-entropy
             bonus); False saves the [B, chunk, V] activations autograd would otherwise keep.
+        temperature: [B] per-row temperature T > 0, or None for T = 1: the values are those of
+            softmax(logits / T), the scaling done in float32 as the rollout engines do (so the
+            log-probs match the sampler's to float precision).
     Returns:
         (logp [B, L] float32, entropy [B, L] float32 or None). Gradients flow to ``logits``.
     """
@@ -51,6 +56,8 @@ def token_logprobs_and_entropy(
     logp_parts, ent_parts = [], []
     for start in range(0, logits.shape[1], chunk):
         lc = logits[:, start : start + chunk].float()
+        if temperature is not None:
+            lc = lc / temperature.to(device=lc.device, dtype=lc.dtype).view(-1, 1, 1)
         log_probs = F.log_softmax(lc, dim=-1)
         logp_parts.append(log_probs.gather(-1, labels[:, start : start + chunk].unsqueeze(-1)).squeeze(-1))
         if with_entropy:
@@ -72,19 +79,20 @@ def shifted_logprobs_and_entropy(
     chunk: int = 1024,
     with_entropy: bool = True,
     entropy_grad: bool = True,
+    temperature: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Causal-LM version: the log-prob of token t comes from the logits at position t - 1.
 
     Args:
         logits: [B, L, V] the model output for input_ids.
         input_ids: [B, L] the tokens.
-        chunk, with_entropy, entropy_grad: see :func:`token_logprobs_and_entropy`.
+        chunk, with_entropy, entropy_grad, temperature: see :func:`token_logprobs_and_entropy`.
     Returns:
         (logp [B, L], entropy [B, L] or None), aligned with input_ids; position 0 (no context) is 0.
     """
     # logits[:, :-1] is a view: no copy of the [B, L, V] tensor is made here
     logp, entropy = token_logprobs_and_entropy(
-        logits[:, :-1], input_ids[:, 1:], chunk, with_entropy, entropy_grad
+        logits[:, :-1], input_ids[:, 1:], chunk, with_entropy, entropy_grad, temperature
     )
     logp = F.pad(logp, (1, 0), value=0.0)
     if entropy is not None:

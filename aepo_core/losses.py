@@ -23,10 +23,51 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def loss_sum(values: Tensor, mask: Tensor, mode: LossAgg = "token_mean") -> Tensor:
+    """The numerator of :func:`aggregate`: what one micro-batch adds to its mini-batch's loss.
+
+    Args:
+        values: [B, L] per-token values.
+        mask: [B, L] 1 on the tokens that count.
+        mode: "token_mean" and "constant": sum(v * m); "seq_mean_token_mean": the sum over rows (with
+            at least one token) of each row's token mean.
+    Returns:
+        scalar tensor; summed over a partition of the rows it is the value for all of them.
+    """
+    mask = mask.to(values.dtype)
+    if mode in ("token_mean", "constant"):
+        return (values * mask).sum()
+    if mode == "seq_mean_token_mean":
+        tokens = mask.sum(dim=1)
+        row_means = (values * mask).sum(dim=1) / tokens.clamp(min=1.0)
+        return (row_means * (tokens > 0).to(values.dtype)).sum()
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+def loss_normaliser(mask: Tensor, mode: LossAgg = "token_mean", constant: float | None = None) -> float:
+    """The denominator of :func:`aggregate`, as a plain count over the rows of ``mask`` [B, L].
+
+    "token_mean": the number of tokens that count; "seq_mean_token_mean": the number of rows with at
+    least one such token; "constant": B * constant (Dr. GRPO). Counts add up over a partition of the
+    rows (and can be all-reduced over processes), so computing it once over a whole mini-batch and
+    dividing every micro-batch's :func:`loss_sum` by it gives the mini-batch's aggregate whatever the
+    micro-batch partition (verl issue 5625). Never 0: an empty part normalises to 1 (or 1 * constant).
+    """
+    if mode == "token_mean":
+        return max(float(mask.sum()), 1.0)
+    if mode == "seq_mean_token_mean":
+        return max(float((mask.sum(dim=1) > 0).sum()), 1.0)
+    if mode == "constant":
+        if constant is None or constant <= 0:
+            raise ValueError("aggregate mode 'constant' needs a positive constant")
+        return float(max(mask.shape[0], 1) * constant)  # no rows: the sum is 0 anyway
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
 def aggregate(
     values: Tensor, mask: Tensor, mode: LossAgg = "token_mean", constant: float | None = None
 ) -> Tensor:
-    """Reduce per-token values to the scalar loss.
+    """Reduce per-token values to the scalar loss: ``loss_sum / loss_normaliser`` over one batch.
 
     Args:
         values: [B, L] per-token loss.
@@ -38,19 +79,44 @@ def aggregate(
     Returns:
         scalar tensor; 0 when no token counts.
     """
-    mask = mask.to(values.dtype)
-    if mode == "token_mean":
-        return masked_mean(values, mask)
-    if mode == "seq_mean_token_mean":
-        tokens = mask.sum(dim=1)
-        row_means = (values * mask).sum(dim=1) / tokens.clamp(min=1.0)
-        has_tokens = (tokens > 0).to(values.dtype)
-        return (row_means * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
-    if mode == "constant":
-        if constant is None or constant <= 0:
-            raise ValueError("aggregate mode 'constant' needs a positive constant")
-        return (values * mask).sum() / (values.shape[0] * constant)
-    raise ValueError(f"unknown loss aggregation {mode!r}")
+    if mode == "constant" and (constant is None or constant <= 0):
+        raise ValueError("aggregate mode 'constant' needs a positive constant")
+    return loss_sum(values, mask, mode) / loss_normaliser(mask, mode, constant)
+
+
+def role_normalisers(
+    mask: Tensor,
+    reinforce_rows: Tensor,
+    separate: bool,
+    mode: LossAgg = "token_mean",
+    constant: float | None = None,
+) -> tuple[float, float]:
+    """The (GRPO, REINFORCE) normalisers of a mini-batch for :func:`role_loss_sums`.
+
+    Args:
+        mask: [B, L] 1 on the response tokens of the whole mini-batch.
+        reinforce_rows: [B] bool, True for AEPO REINFORCE rows.
+        separate: False ("replace", reference code): both parts share the mini-batch's normaliser;
+            True ("add", the paper's J_GRPO + alpha * J_REINFORCE): each part over its own rows.
+    Returns:
+        two counts (see :func:`loss_normaliser`), to be all-reduced when rows are spread over ranks.
+    """
+    if not separate:
+        shared = loss_normaliser(mask, mode, constant)
+        return shared, shared
+    reinforce_rows = reinforce_rows.bool()
+    return (
+        loss_normaliser(mask[~reinforce_rows], mode, constant),
+        loss_normaliser(mask[reinforce_rows], mode, constant),
+    )
+
+
+def role_loss_sums(
+    token_loss: Tensor, mask: Tensor, reinforce_rows: Tensor, mode: LossAgg = "token_mean"
+) -> tuple[Tensor, Tensor]:
+    """The (GRPO, REINFORCE) :func:`loss_sum` of a micro-batch; token_loss, mask [B, L], rows [B]."""
+    r = reinforce_rows.to(token_loss.dtype).unsqueeze(1)
+    return loss_sum(token_loss * (1.0 - r), mask, mode), loss_sum(token_loss * r, mask, mode)
 
 
 def role_losses(
@@ -61,35 +127,25 @@ def role_losses(
     mode: LossAgg = "token_mean",
     constant: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Split a micro-batch's aggregated loss into its GRPO part and its REINFORCE part.
+    """A batch's aggregated loss split into its GRPO part and its REINFORCE part.
 
     Args:
         token_loss: [B, L] per-token loss (row weights, e.g. alpha, already applied).
         mask: [B, L] 1 on the tokens that count.
         reinforce_rows: [B] bool, True for AEPO REINFORCE rows.
-        separate: False ("replace" mode, the reference code): both parts share the micro-batch's
+        separate: False ("replace" mode, the reference code): both parts share the batch's
             normaliser (e.g. all its response tokens), so grpo + reinforce == aggregate(token_loss);
             True ("add" mode, the paper's grad J_GRPO + alpha * E[grad log pi * R]): each part is
             aggregated over its own rows only (token_mean: its own token count; constant: its own
             row count times the constant), so neither part is diluted by the other's tokens.
         mode, constant: see :func:`aggregate`.
     Returns:
-        (grpo scalar, reinforce scalar); a part with no rows is 0.
+        (grpo scalar, reinforce scalar); a part with no rows is 0. The update step uses the same
+        pieces (:func:`role_loss_sums` / :func:`role_normalisers`) with mini-batch normalisers.
     """
-    reinforce_rows = reinforce_rows.bool()
-    if not separate:
-        r = reinforce_rows.to(token_loss.dtype).unsqueeze(1)
-        return (
-            aggregate(token_loss * (1.0 - r), mask, mode, constant),
-            aggregate(token_loss * r, mask, mode, constant),
-        )
-    parts = []
-    for rows in (~reinforce_rows, reinforce_rows):
-        if bool(rows.any()):
-            parts.append(aggregate(token_loss[rows], mask[rows], mode, constant))
-        else:
-            parts.append(token_loss.sum() * 0.0)  # keeps the graph (and the device) without a term
-    return parts[0], parts[1]
+    grpo_norm, reinforce_norm = role_normalisers(mask, reinforce_rows, separate, mode, constant)
+    grpo_sum, reinforce_sum = role_loss_sums(token_loss, mask, reinforce_rows, mode)
+    return grpo_sum / grpo_norm, reinforce_sum / reinforce_norm
 
 
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:

@@ -342,6 +342,24 @@ def role_batches(rollouts: pa.Table, reward_of: np.ndarray, pad_id: int) -> dict
     return batches
 
 
+_REFERENCE: dict[tuple[str, str], Any] = {}
+
+
+def reference_policy(path: Path, device: torch.device, trust_remote_code: bool = False):
+    """The frozen reference policy for ``algorithm.kl_coef > 0``: loaded once per process and path.
+
+    eval() mode, every parameter with requires_grad False, so no optimiser or backward pass can
+    touch it. The cache holds one model (a new path replaces the old one).
+    """
+    key = (str(Path(path).resolve()), str(device))
+    if key not in _REFERENCE:
+        _REFERENCE.clear()
+        ref = load_policy(path, device=device, trust_remote_code=trust_remote_code).eval()
+        ref.requires_grad_(False)
+        _REFERENCE[key] = ref
+    return _REFERENCE[key]
+
+
 def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str, Any]:
     """One AEPO (or baseline) update on this iteration's rollouts; saves policy, optimiser, batch record."""
     started = time.perf_counter()
@@ -373,10 +391,12 @@ def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(batches[POLICY][0]), desc="update", unit="row", leave=False)
+    # the k3 KL's reference: the run's starting policy, loaded once per process and never trained
+    ref_policy = reference_policy(policy_dir(run, 0), device, cfg.model.trust_remote_code) if cfg.algorithm.kl_coef > 0 else None
     try:
         result = update_step(
             policy, optimizer, batches[POLICY][1], batches[REGULARISER][1], cfg.algorithm, cfg.trainer, controller,
-            group_size=cfg.rollout.n, progress=bar.update if bar is not None else None,
+            group_size=cfg.rollout.n, ref_policy=ref_policy, progress=bar.update if bar is not None else None,
         )
     finally:
         if bar is not None:

@@ -8,31 +8,37 @@ Order of work (aepo-algorithm.md, steps 4 and 8-13):
   1. GRPO advantages of the policy batch (groups of ``group_size`` consecutive rows).
   2. aepo only: advantages A_T of the regulariser batch in its own groups, POS = A_T > threshold,
      k from the controller state, X = assemble_batch(...) (REINFORCE rows first).
-  3. Old log-probs of every row of X at T = 1 (no grad), with the same mini/micro-batch partition
-     the update uses, so the first mini-batch's ratio is exactly 1; also the exact entropy of
-     pi_old (entropy_adv) and the reference log-probs (kl_coef > 0).
+  3. Old log-probs of every row of X at its scoring temperature (no grad), with the same
+     mini/micro-batch partition the update uses, so the first mini-batch's ratio is exactly 1; also
+     the exact entropy of pi_old (entropy_adv) and the reference log-probs (kl_coef > 0).
   4. X is split IN ORDER into trainer.mini_batches mini-batches (no shuffling), each into
      micro-batches of trainer.micro_batch_size rows with gradient accumulation; one optimiser step
      with grad-norm clipping per mini-batch. If the k REINFORCE rows do not fit in the first
      mini-batch, a warning says how many spill into later (off-policy) mini-batches.
-  5. Entropy (both estimators) is measured on the update's own forward passes: the average over
-     micro-batches of the token mean, as the reference code does; h_prev for the next step is the
-     configured estimator over all rows of X. Micro-batches without response tokens are skipped
-     (no forward pass, nothing added to any average).
+  5. Entropy (both estimators, at T = 1) is measured on the update's own forward passes: the mean
+     over all response tokens of X; h_prev for the next step is the configured estimator over all
+     rows of X. Micro-batches without response tokens are skipped (no forward pass).
 
-Micro-batch weighting (verl convention): each micro-batch's loss is aggregated over its own tokens
-(``algorithm.loss_agg``) and weighted 1 / n_micro, n_micro the number of micro-batches of the
-mini-batch. With token_mean this is the mini-batch token mean only when every micro-batch holds the
-same number of response tokens: a short last micro-batch (fewer rows or tokens) is overweighted per
-token. The same holds for the entropy metrics and h_prev (a mean of micro-batch means).
+Temperature rule (:func:`scoring_temperatures`, the one place): policy rows are scored at the
+temperature they were sampled at (log-probs, ratio, clip and KL of softmax(logits / T)); AEPO's
+REINFORCE rows at T = 1 (the reference algorithm); every entropy the step reports, and h_prev, at
+T = 1.
+
+Loss normaliser (micro-batch invariant): ``algorithm.loss_agg`` is over the whole MINI-batch. Its
+normaliser -- token_mean: the mini-batch's response-token count; seq_mean_token_mean: its rows with
+tokens; constant: its rows times loss_constant (:func:`aepo_core.losses.loss_normaliser`) -- is
+counted before the first forward pass, and every micro-batch's loss SUM is divided by it, so the
+accumulated gradient is the same for any micro-batch partition (verl issue 5625 fixed the 1 / n_micro
+weighting the same way). The counts add up over rows, so a distributed step all-reduces them. The
+metrics are token-weighted over the whole batch (entropy, clip fractions, ratios) or one value per
+mini-batch averaged over mini-batches (losses).
 
 Combining the two row kinds (``algorithm.combine``, :func:`aepo_core.losses.role_losses`):
-  - replace (reference code): GRPO and REINFORCE rows share each micro-batch's normaliser, e.g.
-    loss = sum over all response tokens of the micro-batch / their count;
+  - replace (reference code): GRPO and REINFORCE rows share the mini-batch's normaliser, e.g.
+    loss = sum over all response tokens of the mini-batch / their count;
   - add (paper): loss = J_GRPO + alpha * J_REINFORCE, the GRPO rows aggregated over the GRPO rows'
-    own tokens and the REINFORCE rows over theirs (alpha is the REINFORCE rows' weight); each part
-    is averaged over the micro-batches that hold its tokens, so a micro-batch partition does not
-    dilute alpha. Metrics: loss/grpo is J_GRPO, loss/reinforce is alpha * J_REINFORCE.
+    own tokens and the REINFORCE rows over theirs in the mini-batch (alpha is the REINFORCE rows'
+    weight). Metrics: loss/grpo is J_GRPO, loss/reinforce is alpha * J_REINFORCE.
 
 Dropout: old log-probs are computed in eval() (no dropout). The update's forward passes keep the
 model in train() -- transformers (5.x) only applies activation checkpointing when the layer's
@@ -75,12 +81,14 @@ from aepo_core.batch import ROLE_REINFORCE, SequenceBatch
 from aepo_core.config import AlgorithmConfig, TrainerConfig
 from aepo_core.entropy import shifted_logprobs_and_entropy
 from aepo_core.losses import (
-    aggregate,
     clipped_token_loss,
     kl_k3,
+    loss_normaliser,
+    loss_sum,
     masked_mean,
     policy_loss_diagnostics,
-    role_losses,
+    role_loss_sums,
+    role_normalisers,
 )
 
 
@@ -243,10 +251,50 @@ def prepare_update_batch(
     )
 
 
+# ---------------------------------------------------------------------------------------- temperatures
+def scoring_temperatures(batch: SequenceBatch) -> Tensor | None:
+    """The temperature at which each row's log-probs, ratio and clip are computed: THE rule.
+
+    - policy (GRPO) rows: the temperature they were sampled at (``rollout.temperature``), so the
+      update scores exactly the distribution the engine sampled from -- the first on-policy ratio is
+      1 and pi_old's log-probs equal the engine's (TRL, verl and OpenRLHF do the same);
+    - AEPO REINFORCE rows: T = 1 whatever temperature the controller sampled them at -- the reference
+      algorithm's E_{y ~ pi^T}[grad log pi(y)] with pi the policy itself (aepo-algorithm.md);
+    - the entropy the controller reads (and every ``entropy/*`` metric) is always at T = 1.
+
+    Args:
+        batch: [B] rows with ``temperatures`` and ``roles``.
+    Returns:
+        [B] float32 temperatures, or None when every row is scored at T = 1 (no rescaling at all).
+    Raises:
+        ValueError: a policy row sampled at T <= 0 (greedy) has no log-probability to train on.
+    """
+    is_reinforce = torch.tensor([r == ROLE_REINFORCE for r in batch.roles], dtype=torch.bool)
+    temps = torch.where(is_reinforce, torch.ones(len(batch)), batch.temperatures.float().cpu())
+    if bool((temps <= 0).any()):
+        raise ValueError(
+            "policy rows sampled greedily (temperature 0) cannot be trained: set rollout.temperature > 0"
+        )
+    return None if bool((temps == 1.0).all()) else temps
+
+
 # ---------------------------------------------------------------------------------------- forward passes
-def _forward(policy, mb: SequenceBatch, chunk: int, with_entropy: bool, entropy_grad: bool):
+def _forward(policy, mb: SequenceBatch, chunk: int, temps: Tensor | None, with_entropy: bool,
+             entropy_grad: bool, t1_grad: bool = False):
+    """One forward pass -> (logp at the scoring temperature, logp at T = 1, exact entropy at T = 1).
+
+    All [b, L] float32; the entropy is None unless ``with_entropy``. ``temps`` [b] (None: every row
+    at T = 1, and both log-probs are the same tensor). The T = 1 log-probs keep their graph only with
+    ``t1_grad`` (the nll entropy bonus needs it).
+    """
     logits = policy(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
-    return shifted_logprobs_and_entropy(logits, mb.input_ids, chunk, with_entropy, entropy_grad)
+    if temps is None:
+        logp, entropy = shifted_logprobs_and_entropy(logits, mb.input_ids, chunk, with_entropy, entropy_grad)
+        return logp, logp, entropy
+    logp_t, _ = shifted_logprobs_and_entropy(logits, mb.input_ids, chunk, False, False, temps)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and (t1_grad or entropy_grad)):
+        logp_1, entropy = shifted_logprobs_and_entropy(logits, mb.input_ids, chunk, with_entropy, entropy_grad)
+    return logp_t, logp_1, entropy
 
 
 @torch.no_grad()
@@ -257,8 +305,9 @@ def compute_logprobs(
     chunk: int,
     amp_dtype: torch.dtype | None = None,
     with_entropy: bool = False,
+    temperatures: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Log-probs (and exact entropy) of every row at T = 1, without grad, micro-batch by micro-batch.
+    """Log-probs (and exact entropy) of every row, without grad, micro-batch by micro-batch.
 
     Args:
         model: HF causal LM.
@@ -267,7 +316,8 @@ def compute_logprobs(
             numerics of the first mini-batch match the update exactly).
         chunk: sequence chunk for the log-softmax.
         amp_dtype: autocast dtype or None.
-        with_entropy: also return the per-token exact entropy.
+        with_entropy: also return the per-token exact entropy (at T = 1).
+        temperatures: [B] scoring temperature per row (:func:`scoring_temperatures`); None: T = 1.
     Returns:
         (logp [B, L] float32, entropy [B, L] float32 or None); zeros beyond each micro-batch's
         trimmed length (padding).
@@ -281,14 +331,35 @@ def compute_logprobs(
         for micro in partition:
             for rows in micro:
                 mb = batch.select(list(rows)).trimmed()
+                temps = temperatures[rows.start : rows.stop] if temperatures is not None else None
                 with _autocast(device, amp_dtype):
-                    lp, h = _forward(model, mb, chunk, with_entropy, entropy_grad=False)
+                    lp, _, h = _forward(model, mb, chunk, temps, with_entropy, entropy_grad=False)
                 logp[rows.start : rows.stop, : mb.seq_len] = lp.float()
                 if with_entropy:
                     ent[rows.start : rows.stop, : mb.seq_len] = h.float()
     finally:
         model.train(was_training)
     return logp, ent
+
+
+class _TokenMeans:
+    """Token-weighted means over everything a step measured: sum(value * tokens) / sum(tokens).
+
+    Each micro-batch adds (its mean, its token count), so the result is the mean over all tokens
+    whatever the micro-batch partition; (sum, count) pairs are what a distributed step all-reduces.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, float] = defaultdict(float)
+
+    def add(self, key: str, mean: float, count: float) -> None:
+        if count > 0:
+            self.sums[key] += mean * count
+            self.counts[key] += count
+
+    def result(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k] > 0}
 
 
 @contextlib.contextmanager
@@ -360,8 +431,8 @@ def update_step(
         policy: HF causal LM (``policy(input_ids=..., attention_mask=...).logits`` -> [b, L, V]); the
             batch is moved to the device of its parameters.
         optimizer: optimiser over the policy's trainable parameters (e.g. AdamW from trainer_cfg).
-        policy_batch: [B, L] rows sampled at T = 1, groups of group_size consecutive rows, with
-            0/1 rewards.
+        policy_batch: [B, L] rows sampled at rollout.temperature (``temperatures`` set), groups of
+            group_size consecutive rows, with 0/1 rewards.
         regulariser_batch: [M, L'] rows for the first reg_prompt_fraction of the prompts sampled at the
             controller's temperature (temperatures set), with rewards, in groups of
             regulariser_group_size (default group_size); only for algorithm "aepo", else None.
@@ -369,7 +440,8 @@ def update_step(
         controller: the controller state entering this step.
         group_size: n, responses per prompt in policy_batch.
         regulariser_group_size: n of the regulariser batch, default group_size.
-        ref_policy: reference model for the k3 KL term (needed when algo_cfg.kl_coef > 0).
+        ref_policy: reference model for the k3 KL term (needed when algo_cfg.kl_coef > 0), never
+            trained; scored at the same temperatures as the policy.
         progress: called with the number of rows done after each micro-batch (progress bars).
         recompute_old_logprobs: run the separate no-grad pass for pi_old's log-probs. None (default):
             only when needed, i.e. with more than one mini-batch or for entropy_adv; otherwise the
@@ -377,9 +449,10 @@ def update_step(
     Returns:
         UpdateResult(metrics, per-row records, new controller state).
 
-    Gradient accumulation follows verl: each micro-batch's aggregated loss weighs 1 / n_micro, so
-    an uneven (shorter) last micro-batch is overweighted per token; micro-batches with no response
-    token are skipped. Warns (does not raise) when the k REINFORCE rows do not all fit in the first
+    Gradient accumulation divides each micro-batch's loss sum by the mini-batch's normaliser, so the
+    step does not depend on the micro-batch partition; micro-batches with no response token are
+    skipped. Policy rows are scored at their sampling temperature, REINFORCE rows at T = 1
+    (:func:`scoring_temperatures`). Warns (does not raise) when the k REINFORCE rows do not all fit in the first
     mini-batch. Dropout is disabled for all forward passes (see the module docstring).
     """
     name = algo_cfg.name
@@ -406,20 +479,24 @@ def update_step(
             stacklevel=2,
         )
 
-    # step 11: old log-probs at T = 1 for every row, also those sampled at T_high / T_low. With a
-    # single mini-batch the update is exactly on-policy (pi_old = pi_theta), so by default the
-    # training forward pass's own detached log-probs serve as the old ones and the extra no-grad pass
-    # is skipped; entropy_adv still needs pi_old's entropy before its first forward pass.
+    # step 11: old log-probs of every row at its scoring temperature (scoring_temperatures: the
+    # sampling temperature for policy rows, T = 1 for REINFORCE rows). With a single mini-batch the
+    # update is exactly on-policy (pi_old = pi_theta), so by default the training forward pass's own
+    # detached log-probs serve as the old ones and the extra no-grad pass is skipped; entropy_adv
+    # still needs pi_old's entropy before its first forward pass.
+    temps = scoring_temperatures(batch)
+    if temps is not None:
+        temps = temps.to(device)
     if recompute_old_logprobs is None:
         recompute_old_logprobs = len(partition) > 1 or name == "entropy_adv"
     old_logp = old_entropy = None
     if recompute_old_logprobs:
         old_logp, old_entropy = compute_logprobs(
-            policy, batch, partition, chunk, amp_dtype, with_entropy=(name == "entropy_adv")
+            policy, batch, partition, chunk, amp_dtype, with_entropy=(name == "entropy_adv"), temperatures=temps
         )
     ref_logp = None
     if algo_cfg.kl_coef > 0:
-        ref_logp, _ = compute_logprobs(ref_policy, batch, partition, chunk, amp_dtype)
+        ref_logp, _ = compute_logprobs(ref_policy, batch, partition, chunk, amp_dtype, temperatures=temps)
 
     advantages = batch.advantages
     if name == "entropy_adv":
@@ -444,9 +521,11 @@ def update_step(
     # one device sync for all rows, instead of one per micro-batch
     row_tokens = batch.response_mask.sum(dim=1).tolist()
     separate = algo_cfg.combine == "add"
-    agg = (algo_cfg.loss_agg, algo_cfg.loss_constant)
+    mode, constant = algo_cfg.loss_agg, algo_cfg.loss_constant
     params = [p for p in policy.parameters() if p.requires_grad]
-    sums: dict[str, list[float]] = defaultdict(list)
+    means = _TokenMeans()  # token-weighted metrics over the whole batch
+    per_mini_batch: dict[str, list[float]] = defaultdict(list)  # losses: one value per mini-batch
+    ratio_extremes: dict[str, float] = {"actor/ratio_max": -math.inf, "actor/ratio_min": math.inf}
     reinforce_ratios: list[Tensor] = []
     grad_norms: list[float] = []
     skipped = 0
@@ -463,81 +542,87 @@ def update_step(
         with dropout_disabled(policy):
             for mb_index, micro in enumerate(partition):
                 optimizer.zero_grad(set_to_none=True)
-                # verl convention: every micro-batch weighs 1 / n_micro (see the module docstring)
-                n_micro = len(micro)
-                # "add" mode: each role is averaged over the micro-batches that hold its tokens, so
-                # the loss is J_GRPO + alpha * J_REINFORCE whatever the micro-batch partition
-                n_grpo = sum(has_tokens(rows, False) for rows in micro) or 1
-                n_reinf = sum(has_tokens(rows, True) for rows in micro) or 1
-                w_grpo = 1.0 / (n_grpo if separate else n_micro)
-                w_reinf = 1.0 / (n_reinf if separate else n_micro)
+                # The mini-batch's normalisers, known before its first forward pass: every
+                # micro-batch's loss sum is divided by them, so the step is the mini-batch's
+                # aggregate whatever the micro-batch partition (see the module docstring).
+                span = slice(micro[0].start, micro[-1].stop)
+                mb_mask, mb_reinforce = batch.response_mask[span], is_reinforce[span]
+                norm_grpo, norm_reinf = role_normalisers(mb_mask, mb_reinforce, separate, mode, constant)
+                norm_all = loss_normaliser(mb_mask, mode, constant)
+                mb_losses: dict[str, float] = defaultdict(float)
                 for rows in micro:
                     for r in rows:
                         row_mini_batch[r] = mb_index
                     if not has_tokens(rows):
-                        # no response token: no gradient, and no entropy 0 / ratio 1 in the averages
-                        continue
+                        continue  # no response token: no gradient, nothing to measure
                     sel = slice(rows.start, rows.stop)
                     mb = batch.select(list(rows)).trimmed()
                     length = mb.seq_len
                     mask = mb.response_mask
+                    mb_temps = temps[sel] if temps is not None else None
                     with _autocast(device, amp_dtype):
-                        logp, token_entropy = _forward(policy, mb, chunk, True, entropy_grad=bonus_exact)
-                    logp = logp.float()
+                        logp, logp_t1, token_entropy = _forward(
+                            policy, mb, chunk, mb_temps, True, entropy_grad=bonus_exact,
+                            t1_grad=bonus_coef > 0,
+                        )
+                    logp, logp_t1 = logp.float(), logp_t1.float()
                     old = old_logp[sel, :length] if old_logp is not None else logp.detach()
                     token_loss, ind = clipped_token_loss(
                         logp, old, mb.advantages, algo_cfg.clip_low, algo_cfg.clip_high, algo_cfg.dual_clip
                     )
                     token_loss = token_loss * mb.weights.unsqueeze(1)
                     reinf_rows = is_reinforce[sel]
-                    # replace: one shared denominator (grpo + reinforce == the micro-batch's loss);
-                    # add: each part over its own rows' tokens, alpha carried by the row weights
-                    grpo_part, reinforce_part = role_losses(token_loss, mask, reinf_rows, separate, *agg)
-                    total = w_grpo * grpo_part + w_reinf * reinforce_part
-                    loss_value = grpo_part + reinforce_part
+                    # replace: one shared normaliser; add: each part over its own rows' tokens, alpha
+                    # carried by the row weights
+                    grpo_sum, reinforce_sum = role_loss_sums(token_loss, mask, reinf_rows, mode)
+                    total = grpo_sum / norm_grpo + reinforce_sum / norm_reinf
+                    mb_losses["loss/grpo"] += grpo_sum.item() / norm_grpo
+                    mb_losses["loss/reinforce"] += reinforce_sum.item() / norm_reinf
                     if ref_logp is not None:
-                        kl = aggregate(kl_k3(logp, ref_logp[sel, :length]), mask, *agg)
-                        total = total + algo_cfg.kl_coef * kl / n_micro
-                        loss_value = loss_value + algo_cfg.kl_coef * kl
-                        sums["loss/kl"].append(kl.item())
+                        kl = loss_sum(kl_k3(logp, ref_logp[sel, :length]), mask, mode) / norm_all
+                        total = total + algo_cfg.kl_coef * kl
+                        mb_losses["loss/kl"] += kl.item()
                     if bonus_coef > 0:
                         # exact: differentiable full-vocabulary entropy; nll: value -log p, gradient
                         # the score-function estimate of grad H (plain -log p has E[grad] = 0)
-                        bonus_entropy = token_entropy if bonus_exact else nll_entropy_surrogate(logp)
-                        bonus = entropy_bonus_term(aggregate(bonus_entropy, mask, *agg), bonus_coef)
-                        total = total + bonus / n_micro
-                        loss_value = loss_value + bonus
-                        sums["loss/entropy_bonus"].append(bonus.item())
+                        bonus_entropy = token_entropy if bonus_exact else nll_entropy_surrogate(logp_t1)
+                        bonus = entropy_bonus_term(loss_sum(bonus_entropy, mask, mode) / norm_all, bonus_coef)
+                        total = total + bonus
+                        mb_losses["loss/entropy_bonus"] += bonus.item()
+                    mb_losses["loss/total"] += total.item()
                     total.backward()
                     if progress is not None:
                         progress(len(rows))
 
                     with torch.no_grad():
-                        if not separate or has_tokens(rows, False):
-                            sums["loss/grpo"].append(grpo_part.item())
-                        if not separate or has_tokens(rows, True):
-                            sums["loss/reinforce"].append(reinforce_part.item())
-                        sums["loss/total"].append(loss_value.item())
-                        for key, value in policy_loss_diagnostics(logp, old, mask, ind).items():
-                            sums[f"actor/{key}"].append(value)
-                        h_all = {
-                            "nll": masked_mean(-logp.detach(), mask),
-                            "exact": masked_mean(token_entropy.detach(), mask),
-                        }
-                        for est, value in h_all.items():
-                            sums[f"entropy/{est}"].append(value.item())
-                        reinf = reinf_rows.to(mask.dtype).unsqueeze(1)
-                        if has_tokens(rows, False):
-                            policy_mask = mask * (1.0 - reinf)
-                            sums["entropy/nll_policy_rows"].append(
-                                masked_mean(-logp.detach(), policy_mask).item()
-                            )
-                            sums["entropy/exact_policy_rows"].append(
-                                masked_mean(token_entropy.detach(), policy_mask).item()
-                            )
+                        tokens = float(mask.sum())
+                        diagnostics = policy_loss_diagnostics(logp, old, mask, ind)
+                        for key, value in diagnostics.items():
+                            if key in ("ratio_max", "ratio_min"):
+                                pick = max if key == "ratio_max" else min
+                                ratio_extremes[f"actor/{key}"] = pick(ratio_extremes[f"actor/{key}"], value)
+                            else:
+                                means.add(f"actor/{key}", value, tokens)
+                        # the entropy the controller reads: at T = 1, over every row (reference code)
+                        means.add("entropy/nll", masked_mean(-logp_t1.detach(), mask).item(), tokens)
+                        means.add("entropy/exact", masked_mean(token_entropy.detach(), mask).item(), tokens)
+                        policy_mask = mask * (1.0 - reinf_rows.to(mask.dtype).unsqueeze(1))
+                        policy_tokens = float(policy_mask.sum())
+                        if policy_tokens > 0:
+                            means.add("entropy/nll_policy_rows", masked_mean(-logp_t1.detach(), policy_mask).item(), policy_tokens)
+                            means.add("entropy/exact_policy_rows", masked_mean(token_entropy.detach(), policy_mask).item(), policy_tokens)
                         if has_tokens(rows, True):
-                            reinf_mask = (mask * reinf).bool()
+                            reinf_mask = (mask * reinf_rows.to(mask.dtype).unsqueeze(1)).bool()
                             reinforce_ratios.append(ind["ratio"].detach()[reinf_mask].float())
+                span_rows = range(span.start, span.stop)
+                if has_tokens(span_rows):
+                    for key, value in mb_losses.items():
+                        # add mode: a part is recorded for the mini-batches that hold its rows
+                        if separate and key == "loss/grpo" and not has_tokens(span_rows, False):
+                            continue
+                        if separate and key == "loss/reinforce" and not has_tokens(span_rows, True):
+                            continue
+                        per_mini_batch[key].append(value)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, trainer_cfg.grad_clip)
                 grad_norms.append(float(grad_norm))
                 if math.isfinite(float(grad_norm)):
@@ -549,7 +634,9 @@ def update_step(
     finally:
         policy.train(was_training)
 
-    metrics: dict[str, float] = {key: sum(v) / len(v) for key, v in sums.items() if v}
+    metrics: dict[str, float] = {key: sum(v) / len(v) for key, v in per_mini_batch.items() if v}
+    metrics.update(means.result())
+    metrics.update({k: v for k, v in ratio_extremes.items() if math.isfinite(v)})
     metrics.update(prepared.info)
     finite_norms = [g for g in grad_norms if math.isfinite(g)]
     metrics["actor/grad_norm"] = sum(finite_norms) / len(finite_norms) if finite_norms else float("nan")

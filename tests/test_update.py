@@ -484,9 +484,9 @@ def test_empty_micro_batches_are_skipped_in_the_averages():
     batch = make_batch(responses, [1, 0, 1, 1, 0, 1], seed=3)
     logp, ent = _forward_logp_entropy(model, batch)
     mask = batch.response_mask
-    mbs = [slice(0, 2), slice(4, 6)]  # micro-batch [2:4] has no response token
-    nll = sum(nll_entropy(logp[s], mask[s]).item() for s in mbs) / 2
-    exact = sum(exact_entropy(ent[s], mask[s]).item() for s in mbs) / 2
+    # micro-batch [2:4] has no response token: skipped, and the metrics are the token means of all
+    nll = nll_entropy(logp, mask).item()
+    exact = exact_entropy(ent, mask).item()
     trainer = TrainerConfig(lr=1e-3, micro_batch_size=2)
     res = update_step(
         model,
@@ -532,16 +532,17 @@ def test_gradient_accumulation_matches_one_micro_batch_for_equal_micro_batches()
     _assert_grads_close(grads[2][0], grads[None][0])
 
 
-def test_h_prev_is_the_average_over_micro_batches_of_token_mean_nll():
+def test_h_prev_is_the_token_mean_nll_over_the_whole_batch_not_a_mean_of_micro_batch_means():
     model = tiny_qwen()
     batch = policy_batch()
     logp, ent = _forward_logp_entropy(model, batch)
     mask = batch.response_mask
     # micro-batches [0:5] (3+2+4+1+3 = 13 tokens) and [5:8] (2+2+3 = 7 tokens)
     per_micro = [nll_entropy(logp[s], mask[s]).item() for s in (slice(0, 5), slice(5, 8))]
-    expected = sum(per_micro) / 2
-    token_mean = nll_entropy(logp, mask).item()
-    assert abs(expected - token_mean) > 1e-4  # the two definitions differ on this batch
+    mean_of_means = sum(per_micro) / 2
+    token_mean = (13 * per_micro[0] + 7 * per_micro[1]) / 20
+    assert token_mean == pytest.approx(nll_entropy(logp, mask).item(), abs=1e-6)
+    assert abs(mean_of_means - token_mean) > 1e-4  # the two definitions differ on this batch
     trainer = TrainerConfig(lr=1e-3, micro_batch_size=5)
     res = update_step(
         model,
@@ -553,8 +554,113 @@ def test_h_prev_is_the_average_over_micro_batches_of_token_mean_nll():
         ControllerState(),
         group_size=2,
     )
-    assert res.metrics["entropy/nll"] == pytest.approx(expected, abs=1e-5)
-    assert res.controller.h_prev == pytest.approx(expected, abs=1e-5)
+    assert res.metrics["entropy/nll"] == pytest.approx(token_mean, abs=1e-5)
+    assert res.metrics["entropy/exact"] == pytest.approx(exact_entropy(ent, mask).item(), abs=1e-5)
+    assert res.controller.h_prev == pytest.approx(token_mean, abs=1e-5)
+
+
+# issue 12 case 6: 2 prompts x 2 samples, rewards 1, 0, 1, 0, response lengths 2, 2, 12, 12
+UNEVEN_RESPONSES = [[4, 5], [6, 7], list(range(8, 20)), list(range(20, 32))]
+
+
+@pytest.mark.parametrize(
+    "algo",
+    [
+        AlgorithmConfig(name="grpo"),
+        AlgorithmConfig(name="grpo", loss_agg="seq_mean_token_mean"),
+        AlgorithmConfig(name="grpo", loss_agg="constant", loss_constant=16.0),
+        AlgorithmConfig(name="entropy_reg", entropy_bonus_estimator="nll"),
+        AlgorithmConfig(name="aepo", combine="add", alpha=0.5, reinforce_sample_num=2),
+    ],
+    ids=["token_mean", "seq_mean_token_mean", "constant", "entropy_reg_nll", "aepo_add"],
+)
+def test_step_does_not_depend_on_the_micro_batch_partition(algo):
+    batch = make_batch(UNEVEN_RESPONSES, [1, 0, 1, 0], seed=5)
+    reg = make_batch([[4, 5, 6], [7], [8, 9], list(range(10, 19))], [1, 0, 0, 1], 1.2, seed=6)
+    if algo.name != "aepo":
+        reg = None
+    grads, steps, metrics = {}, {}, {}
+    for micro in (None, 1, 2, 3):
+        trainer = TrainerConfig(lr=1e-2, grad_clip=1e9, micro_batch_size=micro)
+        grads[micro], res = _record_grads(tiny_qwen(), batch, algo, trainer, reg=reg)
+        model = tiny_qwen()
+        before = [p.detach().clone() for p in model.parameters()]
+        update_step(model, torch.optim.SGD(model.parameters(), lr=1.0), batch, reg, algo, trainer,
+                    ControllerState(), group_size=2)
+        steps[micro] = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+        metrics[micro] = res.metrics
+    assert steps[None].norm() > 0
+    for micro in (1, 2, 3):
+        _assert_grads_close(grads[micro][0], grads[None][0])
+        torch.testing.assert_close(steps[micro], steps[None], atol=1e-6, rtol=1e-5)
+        for key in ("entropy/nll", "entropy/exact", "loss/total", "actor/clip_frac", "controller/h_prev_out"):
+            assert metrics[micro][key] == pytest.approx(metrics[None][key], abs=1e-6), key
+
+
+def test_uneven_micro_batches_by_hand():
+    """The normaliser counts add up over a partition, whatever it is (hand values)."""
+    from aepo_core.losses import loss_normaliser, loss_sum
+
+    batch = make_batch(UNEVEN_RESPONSES, [1, 0, 1, 0], seed=5)
+    mask = batch.response_mask  # 2, 2, 12, 12 response tokens
+    assert loss_normaliser(mask, "token_mean") == 28.0
+    assert loss_normaliser(mask[:2], "token_mean") + loss_normaliser(mask[2:], "token_mean") == 28.0
+    assert loss_normaliser(mask, "seq_mean_token_mean") == 4.0
+    assert loss_normaliser(mask, "constant", 16.0) == 64.0
+    # per-token values 1 on rows 0-1 and 3 on rows 2-3: the token mean is (4 * 1 + 24 * 3) / 28, the
+    # old mean of micro-batch means ([0:2], [2:4]) was (1 + 3) / 2 = 2
+    values = torch.tensor([1.0, 1.0, 3.0, 3.0]).unsqueeze(1).expand_as(mask).clone()
+    parts = [loss_sum(values[s], mask[s]) / 28.0 for s in (slice(0, 2), slice(2, 4))]
+    assert sum(parts).item() == pytest.approx(76 / 28)
+    seq = [loss_sum(values[s], mask[s], "seq_mean_token_mean") / 4.0 for s in (slice(0, 1), slice(1, 4))]
+    assert sum(seq).item() == pytest.approx(2.0)  # rows 1, 1, 3, 3 -> mean 2
+
+
+def test_policy_rows_are_scored_at_their_sampling_temperature():
+    """Issue 12 case 7: rows sampled at T = 0.5 get old log-probs, ratio and clip at T = 0.5."""
+    from aepo_core.update import scoring_temperatures
+
+    model = tiny_qwen()
+    batch = make_batch(POLICY_RESPONSES, POLICY_REWARDS, temperature=0.5, seed=1)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    labels = batch.input_ids[:, 1:].unsqueeze(-1)
+    at_half = torch.log_softmax(logits[:, :-1].float() / 0.5, -1).gather(-1, labels).squeeze(-1)
+    at_one = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, labels).squeeze(-1)
+    m = batch.response_mask[:, 1:].bool()
+    temps = scoring_temperatures(batch)
+    torch.testing.assert_close(temps, torch.full((8,), 0.5))
+    old, _ = compute_logprobs(model, batch, [[range(0, 8)]], chunk=2, temperatures=temps)
+    torch.testing.assert_close(old[:, 1:][m], at_half[m], atol=1e-5, rtol=1e-5)
+    assert (old[:, 1:][m] - at_one[m]).abs().max() > 1e-2
+    # the update: both the one-pass (own detached log-probs) and the two-pass paths have ratio 1
+    for recompute in (False, True):
+        model = tiny_qwen()
+        trainer = TrainerConfig(lr=1e-3, micro_batch_size=3)
+        res = update_step(model, make_optimizer(model, trainer), batch, None, AlgorithmConfig(name="grpo"),
+                          trainer, ControllerState(), group_size=2, recompute_old_logprobs=recompute)
+        assert res.metrics["actor/ratio_max"] == pytest.approx(1.0, abs=1e-6)
+        assert res.metrics["actor/ratio_min"] == pytest.approx(1.0, abs=1e-6)
+        # the entropy the controller reads stays at T = 1
+        assert res.metrics["entropy/nll"] == pytest.approx(masked_mean(-at_one, batch.response_mask[:, 1:]).item(), abs=1e-5)
+
+
+def test_scoring_temperatures_rule():
+    from aepo_core.aepo import assemble_batch
+    from aepo_core.update import scoring_temperatures
+
+    policy = make_batch(POLICY_RESPONSES, POLICY_REWARDS, temperature=0.7, seed=1)
+    policy = policy.with_fields(advantages=torch.zeros_like(policy.response_mask, dtype=torch.float32))
+    reg = reg_batch(temperature=1.3)
+    x = assemble_batch(policy, reg, torch.tensor([0, 3]), 2)
+    temps = scoring_temperatures(x)
+    # REINFORCE rows (first) at T = 1, policy rows at their sampling temperature
+    assert [r == "reinforce" for r in x.roles][:2] == [True, True]
+    torch.testing.assert_close(temps[:2], torch.ones(2))
+    assert temps[2:].tolist() == pytest.approx([0.7] * (len(x) - 2))
+    assert scoring_temperatures(policy_batch()) is None  # all at T = 1: no rescaling at all
+    with pytest.raises(ValueError, match="rollout.temperature"):
+        scoring_temperatures(make_batch(POLICY_RESPONSES, POLICY_REWARDS, temperature=0.0))
 
 
 def test_regulariser_advantages_use_their_own_group_size():
