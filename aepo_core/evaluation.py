@@ -154,7 +154,7 @@ def evaluate_model(
         table = table.slice(0, cfg.evaluation.num_prompts)
     own_engine = engine is None
     engine = make_engine(cfg, model_path) if own_engine else engine
-    verifier = make_verifier(cfg.data.verifier)
+    verifier = make_verifier(cfg.data.verifier, cfg.data.math_answer)
     try:
         prompt_ids = encode_prompts(engine.tokenizer, table.column("prompt").to_pylist(), cfg.data.prompt_suffix)
         return evaluate(engine, prompt_ids, table, verifier, settings_from_config(cfg))
