@@ -26,7 +26,7 @@ from aepo_core.batch import SequenceBatch
 from aepo_core.config import Config, load_config, save_config
 from aepo_core.datasets import load_prompt_table
 from aepo_core.engines import SamplingRequest, shared_engine
-from aepo_core.evaluation import evaluate_model
+from aepo_core.evaluation import evaluate_model, write_source_names
 from aepo_core.models import load_policy, load_tokenizer, resolve_model_path, write_policy
 from aepo_core.prompts import encode_prompts
 from aepo_core.rundir import STAGES, RunDir, StageNotReady, file_digest, folder_digest
@@ -455,6 +455,7 @@ def evaluate_stage(run: RunDir, iteration: int) -> dict[str, Any]:
     records, results = evaluate_model(cfg, policy, table, engine=shared_engine(cfg, policy))
     with run.publish(iteration, "evaluate", ups, started=started) as (tmp, metrics):
         pq.write_table(records, tmp / "eval.parquet")
+        write_source_names(records, tmp)  # source -> metric name part of the per-source metrics
         metrics.update(results)
     return metrics
 
