@@ -199,3 +199,33 @@ def test_math_verifier_last_number_fallback_is_opt_in():
     finally:
         v.close()
     assert [(j.reward, j.verdict) for j in got] == [(c[2], c[3]) for c in cases]
+
+
+def test_reward_stage_reports_bad_golds(tmp_path):
+    """A gold the verifier cannot read: verdict bad_gold, reward 0, counted in the reward stage's
+    metrics with the prompt ids in its manifest, and a warning naming them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from aepo_core.config import load_config, save_config
+    from aepo_core.rundir import RunDir
+    from aepo_core.stages import reward
+
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    save_config(load_config(None, ["rollout.n=2", "rollout.prompts_per_batch=3"]), run.config_path)
+    prompts = pa.table({"id": ["p-ok", "p-bad", "p-empty"], "prompt": ["a", "b", "c"], "answer": ["3", "n/a", " "],
+                        "source": ["s"] * 3, "prompt_index": pa.array([0, 1, 2], pa.int32())})
+    with run.publish(0, "prepare", {}) as (tmp, _):
+        pq.write_table(prompts, tmp / "prompts.parquet")
+    rollouts = pa.table({"row_id": list(range(6)), "prompt_index": [0, 0, 1, 1, 2, 2], "batch": ["policy"] * 6,
+                         "text": ["Answer: 3", "Answer: 4", "Answer: 3", "Answer: n/a", "Answer: 1", "x"]})
+    with run.publish(0, "rollout", {}) as (tmp, _):
+        pq.write_table(rollouts, tmp / "rollouts.parquet")
+    with pytest.warns(UserWarning, match=r"2 prompt\(s\) have a gold answer .* cannot read .*'p-bad', 'p-empty'"):
+        metrics = reward(run, 0)
+    table = pq.read_table(run.stage_dir(0, "reward") / "rewards.parquet")
+    assert table.column("verdict").to_pylist() == ["correct", "wrong", "bad_gold", "bad_gold", "bad_gold", "bad_gold"]
+    assert table.column("reward").to_pylist() == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert metrics["bad_gold"] == 4 and metrics["bad_gold_prompts"] == 2
+    assert run.manifest(0, "reward")["params"] == {"bad_gold_prompt_ids": ["p-bad", "p-empty"]}
