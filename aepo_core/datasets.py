@@ -83,7 +83,7 @@ def _as_text(value: Any) -> Any:
     if isinstance(value, dict | list):
         import json
 
-        return json.dumps(value, ensure_ascii=False)
+        return json.dumps(value, ensure_ascii=False) if value else ""  # [] or {} holds nothing
     return value
 
 
@@ -117,7 +117,10 @@ def _read_json(path: Path) -> tuple[list[dict[str, Any]], str]:
                 lists = [v for v in whole.values() if isinstance(v, list)]
                 if len(whole) == 1 and lists and all(isinstance(r, dict) for r in lists[0]):
                     whole = lists[0]  # {"data": [{...}, ...]}
-                elif lists and len(lists) == len(whole) and len({len(v) for v in lists}) == 1:
+                elif lists and len(lists) == len(whole):  # a table of columns: {"prompt": [...], ...}
+                    lengths = {k: len(v) for k, v in whole.items()}
+                    if len(set(lengths.values())) != 1:
+                        raise DatasetError(f"{path}: the columns have different lengths: {lengths}")
                     keys = list(whole)
                     whole = [dict(zip(keys, row, strict=True)) for row in zip(*whole.values(), strict=True)]
                 else:
@@ -173,7 +176,10 @@ def _read_table(path: Path, fmt: str) -> tuple[list[tuple[int, dict[str, Any]]],
     try:
         ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
     except Exception as exc:  # noqa: BLE001 - datasets raises many types; the user needs the file name
-        reason = str(exc).strip() or type(exc).__name__
+        root = exc  # datasets wraps the reader's error ("An error occurred while generating the dataset")
+        while root.__cause__ is not None or root.__context__ is not None:
+            root = root.__cause__ or root.__context__
+        reason = str(root).strip() or type(root).__name__
         raise DatasetError(f"{path}: could not be read as {fmt}: {reason}") from exc
     return list(enumerate(ds, start=1)), list(ds.column_names), "row"
 
@@ -214,9 +220,9 @@ def load_file_table(path: str | Path, data: DataConfig) -> pa.Table:
                 raise DatasetError(f"{path}: {unit} {position} has no '{column}' (data.{role}_column)") from None
             if role == "prompt":
                 value = _prompt_text(value)
-            value = _as_text(value)
+            raw, value = value, _as_text(value)
             if value is None or (isinstance(value, str) and not value.strip()):
-                shown = "null" if value is None else repr(value)
+                shown = "null" if raw is None else repr(raw)
                 raise DatasetError(f"{path}: {unit} {position} has an empty '{column}' (data.{role}_column): {shown}")
             values[role] = str(value)
         row_id = values.get("id", f"{path.stem}-{row:06d}")

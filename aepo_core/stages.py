@@ -306,15 +306,19 @@ def reward(run: RunDir, iteration: int) -> dict[str, Any]:
     n = cfg.rollout.n
     groups = rewards[is_policy].reshape(-1, n)
     # a gold the verifier cannot read is the data's fault, not the model's: counted and named, not hidden
-    prompt_ids = prompts.column("id").to_pylist()
-    bad_gold_ids = sorted({prompt_ids[i] for i, j in zip(rollouts.column("prompt_index").to_pylist(), judged) if j.verdict == "bad_gold"})
+    prompt_ids, indices = prompts.column("id").to_pylist(), rollouts.column("prompt_index").to_pylist()
+    bad_gold_ids = sorted({prompt_ids[i] for i, j in zip(indices, judged, strict=True) if j.verdict == "bad_gold"})
     if bad_gold_ids:
         import warnings
 
         shown = ", ".join(repr(i) for i in bad_gold_ids[:5]) + (" …" if len(bad_gold_ids) > 5 else "")
-        warnings.warn(f"iteration {iteration}: {len(bad_gold_ids)} prompt(s) have a gold answer the "
-                      f"'{cfg.data.verifier}' verifier cannot read (verdict bad_gold, reward 0): {shown}", stacklevel=2)
-    with run.publish(iteration, "reward", ups, {"bad_gold_prompt_ids": bad_gold_ids}, started=started) as (tmp, metrics):
+        warnings.warn(
+            f"iteration {iteration}: {len(bad_gold_ids)} prompt(s) have a gold answer the "
+            f"'{cfg.data.verifier}' verifier cannot read (verdict bad_gold, reward 0): {shown}",
+            stacklevel=2,
+        )
+    params = {"bad_gold_prompt_ids": bad_gold_ids}
+    with run.publish(iteration, "reward", ups, params, started=started) as (tmp, metrics):
         pq.write_table(table, tmp / "rewards.parquet")
         metrics.update(
             reward_mean=float(rewards[is_policy].mean()),

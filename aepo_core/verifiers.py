@@ -56,13 +56,18 @@ class Verifier(Protocol):
 
 
 # ------------------------------------------------------------------------------ final answers
-_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_BOX = re.compile(r"\\(?:boxed|fbox|framebox)(?![A-Za-z])(?:\s*\[[^\]\n]*\])*")  # \framebox[w][pos]{..}
+# a response cut off inside the name of its last box command: "... \boxed{5}. So it is \box"
+_CUT_BOX_NAME = re.compile(r"\\(?:boxe?|fbo?|frameb|framebo|framebox\s*\[[^\]]*)$")
 
 
 def last_box(text: str) -> tuple[bool, str | None]:
     """(whether `text` holds a box at all, the content of its last box or None when that box is
-    unterminated). `\\boxed{a{b}c}` -> "a{b}c", `\\fbox{42}` -> "42", `\\boxed 42.` -> "42",
+    unterminated or the text ends inside a box command's name, "\\boxe"). `\\boxed{a{b}c}` -> "a{b}c",
+    `\\fbox{42}` and `\\framebox[2cm]{42}` -> "42", `\\boxed 42.` -> "42",
     `\\boxed{\\{1\\}}` -> "\\{1\\}" (escaped braces do not nest); `\\boxed{7` and `\\boxed{}` -> None."""
+    if _CUT_BOX_NAME.search(text):
+        return True, None
     openers = list(_BOX.finditer(text))
     if not openers:
         return False, None
@@ -103,7 +108,7 @@ def final_box(text: str) -> str | None:
 
 _NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d{1,64})(?:\.\d{1,64})?(?:/\d{1,64})?"
 _SINGLE_NUMBER = re.compile(
-    rf"\s*(?:\*\*)?\s*(?:\$|\\\()?\s*({_NUMBER})\s*(?:\$|\\\))?\s*(?:\*\*)?\s*[.!]?\s*(?:\*\*)?\s*"
+    rf"\s*(?:\*\*)?\s*(?:\$|\\\()?\s*({_NUMBER})\s*(?:\$|\\\))?\s*(?:\*\*)?\s*\.?\s*(?:\*\*)?\s*"
 )
 _ANSWER_PHRASE = re.compile(r"\banswer\b\**\s*(?:is\b\s*:?|:|=)", re.IGNORECASE)
 

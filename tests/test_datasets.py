@@ -190,6 +190,16 @@ def test_json_errors_name_file_line_and_value(tmp_path):
     bad.write_text('[{"prompt": "a", "answer": 1}, 5]')
     with pytest.raises(DatasetError, match=r"e\.json: row 2 is not a JSON object: '5'"):
         load_prompt_table(DataConfig(train=str(bad)), "train")
+    bad.write_text('{"prompt": ["a", "b"], "answer": [1]}')
+    with pytest.raises(DatasetError, match=r"e\.json: the columns have different lengths: \{'prompt': 2, 'answer': 1\}"):
+        load_prompt_table(DataConfig(train=str(bad)), "train")
+    path.write_text('{"prompt": [], "answer": 1}\n')
+    with pytest.raises(DatasetError, match=r"e\.jsonl: line 1 has an empty 'prompt' \(data\.prompt_column\): \[\]"):
+        load_prompt_table(DataConfig(train=str(path)), "train")
+    csv_bad = tmp_path / "b.csv"
+    csv_bad.write_text("prompt,answer\na,1\nb,2,3\n")
+    with pytest.raises(DatasetError, match=r"b\.csv: could not be read as csv: .*line 3"):
+        load_prompt_table(DataConfig(train=str(csv_bad)), "train")
     empty_csv = tmp_path / "e.csv"
     empty_csv.write_text("")
     with pytest.raises(DatasetError, match=r"e\.csv: the file is empty"):

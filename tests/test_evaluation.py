@@ -1,10 +1,8 @@
+import json
 import math
 
-import pytest
-
-import json
-
 import pyarrow as pa
+import pytest
 
 from aepo_core.engines.base import Completion
 from aepo_core.evaluation import (

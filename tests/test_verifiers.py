@@ -115,6 +115,11 @@ def test_make_verifier_unknown_kind():
         ("\\boxed{ }", True, None),  # an empty box states nothing
         ("ends with \\boxed", True, None),
         ("\\boxedx{3} no box", False, None),
+        ("\\boxed{5}. Wait, it is \\boxe", True, None),  # cut off inside the last box command's name
+        ("\\boxed{5}. Wait, it is \\fb", True, None),
+        ("\\boxed{5}. Then \\frac", True, "5"),  # not a box command
+        ("\\framebox[2cm][c]{42}", True, "42"),
+        ("\\boxed{5} then \\framebox[2cm", True, None),
         ("the answer is 3", False, None),
     ],
 )
@@ -126,6 +131,9 @@ def test_last_box(text, has_box, content):
     ("text", "number"),
     [
         ("so the answer is 6.", "6"),
+        ("so the answer is 12!", None),  # 12! is not 12
+        ("**Final Answer**\n42", "42"),
+        ("answer = -7", "-7"),
         ("The final answer is: **6**", "6"),
         ("Answer: 3 ... on second thought Answer: 24", "24"),
         ("We get\n$-3/4$\n", "-3/4"),
