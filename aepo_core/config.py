@@ -55,6 +55,10 @@ class DataConfig(_Section):
     eval_answer_column: str | None = None  # None: answer_column
     # How the reward is computed: the synthetic task's verifier or math-verify on \boxed{} answers.
     verifier: Literal["synthetic", "math"] = "synthetic"
+    # What the math verifier reads as a response's final answer: its last complete \boxed{}/\fbox{}
+    # ("boxed"), or with "boxed_or_last_number" also, in a response without any box, one number stated
+    # as the answer ("the answer is 6", or a last line that is one number). aepo_core/verifiers.py.
+    math_answer: Literal["boxed", "boxed_or_last_number"] = "boxed"
     # Text appended to each user prompt before the chat template (e.g. the math format instruction).
     prompt_suffix: str = ""
     synthetic: SyntheticTaskConfig = Field(default_factory=SyntheticTaskConfig)

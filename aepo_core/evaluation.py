@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import time
@@ -54,7 +55,9 @@ def evaluate(
     metrics: accuracy (avg@n), pass_at_K for K = 1, 2, 4 … n, entropy_nll (mean -log p of the sampled
     tokens at the sampling temperature), mean response length, truncation rate, tokens/s — plus the
     settings, so every number says how it was measured. With more than one source in the table, also
-    `<source>/accuracy`, `<source>/pass_at_K` and `<source>/num_prompts` per source.
+    `<source>/accuracy`, `<source>/pass_at_K` and `<source>/num_prompts` per source, <source> being
+    its `source_metric_names` part (one-to-one; `write_source_names` records the mapping). `bad_gold`
+    counts responses whose gold the verifier cannot read.
     """
     requests = [
         SamplingRequest(ids, n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
@@ -91,6 +94,7 @@ def evaluate(
         "entropy_nll": sum(-sum(c.logprobs) for c in completions) / max(1, tokens),
         "response_tokens_mean": tokens / max(1, len(completions)),
         "truncated_fraction": sum(c.finish_reason == "length" for c in completions) / max(1, len(completions)),
+        "bad_gold": float(sum(j.verdict == "bad_gold" for j in judgements)),
         "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
         "generate_seconds": seconds,
         "num_prompts": float(len(requests)),
@@ -103,8 +107,9 @@ def evaluate(
     for request_index, count in enumerate(correct):
         by_source.setdefault(sources[request_index], []).append(count)
     if len(by_source) > 1:  # one source: the overall numbers already are its numbers
+        names = source_metric_names(by_source)  # one-to-one; written next to the evaluation (sources.json)
         for source, counts in sorted(by_source.items()):
-            name = metric_safe(source)
+            name = names[source]
             metrics[f"{name}/num_prompts"] = float(len(counts))
             for key, value in accuracy_and_pass_at_k(counts, settings.n).items():
                 metrics[f"{name}/{key}"] = value
@@ -121,9 +126,58 @@ def accuracy_and_pass_at_k(correct: list[int], n: int) -> dict[str, float]:
     return metrics
 
 
+# What MLflow's validate_param_and_metric_name accepts on every system (mlflow/utils/validation.py:
+# r"^[/\w.\- ]*$", \w being Unicode word characters), less "/": a source is one part of a metric name.
+_UNSAFE = re.compile(r"[^\w.\- ]")
+_MAX_PART = 160  # MLflow keys hold at most 250 characters: "eval/" + part + "/pass_at_1024" fits
+
+
 def metric_safe(name: str) -> str:
-    """A source name as an MLflow-safe metric name part (letters, digits, _ - . and spaces kept)."""
-    return re.sub(r"[^A-Za-z0-9_\-. ]", "_", name) or "_"
+    """A source name as an MLflow-safe metric name part: Unicode letters and digits, _ - . and spaces
+    kept, anything else "_"; a part made only of dots (a path MLflow refuses) or nothing becomes "_".
+    Not one-to-one on its own: `source_metric_names` makes it so."""
+    safe = _UNSAFE.sub("_", name)
+    return "_" if not safe.strip(".") else safe
+
+
+def _short_hash(name: str, length: int = 8) -> str:
+    return hashlib.sha256(name.encode("utf-8")).hexdigest()[:length]
+
+
+def source_metric_names(sources) -> dict[str, str]:
+    """A one-to-one map from each distinct source name to its metric name part.
+
+    A source MLflow accepts as it is keeps its name ("代数", "MATH L5"); one that had to change
+    (`metric_safe`) and then meets another source's name, or is longer than 160 characters, gets a
+    stable suffix: "_" + the first 8 hex digits of the sha256 of the source's own text
+    ("MATH (L5)" and "MATH [L5]" -> "MATH _L5__<hash>" twice, with different hashes). The result
+    depends only on the set of sources."""
+    unique = sorted(set(sources))
+    safe = {s: metric_safe(s) for s in unique}
+    taken: dict[str, int] = {}
+    for name in safe.values():
+        taken[name] = taken.get(name, 0) + 1
+    names: dict[str, str] = {}
+    for s in unique:
+        name = safe[s]
+        if len(name) > _MAX_PART or (name != s and taken[name] > 1):
+            name = f"{name[:_MAX_PART]}_{_short_hash(s)}"
+        names[s] = name
+    if len(set(names.values())) != len(names):  # e.g. a source literally named like another's suffixed name
+        names = {s: (n if n == s else f"{safe[s][:_MAX_PART]}_{_short_hash(s, 16)}") for s, n in names.items()}
+    if len(set(names.values())) != len(names):
+        raise ValueError(f"source names map to clashing metric names: {sorted(names)}")
+    return names
+
+
+def write_source_names(records: pa.Table, folder) -> None:
+    """`sources.json` in `folder`: {source name: metric name part} of an evaluation's records, the
+    key to the per-source metrics (`<part>/accuracy`, ...) next to the evaluation itself."""
+    import json
+    from pathlib import Path
+
+    names = source_metric_names(records.column("source").to_pylist())
+    (Path(folder) / "sources.json").write_text(json.dumps(names, indent=2, ensure_ascii=False, sort_keys=True))
 
 
 def settings_from_config(cfg) -> EvalSettings:
@@ -154,7 +208,7 @@ def evaluate_model(
         table = table.slice(0, cfg.evaluation.num_prompts)
     own_engine = engine is None
     engine = make_engine(cfg, model_path) if own_engine else engine
-    verifier = make_verifier(cfg.data.verifier)
+    verifier = make_verifier(cfg.data.verifier, cfg.data.math_answer)
     try:
         prompt_ids = encode_prompts(engine.tokenizer, table.column("prompt").to_pylist(), cfg.data.prompt_suffix)
         return evaluate(engine, prompt_ids, table, verifier, settings_from_config(cfg))
@@ -165,7 +219,7 @@ def evaluate_model(
 
 
 def write_evaluation(cfg, model_path, output) -> dict[str, float]:
-    """evaluate_model, then eval.parquet + metrics.json published atomically into `output`."""
+    """evaluate_model, then eval.parquet + metrics.json + sources.json published atomically into `output`."""
     import json
 
     import pyarrow.parquet as pq
@@ -175,5 +229,6 @@ def write_evaluation(cfg, model_path, output) -> dict[str, float]:
     records, metrics = evaluate_model(cfg, model_path)
     with atomic_dir(output) as tmp:
         pq.write_table(records, tmp / "eval.parquet")
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
+        write_source_names(records, tmp)
     return metrics

@@ -26,7 +26,7 @@ from aepo_core.batch import SequenceBatch
 from aepo_core.config import Config, load_config, save_config
 from aepo_core.datasets import load_prompt_table
 from aepo_core.engines import SamplingRequest, shared_engine
-from aepo_core.evaluation import evaluate_model
+from aepo_core.evaluation import evaluate_model, write_source_names
 from aepo_core.models import load_policy, load_tokenizer, resolve_model_path, write_policy
 from aepo_core.prompts import encode_prompts
 from aepo_core.rundir import STAGES, RunDir, StageNotReady, file_digest, folder_digest
@@ -53,10 +53,10 @@ def config_digest(cfg: Config) -> str:
 STAGE_CONFIG_KEYS = {
     "prepare": ("rollout.prompts_per_batch", "rollout.seed"),  # the dataset: via its snapshot digest
     "rollout": ("model", "data.prompt_suffix", "rollout", "algorithm"),
-    "reward": ("data.verifier",),
+    "reward": ("data.verifier", "data.math_answer"),
     "update": ("algorithm", "trainer", "rollout.n"),
     "entropy": ("algorithm",),
-    "evaluate": ("model", "evaluation", "data.verifier", "data.prompt_suffix", "rollout.engine",
+    "evaluate": ("model", "evaluation", "data.verifier", "data.math_answer", "data.prompt_suffix", "rollout.engine",
                  "rollout.max_new_tokens", "rollout.batch_size"),
 }
 
@@ -287,7 +287,7 @@ def reward(run: RunDir, iteration: int) -> dict[str, Any]:
     answers = prompts.column("answer").to_pylist()
     golds = [answers[i] for i in rollouts.column("prompt_index").to_pylist()]
     verify_started = time.perf_counter()
-    verifier = make_verifier(cfg.data.verifier)
+    verifier = make_verifier(cfg.data.verifier, cfg.data.math_answer)
     try:
         judged = verifier.judge_batch(rollouts.column("text").to_pylist(), golds)
     finally:
@@ -305,7 +305,20 @@ def reward(run: RunDir, iteration: int) -> dict[str, Any]:
     is_policy = np.array(rollouts.column("batch").to_pylist()) == POLICY
     n = cfg.rollout.n
     groups = rewards[is_policy].reshape(-1, n)
-    with run.publish(iteration, "reward", ups, started=started) as (tmp, metrics):
+    # a gold the verifier cannot read is the data's fault, not the model's: counted and named, not hidden
+    prompt_ids, indices = prompts.column("id").to_pylist(), rollouts.column("prompt_index").to_pylist()
+    bad_gold_ids = sorted({prompt_ids[i] for i, j in zip(indices, judged, strict=True) if j.verdict == "bad_gold"})
+    if bad_gold_ids:
+        import warnings
+
+        shown = ", ".join(repr(i) for i in bad_gold_ids[:5]) + (" …" if len(bad_gold_ids) > 5 else "")
+        warnings.warn(
+            f"iteration {iteration}: {len(bad_gold_ids)} prompt(s) have a gold answer the "
+            f"'{cfg.data.verifier}' verifier cannot read (verdict bad_gold, reward 0): {shown}",
+            stacklevel=2,
+        )
+    params = {"bad_gold_prompt_ids": bad_gold_ids}
+    with run.publish(iteration, "reward", ups, params, started=started) as (tmp, metrics):
         pq.write_table(table, tmp / "rewards.parquet")
         metrics.update(
             reward_mean=float(rewards[is_policy].mean()),
@@ -313,6 +326,8 @@ def reward(run: RunDir, iteration: int) -> dict[str, Any]:
             mixed_group_fraction=float(((groups.min(1) != groups.max(1))).mean()),
             regulariser_accuracy=float((rewards[~is_policy] > 0).mean()) if (~is_policy).any() else float("nan"),
             verify_seconds=verify_seconds,
+            bad_gold=sum(j.verdict == "bad_gold" for j in judged),
+            bad_gold_prompts=len(bad_gold_ids),
         )
     return metrics
 
@@ -464,6 +479,7 @@ def evaluate_stage(run: RunDir, iteration: int) -> dict[str, Any]:
     records, results = evaluate_model(cfg, policy, table, engine=shared_engine(cfg, policy))
     with run.publish(iteration, "evaluate", ups, started=started) as (tmp, metrics):
         pq.write_table(records, tmp / "eval.parquet")
+        write_source_names(records, tmp)  # source -> metric name part of the per-source metrics
         metrics.update(results)
     return metrics
 

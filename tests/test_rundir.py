@@ -58,6 +58,7 @@ def test_unreadable_manifest_counts_as_not_done(tmp_path):
     ("override", "stale"),
     [
         ("data.verifier=math", {"reward", "evaluate"}),
+        ("data.math_answer=boxed_or_last_number", {"reward", "evaluate"}),
         ("evaluation.n=16", {"evaluate"}),
         ("trainer.lr=0.01", {"update"}),
         ("algorithm.target_entropy=0.9", {"rollout", "update", "entropy"}),
