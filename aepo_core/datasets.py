@@ -156,6 +156,7 @@ def _read_table(path: Path, fmt: str) -> tuple[list[tuple[int, dict[str, Any]]],
         return numbered, columns, unit
     import datasets
 
+    datasets.disable_progress_bars()  # one local file: a progress bar per load is noise in the logs
     kwargs: dict[str, Any] = {}
     if fmt == "csv":
         # every cell is text: no number inference ("007", "2.50", 18446744073709551617 stay as written)
