@@ -28,7 +28,7 @@ def _aepo(args: list[str], cwd: Path, **env_extra: str) -> subprocess.CompletedP
     env.update(PREFECT_HOME=str(cwd / "prefect-home"), **env_extra)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-m", "aepo_core.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=3600)  # hang guard
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -134,7 +134,7 @@ def test_a_user_error_inside_the_flow_is_one_line(tmp_path):
     env.pop("PREFECT_API_URL", None)
     env.pop("AEPO_DEBUG", None)
     done = subprocess.run([sys.executable, str(script), "train-flow"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=3600)  # hang guard
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr + done.stdout
     assert done.stderr.splitlines()[-1] == f"error: dataset file not found: {missing}"
