@@ -28,7 +28,9 @@ class _App(typer.Typer):
     no traceback unless asked for (`aepo --debug ...` or AEPO_DEBUG=1)."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        argv = list(kwargs.pop("args", None) or sys.argv[1:])
+        given = args[0] if args else kwargs.pop("args", None)
+        args = args[1:]
+        argv = list(sys.argv[1:] if given is None else given)
         if "--debug" in argv[1:]:  # accepted after the command too: `aepo run --debug`
             argv = [argv[0]] + [a for a in argv[1:] if a != "--debug"]
             os.environ["AEPO_DEBUG"] = "1"
@@ -104,11 +106,14 @@ def evaluate_cmd(
     output: Annotated[Path | None, typer.Option(help="Write eval.parquet and metrics.json into this folder.")] = None,
 ) -> None:
     """Evaluate a policy on the held-out split: accuracy (avg@n), pass@k, entropy, at stated settings."""
+    from aepo_core.errors import UserError
     from aepo_core.evaluation import evaluate_model, write_evaluation
-    from aepo_core.models import resolve_model_path
+    from aepo_core.preflight import resolve_base
 
     cfg = _config(config, overrides)
-    path = model or resolve_model_path(cfg, log=typer.echo)
+    if model is not None and not (model / "config.json").is_file():
+        raise UserError(f"--model {model} is not an HF model folder (no config.json)")
+    path = model or resolve_base(cfg, log=typer.echo)
     metrics = write_evaluation(cfg, path, output) if output else evaluate_model(cfg, path)[1]
     typer.echo(f"model: {path}")
     typer.echo(
