@@ -3,18 +3,68 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from aepo_core.config import Config, ConfigError, load_config
+from aepo_core.config import Config, load_config
+from aepo_core.errors import debug_requested, is_user_error
 
-app = typer.Typer(
+
+class _UserErrorFilter(logging.Filter):
+    """Drops Prefect's log record of a user error raised in a flow or task (a traceback of ~150
+    lines): the command prints the one line that matters."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.exc_info[1] is not None and is_user_error(record.exc_info[1]))
+
+
+class _App(typer.Typer):
+    """The typer app, with one handler for the user's mistakes: `error: <message>`, exit status 2,
+    no traceback unless asked for (`aepo --debug ...` or AEPO_DEBUG=1)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        given = args[0] if args else kwargs.pop("args", None)
+        args = args[1:]
+        argv = list(sys.argv[1:] if given is None else given)
+        if "--debug" in argv[1:]:  # accepted after the command too: `aepo run --debug`
+            argv = [argv[0]] + [a for a in argv[1:] if a != "--debug"]
+            os.environ["AEPO_DEBUG"] = "1"
+        if argv and argv[0] == "--debug":
+            os.environ["AEPO_DEBUG"] = "1"
+        if not debug_requested():
+            quiet = _UserErrorFilter()
+            for name in ("prefect.flow_runs", "prefect.task_runs"):
+                logging.getLogger(name).addFilter(quiet)
+        try:
+            return super().__call__(*args, args=argv, **kwargs)
+        except Exception as exc:
+            if not is_user_error(exc) or debug_requested():
+                raise
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            sys.exit(2)
+
+
+app = _App(
     add_completion=False,
     no_args_is_help=True,
     help="AEPO: reinforcement fine-tuning that holds the policy's entropy at a target.",
 )
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error (also AEPO_DEBUG=1).")] = False,
+) -> None:
+    """AEPO: reinforcement fine-tuning that holds the policy's entropy at a target.
+
+    A mistake in the config, the data or a path is reported as one `error:` line (exit status 2)."""
+    if debug:
+        os.environ["AEPO_DEBUG"] = "1"
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 Overrides = Annotated[
@@ -23,11 +73,7 @@ Overrides = Annotated[
 
 
 def _config(config: Path | None, overrides: list[str] | None) -> Config:
-    try:
-        return load_config(config, overrides or [])
-    except ConfigError as exc:
-        typer.secho(str(exc), fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    return load_config(config, overrides or [])  # a ConfigError is reported by the app's handler
 
 
 @app.command("config")
@@ -60,11 +106,14 @@ def evaluate_cmd(
     output: Annotated[Path | None, typer.Option(help="Write eval.parquet and metrics.json into this folder.")] = None,
 ) -> None:
     """Evaluate a policy on the held-out split: accuracy (avg@n), pass@k, entropy, at stated settings."""
+    from aepo_core.errors import UserError
     from aepo_core.evaluation import evaluate_model, write_evaluation
-    from aepo_core.models import resolve_model_path
+    from aepo_core.preflight import resolve_base
 
     cfg = _config(config, overrides)
-    path = model or resolve_model_path(cfg, log=typer.echo)
+    if model is not None and not (model / "config.json").is_file():
+        raise UserError(f"--model {model} is not an HF model folder (no config.json)")
+    path = model or resolve_base(cfg, log=typer.echo)
     metrics = write_evaluation(cfg, path, output) if output else evaluate_model(cfg, path)[1]
     typer.echo(f"model: {path}")
     typer.echo(
@@ -107,21 +156,20 @@ def run_cmd(
     """Train with AEPO (or a baseline) as a Prefect flow; resumes an existing run directory."""
     _config(config, overrides)  # fail fast on a bad config, before Prefect starts
     _quiet_prefect()
-    from aepo_core.stages import ConfigMismatch
+    from aepo_core.stages import check_start
     from flows.train import train
 
     extra = list(overrides or [])
-    try:
-        result = train(
-            config=str(config) if config else None,
-            run_dir=str(run_dir) if run_dir else None,
-            iterations=iterations,
-            overrides=extra,
-            show_progress=progress,
-        )
-    except ConfigMismatch as exc:
-        typer.secho(str(exc), fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    # the user's mistakes (config, data, paths, a run directory of another config) are refused here,
+    # before the flow starts and before anything is written
+    check_start(config, run_dir, iterations, extra, log=lambda line: typer.echo(line, err=True))
+    result = train(
+        config=str(config) if config else None,
+        run_dir=str(run_dir) if run_dir else None,
+        iterations=iterations,
+        overrides=extra,
+        show_progress=progress,
+    )
     uri = result["tracking_uri"]
     typer.echo(f"run directory: {result['run_dir']}")
     typer.echo(f"MLflow: run {result['mlflow_run_id']} in {uri} (experiment '{result['experiment']}')")
@@ -215,4 +263,4 @@ def main() -> None:  # pragma: no cover - console entry point
 
 
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from aepo_core.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration file or override is wrong; the message names the key and where it came from."""
 
 
@@ -78,7 +80,7 @@ class VLLMConfig(_Section):
 
 class RolloutConfig(_Section):
     engine: Literal["hf", "vllm"] = "hf"
-    n: int = Field(8, ge=1, description="responses per prompt")
+    n: int = Field(8, ge=1, description="responses per prompt (2 or more: a group of one has no advantage)")
     prompts_per_batch: int = Field(32, ge=1)
     max_new_tokens: int = Field(48, ge=1)
     # > 0: training needs log-probabilities (greedy rows have none); policy rows are trained at this
@@ -89,6 +91,16 @@ class RolloutConfig(_Section):
     # HF engine: rows sampled in one forward batch (None: all rows at once).
     batch_size: int | None = Field(None, ge=1)
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+
+    @field_validator("n")
+    @classmethod
+    def _group_of_two_or_more(cls, n: int) -> int:
+        # every algorithm's policy loss compares a response with the other responses to its prompt:
+        # with one response per prompt every advantage is 0 and nothing is trained
+        if n == 1:
+            raise ValueError("a group of one response per prompt has no advantage (loss 0, nothing is trained); "
+                             "set rollout.n to 2 or more (the default is 8)")
+        return n
 
 
 class AlgorithmConfig(_Section):
@@ -215,7 +227,8 @@ def _describe_errors(err: ValidationError, origin: str, overrides: list[tuple[st
         else:
             got = item.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"key '{key}': {item['msg']}{shown}{where}")
+            msg = item["msg"].removeprefix("Value error, ")
+            lines.append(f"key '{key}': {msg}{shown}{where}")
     if len(set(origins)) == 1:  # one source: name it once, as before
         lines = [line.replace(f" (from {origins[0]})", "") for line in lines]
         return f"invalid configuration in {origins[0]}:\n  " + "\n  ".join(lines)
@@ -254,7 +267,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not a text file (a YAML config is expected)") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+        try:
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
         if loaded is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,10 @@ import torch
 from aepo_core.aepo import ControllerState, controller_temperature, reinforce_count
 from aepo_core.batch import SequenceBatch
 from aepo_core.config import Config, load_config, save_config
-from aepo_core.datasets import load_prompt_table
 from aepo_core.engines import SamplingRequest, shared_engine
+from aepo_core.errors import UserError
 from aepo_core.evaluation import evaluate_model, write_source_names
-from aepo_core.models import load_policy, load_tokenizer, resolve_model_path, write_policy
+from aepo_core.models import load_policy, load_tokenizer, write_policy
 from aepo_core.prompts import encode_prompts
 from aepo_core.rundir import STAGES, RunDir, StageNotReady, file_digest, folder_digest
 from aepo_core.update import make_optimizer, resolve_device, update_step
@@ -37,7 +38,7 @@ POLICY, REGULARISER = "policy", "regulariser"
 
 
 # ------------------------------------------------------------------------------------- the run
-class ConfigMismatch(ValueError):
+class ConfigMismatch(UserError):
     """An existing run directory was asked to continue with a different configuration."""
 
 
@@ -78,40 +79,101 @@ def default_run_name(cfg: Config) -> str:
     return f"{a.name}{tag}-{config_digest(cfg)[:8]}"
 
 
+def run_root(cfg: Config, run_dir: str | Path | None = None) -> Path:
+    return Path(run_dir) if run_dir else Path(cfg.run.runs_root) / (cfg.run.name or default_run_name(cfg))
+
+
+def _check_same_config(run: RunDir, cfg: Config) -> Config:
+    """The stored config of an existing run; ConfigMismatch when `cfg` differs (run.iterations aside)."""
+    stored = run.config()
+    if config_digest(stored) != config_digest(cfg):
+        a, b = stored.flat(), cfg.flat()
+        diff = [f"{k}: {a.get(k)!r} (run) vs {b.get(k)!r} (now)" for k in sorted(a) if a.get(k) != b.get(k)]
+        raise ConfigMismatch(
+            f"{run.config_path} was written with another configuration:\n  " + "\n  ".join(diff)
+            + "\nuse a new --run-dir (or run.name) for a different configuration"
+        )
+    return stored
+
+
 def init_run(cfg: Config, run_dir: str | Path | None = None, log=print) -> RunDir:
     """Create the run directory (config, dataset snapshot, starting policy) or reopen an existing one.
 
     Reopening checks that the stored config equals `cfg` except for `run.iterations`, so a resumed
-    run never silently mixes two configurations."""
-    root = Path(run_dir) if run_dir else Path(cfg.run.runs_root) / (cfg.run.name or default_run_name(cfg))
+    run never silently mixes two configurations. A new run is checked first (aepo_core.preflight:
+    data, prompt lengths, eval split) and a failed start leaves nothing behind."""
+    from aepo_core.preflight import check_new_run, check_run_dir, load_split_tables, resolve_base
+
+    root = run_root(cfg, run_dir)
     run = RunDir(root)
+    check_run_dir(root)
     if run.config_path.is_file():
-        stored = run.config()
-        if config_digest(stored) != config_digest(cfg):
-            a, b = stored.flat(), cfg.flat()
-            diff = [f"{k}: {a.get(k)!r} (run) vs {b.get(k)!r} (now)" for k in sorted(a) if a.get(k) != b.get(k)]
-            raise ConfigMismatch(
-                f"{run.config_path} was written with another configuration:\n  " + "\n  ".join(diff)
-                + "\nuse a new --run-dir (or run.name) for a different configuration"
-            )
+        stored = _check_same_config(run, cfg)
         if stored.run.iterations != cfg.run.iterations:
             save_config(stored.model_copy(update={"run": cfg.run}), run.config_path)
         return run
-    root.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "eval"):
-        if split == "eval" and cfg.data.eval is None and cfg.data.train != "synthetic":
-            continue  # no eval split: the evaluate stage says so when it is due
-        table = load_prompt_table(cfg.data, split)
-        run.dataset_path(split).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, run.dataset_path(split))
-    base = resolve_model_path(cfg, log=log)
-    if base.exists():
-        base = base.resolve()
-        run.write_json("base.json", {"path": str(base), "digest": folder_digest(base)})
-    else:  # a hub id: identified by name (pin a local copy for reproducible runs)
-        run.write_json("base.json", {"path": str(base), "digest": f"hub:{base}"})
-    save_config(cfg, run.config_path)  # written last: its presence marks an initialised run
+    tables = load_split_tables(cfg)  # refusals first: nothing is written before they pass
+    base = resolve_base(cfg, log=log)
+    check_new_run(cfg, tables, base, log=log)
+    created = not root.exists()
+    written = [run.root / "dataset", run.root / "base.json"]
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for split, table in tables.items():
+            run.dataset_path(split).parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(table, run.dataset_path(split))
+        if base.exists():
+            base = base.resolve()
+            run.write_json("base.json", {"path": str(base), "digest": folder_digest(base)})
+        else:  # a hub id: identified by name (pin a local copy for reproducible runs)
+            run.write_json("base.json", {"path": str(base), "digest": f"hub:{base}"})
+        save_config(cfg, run.config_path)  # written last: its presence marks an initialised run
+    except BaseException:
+        if created:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            for path in written:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        raise
     return run
+
+
+def start_config(
+    config: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    iterations: int | None = None,
+    overrides: list[str] | None = None,
+) -> Config:
+    """The config a start asks for: the run directory's stored one (when no config or override is
+    given), or the requested config."""
+    extra = [f"run.iterations={iterations}"] if iterations else []
+    if run_dir and RunDir(run_dir).config_path.is_file() and not config and not overrides:
+        return load_config(RunDir(run_dir).config_path, extra)
+    return load_config(config, list(overrides or []) + extra)
+
+
+def check_start(
+    config: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    iterations: int | None = None,
+    overrides: list[str] | None = None,
+    log=print,
+) -> None:
+    """Everything `open_run` would refuse, checked without writing anything (the CLI calls this
+    before the flow starts, so a user's mistake is one line, not a flow failure)."""
+    from aepo_core.preflight import check_new_run, check_run_dir, load_split_tables, resolve_base
+
+    cfg = start_config(config, run_dir, iterations, overrides)
+    run = RunDir(run_root(cfg, run_dir))
+    check_run_dir(run.root)
+    if run.config_path.is_file():
+        _check_same_config(run, cfg)
+        return
+    tables = load_split_tables(cfg)
+    check_new_run(cfg, tables, resolve_base(cfg, log=log), log=log)
 
 
 def open_run(
@@ -123,10 +185,7 @@ def open_run(
 ) -> RunDir:
     """The run to train: an existing run directory reopened with its stored config (when no config
     or override is given), or `init_run` with the requested config (which must then match)."""
-    extra = [f"run.iterations={iterations}"] if iterations else []
-    if run_dir and RunDir(run_dir).config_path.is_file() and not config and not overrides:
-        return init_run(load_config(RunDir(run_dir).config_path, extra), run_dir, log=log)
-    return init_run(load_config(config, list(overrides or []) + extra), run_dir, log=log)
+    return init_run(start_config(config, run_dir, iterations, overrides), run_dir, log=log)
 
 
 def policy_dir(run: RunDir, iteration: int) -> Path:

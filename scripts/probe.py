@@ -234,7 +234,7 @@ def probe_kill(tmp: Path, base: Path, kills: int, iterations: int = 2) -> None:
     for trial in range(kills):
         run_dir = tmp / f"killed-{trial}"
         kill_at = rng.uniform(2.0, max(3.0, full * 0.9))
-        for attempt in range(3):  # up to three kills on the same run, then a clean finish
+        for _ in range(3):  # up to three kills on the same run, then a clean finish
             proc = subprocess.Popen([sys.executable, "-m", "aepo_core.cli", *args, "--run-dir", str(run_dir)],
                                     env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             try:

@@ -57,6 +57,25 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(tmp_path / "broken.yaml")
 
 
+def test_a_binary_config_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "model.yaml"
+    path.write_bytes(bytes(range(256)) * 4)  # e.g. a checkpoint passed as --config
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path} is not a text file (a YAML config is expected)"
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "aepo", "entropy_reg", "entropy_adv", "adaptive_entropy"])
+def test_a_group_of_one_response_is_refused(algorithm):
+    """rollout.n=1 trains nothing (every advantage is 0): refused, naming the key and the fix."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"algorithm.name={algorithm}", "rollout.n=1"])
+    message = str(err.value)
+    assert "key 'rollout.n'" in message and "no advantage" in message and "2 or more" in message
+    assert "Value error" not in message
+    assert load_config(None, [f"algorithm.name={algorithm}", "rollout.n=2"]).rollout.n == 2
+
+
 def test_yaml_round_trip_and_flat(tmp_path):
     cfg = load_config(None, ["algorithm.target_entropy=0.75"])
     path = tmp_path / "again.yaml"

@@ -193,7 +193,7 @@ def test_resume_after_a_real_kill(base_policy_dir, tmp_path, tiny_overrides):
     env.pop("PREFECT_API_URL", None)  # as a user would: no server, Prefect starts a temporary one
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     run = RunDir(run_dir)
-    deadline = time.time() + 300
+    deadline = time.time() + 3600  # a guard against a hang, not a speed check: a busy machine is slow
     try:
         while time.time() < deadline and proc.poll() is None:
             if run.manifest(1, "rollout") is not None:  # iteration 1 is under way: kill it now
@@ -209,7 +209,7 @@ def test_resume_after_a_real_kill(base_policy_dir, tmp_path, tiny_overrides):
     done_before = {p: p.stat().st_mtime_ns for p in (run_dir / "iter_0000").rglob(MANIFEST)}
     assert len(done_before) == 5  # iteration 0 finished (no evaluation due)
 
-    finished = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    finished = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)  # hang guard
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     assert "iter 0000" in finished.stdout and "done before: prepare, rollout, reward, update, entropy" in finished.stdout
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "iter_0000").rglob(MANIFEST)} == done_before

@@ -587,7 +587,7 @@ def test_step_does_not_depend_on_the_micro_batch_partition(algo):
         before = [p.detach().clone() for p in model.parameters()]
         update_step(model, torch.optim.SGD(model.parameters(), lr=1.0), batch, reg, algo, trainer,
                     ControllerState(), group_size=2)
-        steps[micro] = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+        steps[micro] = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)])
         metrics[micro] = res.metrics
     assert steps[None].norm() > 0
     for micro in (1, 2, 3):

@@ -75,10 +75,13 @@ def test_math_verifier_cases(math_verifier):
     assert got[3].verdict == "no_answer" and got[5].verdict == "no_answer"
 
 
+HANG_S = 600
+
+
 def _stuck_on_hang(response: str, gold: str):
     """Stands in for math-verify stuck in sympy on one input."""
     if response == "hang":
-        time.sleep(600)
+        time.sleep(HANG_S)
     return (1.0, "correct", response) if response == gold else (0.0, "wrong", response)
 
 
@@ -91,7 +94,7 @@ def test_math_verifier_deadline_bounds_a_stuck_item():
     finally:
         v.close()
     assert [j.verdict for j in got] == ["correct", "timeout", "correct", "wrong"]
-    assert elapsed < 30  # the stuck worker was killed, not waited for
+    assert elapsed < HANG_S  # the stuck worker was killed, not waited for (no bound on the machine's speed)
 
 
 def test_make_verifier_unknown_kind():
