@@ -140,6 +140,11 @@ def _quiet_prefect() -> None:
     # the temporary server's default 20 s start-up limit was missed on a busy 2-core machine when two
     # runs started at once
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    import logging
+
+    # Prefect's event worker logs "Still processing items" while it drains at exit on a busy machine:
+    # progress noise after the run's own last line (an error line included)
+    logging.getLogger("EventsWorker").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-stage "Loading weights" bars drown the iteration lines
