@@ -5,6 +5,8 @@
   estimator the per-token entropy is :func:`nll_entropy_surrogate`, whose gradient is the
   score-function estimate of the entropy gradient)
 - adaptive_entropy: the bonus coefficient c moves by delta per step toward a target entropy
+- clip_cov / kl_cov (Cui et al., arXiv 2505.22617): detach the gradient of, or put a KL penalty on, the
+  few tokens whose log-prob and advantage covary most
 """
 
 from __future__ import annotations
@@ -73,3 +75,87 @@ def update_entropy_coef(coef: float, entropy: float, target: float, delta: float
     elif entropy > target:
         coef = coef - delta
     return float(min(1.0, max(0.0, coef)))
+
+
+# ---------------------------------------------------------------------------------------- Clip-Cov / KL-Cov
+# Cui et al., "The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models"
+# (arXiv 2505.22617), section 5; verl's policy-loss modes "clip_cov" and "kl_cov". Entropy falls
+# where log pi(y) and A(y) covary most (a confident token with a high advantage); both methods act on
+# a small fraction of those tokens only.
+
+
+def token_covariance(logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
+    """Per-token centred cross-product (log pi(y_t) - mean log pi) * (A_t - mean A) over the mask.
+
+    Args:
+        logp: [B, L] current log-probs (detached here).
+        advantages: [B, L] per-token advantages.
+        mask: [B, L] 1 on the tokens that count.
+    Returns:
+        [B, L] float32; the means are over the masked tokens; masked-out positions are 0. Its mean
+        over the mask is the covariance of the paper's Eq. (7), token by token.
+    """
+    m = mask.to(torch.float32)
+    n = m.sum().clamp(min=1.0)
+    lp = logp.detach().float()
+    adv = advantages.detach().float()
+    lp_mean = (lp * m).sum() / n
+    adv_mean = (adv * m).sum() / n
+    return (lp - lp_mean) * (adv - adv_mean) * m
+
+
+def clip_cov_selection(
+    cov: Tensor, mask: Tensor, excluded: Tensor, fraction: float, low: float, high: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Clip-Cov: a random fraction of the tokens whose covariance lies strictly in (low, high).
+
+    Args:
+        cov: [B, L] from :func:`token_covariance`.
+        mask: [B, L] 1 on the tokens that count.
+        excluded: [B, L] bool, tokens never selected (verl: those PPO's clip already stopped).
+        fraction: r, the number selected is max(1, int(r * number of masked tokens)), at most the
+            number of candidates (2e-4 in the paper).
+        low, high: the covariance window (1 and 5 in the paper).
+        generator: RNG for the random choice (None: torch's global RNG).
+    Returns:
+        [B, L] bool: the tokens whose gradient is detached.
+    """
+    candidates = (cov > low) & (cov < high) & mask.bool() & ~excluded.bool()
+    flat = torch.nonzero(candidates.flatten()).flatten()
+    chosen = torch.zeros(cov.numel(), dtype=torch.bool, device=cov.device)
+    if len(flat):
+        count = min(max(1, int(fraction * float(mask.sum()))), len(flat))
+        order = torch.randperm(len(flat), generator=generator)[:count].to(flat.device)
+        chosen[flat[order]] = True
+    return chosen.view_as(cov)
+
+
+def kl_cov_selection(cov: Tensor, mask: Tensor, fraction: float) -> Tensor:
+    """KL-Cov: the top ``fraction`` of the masked tokens by covariance (ties: lower flat index first).
+
+    Args:
+        cov: [B, L] from :func:`token_covariance`.
+        mask: [B, L] 1 on the tokens that count.
+        fraction: k, the number selected is max(1, int(k * number of masked tokens)) (2e-3 in the
+            paper for 7B models); 0 masked tokens select nothing.
+    Returns:
+        [B, L] bool: the tokens that get the KL penalty.
+    """
+    valid = torch.nonzero(mask.bool().flatten()).flatten()
+    chosen = torch.zeros(cov.numel(), dtype=torch.bool, device=cov.device)
+    if len(valid):
+        count = min(max(1, int(fraction * len(valid))), len(valid))
+        values = cov.flatten()[valid]
+        # stable descending order, so equal covariances are taken in position order
+        order = torch.sort(values, descending=True, stable=True).indices[:count]
+        chosen[valid[order]] = True
+    return chosen.view_as(cov)
+
+
+def kl_cov_penalty(logp: Tensor, old_logp: Tensor, selected: Tensor, coef: float) -> Tensor:
+    """KL-Cov's per-token penalty coef * |log pi - log pi_old| on the selected tokens, 0 elsewhere.
+
+    logp (with grad), old_logp, selected: [B, L] -> [B, L] (add it to the PPO token loss).
+    """
+    return coef * (logp - old_logp.detach()).abs() * selected.to(logp.dtype)

@@ -104,7 +104,8 @@ class RolloutConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    name: Literal["grpo", "aepo", "entropy_reg", "entropy_adv", "adaptive_entropy"] = "aepo"
+    # one class each in aepo_core/algorithms.py (the registry)
+    name: Literal["grpo", "aepo", "entropy_reg", "entropy_adv", "adaptive_entropy", "clip_cov", "kl_cov"] = "aepo"
     # --- AEPO (aepo-algorithm.md) ---
     # H* in the units of entropy_estimator. The paper's targets are 0.25-1.0 (nll, 7B math models);
     # the embedded base policy starts near 0.17 nats/token, so its default target sits just below.
@@ -135,6 +136,13 @@ class AlgorithmConfig(_Section):
     entropy_adv_kappa: float = Field(2.0, gt=0.0)
     adaptive_delta: float = Field(0.005, ge=0.0)
     adaptive_init_coef: float = Field(0.0, ge=0.0, le=1.0)
+    # clip_cov / kl_cov (Cui et al., arXiv 2505.22617; verl's clip_cov_ratio / kl_cov_ratio): the
+    # fraction of response tokens acted on (the paper: 2e-4 for Clip-Cov, 2e-3 for KL-Cov on 7B
+    # models; at least one token per micro-batch), Clip-Cov's covariance window, KL-Cov's coefficient
+    cov_fraction: float = Field(2e-4, gt=0.0, le=1.0)
+    cov_low: float = 1.0
+    cov_high: float = 5.0
+    kl_cov_coef: float = Field(1.0, ge=0.0)
 
     @model_validator(mode="after")
     def _check(self) -> AlgorithmConfig:
@@ -142,6 +150,8 @@ class AlgorithmConfig(_Section):
             raise ValueError(f"t_low ({self.t_low}) must not exceed t_high ({self.t_high})")
         if self.loss_agg == "constant" and self.loss_constant is None:
             raise ValueError("loss_agg 'constant' needs loss_constant (e.g. the max response length)")
+        if self.cov_low >= self.cov_high:
+            raise ValueError(f"cov_low ({self.cov_low}) must be below cov_high ({self.cov_high})")
         return self
 
 

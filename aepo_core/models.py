@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from aepo_core.atomic import atomic_dir
-from aepo_core.config import Config
+from aepo_core.config import Config, TrainerConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -25,6 +25,13 @@ def resolve_model_path(cfg: Config, log=print) -> Path:
     from aepo_core.base_policy import ensure_base_policy
 
     return ensure_base_policy(cfg.data.synthetic, cfg.model.cache_dir, log=log)
+
+
+def resolve_device(trainer_cfg: TrainerConfig) -> torch.device:
+    """trainer.device -> torch.device ("auto": cuda when available, else cpu)."""
+    if trainer_cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(trainer_cfg.device)
 
 
 def is_hub_id(text: str) -> bool:

@@ -22,16 +22,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from aepo_core.aepo import ControllerState, controller_temperature, reinforce_count
+from aepo_core.algorithms import Decision, decision_from_json, decision_to_json, make_algorithm
 from aepo_core.batch import SequenceBatch
 from aepo_core.config import Config, load_config, save_config
 from aepo_core.engines import SamplingRequest, shared_engine
 from aepo_core.errors import UserError
 from aepo_core.evaluation import evaluate_model, write_source_names
-from aepo_core.models import load_policy, load_tokenizer, write_policy
+from aepo_core.models import load_policy, load_tokenizer, resolve_device, write_policy
 from aepo_core.prompts import encode_prompts
 from aepo_core.rundir import STAGES, RunDir, StageNotReady, file_digest, folder_digest
-from aepo_core.update import make_optimizer, resolve_device, update_step
+from aepo_core.update import make_optimizer, update_step
 from aepo_core.verifiers import make_verifier
 
 POLICY, REGULARISER = "policy", "regulariser"
@@ -74,9 +74,7 @@ def stage_config_digest(cfg: Config, stage: str) -> str:
 
 
 def default_run_name(cfg: Config) -> str:
-    a = cfg.algorithm
-    tag = f"-h{a.target_entropy:g}" if a.name == "aepo" else ""
-    return f"{a.name}{tag}-{config_digest(cfg)[:8]}"
+    return f"{make_algorithm(cfg.algorithm).run_name()}-{config_digest(cfg)[:8]}"
 
 
 def run_root(cfg: Config, run_dir: str | Path | None = None) -> Path:
@@ -195,12 +193,16 @@ def policy_dir(run: RunDir, iteration: int) -> Path:
     return run.stage_dir(iteration - 1, "update") / "policy"
 
 
-def controller_state(run: RunDir, cfg: Config, iteration: int) -> ControllerState:
-    """The controller state entering `iteration` (the previous entropy stage's decision)."""
+def controller_decision(run: RunDir, cfg: Config, iteration: int) -> Decision:
+    """The controller's decision for `iteration`: the previous entropy stage's controller.json (the
+    one record of it), or for iteration 0 the algorithm's decision on its initial state."""
+    algo = make_algorithm(cfg.algorithm)
     if iteration == 0:
-        return ControllerState.initial(cfg.algorithm)
-    path = run.stage_dir(iteration - 1, "entropy") / "controller.json"
-    return ControllerState.from_dict(json.loads(path.read_text())["state"])
+        return algo.decide(algo.initial_state())
+    data = json.loads((run.stage_dir(iteration - 1, "entropy") / "controller.json").read_text())
+    if "next_k_halved" not in data:  # written before the key existed: the same rule decides it
+        return algo.decide(decision_from_json({**data, "next_k_halved": False}).state)
+    return decision_from_json(data)
 
 
 def evaluation_due(cfg: Config, iteration: int) -> bool:
@@ -285,16 +287,15 @@ def rollout(run: RunDir, iteration: int, show_progress: bool = False) -> dict[st
     cfg = run.config()
     ups = upstream(run, cfg, iteration, "rollout")
     prompts = pq.read_table(run.stage_dir(iteration, "prepare") / "prompts.parquet")
-    state = controller_state(run, cfg, iteration)
+    decision = controller_decision(run, cfg, iteration)
     engine = shared_engine(cfg, policy_dir(run, iteration))
     engine.show_progress = show_progress
     r = cfg.rollout
     prompt_ids = encode_prompts(engine.tokenizer, prompts.column("prompt").to_pylist(), cfg.data.prompt_suffix)
     requests = [SamplingRequest(ids, r.n, r.temperature, r.top_p, r.max_new_tokens) for ids in prompt_ids]
     roles = [POLICY] * len(requests)
-    reg_temperature = None
-    if cfg.algorithm.name == "aepo":
-        reg_temperature = controller_temperature(state, cfg.algorithm)
+    reg_temperature = make_algorithm(cfg.algorithm).regulariser_temperature(decision)
+    if reg_temperature is not None:
         num_reg = math.ceil(cfg.algorithm.reg_prompt_fraction * len(prompt_ids))
         requests += [
             SamplingRequest(ids, r.n, reg_temperature, r.top_p, r.max_new_tokens) for ids in prompt_ids[:num_reg]
@@ -458,7 +459,7 @@ def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str
     torch.manual_seed(_seed(cfg.trainer.seed, iteration))
 
     batches = role_batches(rollouts, reward_of, tokenizer.pad_token_id)
-    controller = controller_state(run, cfg, iteration)
+    decision = controller_decision(run, cfg, iteration)
     step_started = time.perf_counter()
     bar = None
     if show_progress:
@@ -469,7 +470,7 @@ def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str
     ref_policy = reference_policy(policy_dir(run, 0), device, cfg.model.trust_remote_code) if cfg.algorithm.kl_coef > 0 else None
     try:
         result = update_step(
-            policy, optimizer, batches[POLICY][1], batches[REGULARISER][1], cfg.algorithm, cfg.trainer, controller,
+            policy, optimizer, batches[POLICY][1], batches[REGULARISER][1], cfg.algorithm, cfg.trainer, decision,
             group_size=cfg.rollout.n, ref_policy=ref_policy, progress=bar.update if bar is not None else None,
         )
     finally:
@@ -489,7 +490,6 @@ def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str
         write_policy(policy, tokenizer, tmp / "policy")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         pq.write_table(pa.Table.from_pylist(records), tmp / "update_batch.parquet")
-        (tmp / "controller_after.json").write_text(json.dumps(result.controller.to_dict()))
         metrics.update(result.metrics)
         metrics["update_seconds"] = seconds
         metrics["rows_trained"] = len(records)
@@ -501,20 +501,18 @@ def entropy(run: RunDir, iteration: int) -> dict[str, Any]:
     started = time.perf_counter()
     cfg = run.config()
     ups = upstream(run, cfg, iteration, "entropy")
-    update_dir = run.stage_dir(iteration, "update")
     measured = run.manifest(iteration, "update")["metrics"]
-    state = ControllerState.from_dict(json.loads((update_dir / "controller_after.json").read_text()))
     a = cfg.algorithm
-    next_t = controller_temperature(state, a) if a.name == "aepo" else None
-    k_cap = reinforce_count(a.reinforce_sample_num, a.reinforce_sample_num, state.h_prev, a.target_entropy, a.halve_above_target)
-    decision = {
-        "estimator": a.entropy_estimator,
-        "measured": {"nll": measured.get("entropy/nll"), "exact": measured.get("entropy/exact")},
-        "target": a.target_entropy,
-        "next_temperature": next_t,
-        "next_k_cap": k_cap if a.name == "aepo" else 0,
-        "state": state.to_dict(),
-    }
+    algo = make_algorithm(a)
+    # the one place the controller moves and decides: rollout and update read controller.json
+    previous = controller_decision(run, cfg, iteration)
+    state = algo.next_state(previous.state, previous, measured)
+    next_decision = algo.decide(state)
+    next_t = next_decision.temperature
+    decision = decision_to_json(
+        next_decision, a.entropy_estimator, {"nll": measured.get("entropy/nll"), "exact": measured.get("entropy/exact")},
+        a.target_entropy,
+    )
     with run.publish(iteration, "entropy", ups, started=started) as (tmp, metrics):
         (tmp / "controller.json").write_text(json.dumps(decision, indent=2))
         metrics.update(

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from aepo_core.algorithms import make_algorithm
 from aepo_core.config import Config
 from aepo_core.rundir import STAGES, RunDir
 
@@ -108,7 +109,7 @@ class Tracker:
         a = self.cfg.algorithm
         tags = {
             "algorithm": a.name,
-            "target_entropy": str(a.target_entropy) if a.name in ("aepo", "adaptive_entropy") else "none",
+            "target_entropy": str(target) if (target := make_algorithm(a).target()) is not None else "none",
             "entropy_estimator": a.entropy_estimator,
             "model": self.cfg.model.path or "embedded-base",
             "run_dir": str(self.run.root.resolve()),

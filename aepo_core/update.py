@@ -57,31 +57,20 @@ import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from aepo_core.advantages import broadcast_to_tokens, group_advantages
-from aepo_core.aepo import (
-    ControllerState,
-    assemble_batch,
-    reinforce_count,
-    select_positive_samples,
-)
-from aepo_core.baselines import (
-    entropy_bonus_term,
-    entropy_shaped_advantages,
-    nll_entropy_surrogate,
-    update_entropy_coef,
-)
+from aepo_core.aepo import ControllerState
+from aepo_core.algorithms import Algorithm, Decision, make_algorithm
+from aepo_core.baselines import entropy_bonus_term, nll_entropy_surrogate
 from aepo_core.batch import ROLE_REINFORCE, SequenceBatch
 from aepo_core.config import AlgorithmConfig, TrainerConfig
 from aepo_core.entropy import shifted_logprobs_and_entropy
 from aepo_core.losses import (
-    clipped_token_loss,
     kl_k3,
     loss_normaliser,
     loss_sum,
@@ -94,37 +83,16 @@ from aepo_core.losses import (
 
 @dataclass
 class UpdateResult:
-    """What one update step returns.
+    """What one update step returns (the controller's next state is the entropy stage's business).
 
     metrics: flat name -> float (names contain only letters, digits, '_', '/', '.').
     rows: one record per row of the assembled batch, in batch order: row, mini_batch, role,
         source ("policy" | "regulariser"), source_index, reward, temperature, weight, advantage
         (mean over the row's response tokens of the advantage used), response_tokens.
-    controller: the controller state for the next step.
     """
 
     metrics: dict[str, float]
     rows: list[dict[str, Any]]
-    controller: ControllerState
-
-
-@dataclass
-class PreparedBatch:
-    """Output of :func:`prepare_update_batch`: the batch X plus what the controller decided."""
-
-    batch: SequenceBatch
-    num_positives: int = 0
-    k: int = 0
-    temperature: float | None = None
-    info: dict[str, float] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------- devices
-def resolve_device(trainer_cfg: TrainerConfig) -> torch.device:
-    """trainer.device -> torch.device ("auto": cuda when available, else cpu)."""
-    if trainer_cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(trainer_cfg.device)
 
 
 @functools.cache
@@ -191,64 +159,6 @@ def _partition(num_rows: int, trainer_cfg: TrainerConfig) -> list[list[range]]:
         split_micro(mb, trainer_cfg.micro_batch_size)
         for mb in split_in_order(num_rows, trainer_cfg.mini_batches)
     ]
-
-
-# ---------------------------------------------------------------------------------------- assembly
-def prepare_update_batch(
-    policy_batch: SequenceBatch,
-    regulariser_batch: SequenceBatch | None,
-    algo_cfg: AlgorithmConfig,
-    controller: ControllerState,
-    group_size: int,
-    regulariser_group_size: int | None = None,
-) -> PreparedBatch:
-    """Advantages, positive selection and batch assembly (steps 4 and 8-10), no model involved.
-
-    Args:
-        policy_batch: B rows, groups of group_size consecutive rows, rewards set.
-        regulariser_batch: M rows sampled at temperature T (aepo only), or None.
-        algo_cfg: the algorithm configuration.
-        controller: the state entering this step (h_prev decides the k halving).
-        group_size: n for the policy batch.
-        regulariser_group_size: n for the regulariser batch (default: group_size).
-    Returns:
-        PreparedBatch with the assembled batch X (advantages [|X|, L] set, REINFORCE rows first),
-        |POS|, k and the regulariser temperature.
-    """
-    if regulariser_batch is not None and algo_cfg.name != "aepo":
-        raise ValueError(f"algorithm {algo_cfg.name!r} does not use a regulariser batch")
-    adv = group_advantages(policy_batch.rewards, group_size, algo_cfg.advantage_scaling)
-    policy_rows = policy_batch.with_fields(advantages=broadcast_to_tokens(adv, policy_batch.response_mask))
-    info: dict[str, float] = {
-        "advantage/mean": adv.mean().item(),
-        "advantage/abs_mean": adv.abs().mean().item(),
-    }
-    if regulariser_batch is None or len(regulariser_batch) == 0:
-        return PreparedBatch(
-            batch=assemble_batch(policy_rows, None, torch.zeros(0, dtype=torch.long), 0), info=info
-        )
-    adv_t = group_advantages(
-        regulariser_batch.rewards, regulariser_group_size or group_size, algo_cfg.advantage_scaling
-    )
-    positives = select_positive_samples(adv_t, algo_cfg.positive_threshold)
-    k = reinforce_count(
-        len(positives),
-        algo_cfg.reinforce_sample_num,
-        controller.h_prev,
-        algo_cfg.target_entropy,
-        algo_cfg.halve_above_target,
-    )
-    if algo_cfg.combine == "replace":
-        k = min(k, len(policy_batch))
-    batch = assemble_batch(policy_rows, regulariser_batch, positives, k, algo_cfg.combine, algo_cfg.alpha)
-    info["aepo/regulariser_reward_mean"] = regulariser_batch.rewards.float().mean().item()
-    return PreparedBatch(
-        batch=batch,
-        num_positives=len(positives),
-        k=k,
-        temperature=regulariser_batch.temperatures.float().mean().item(),
-        info=info,
-    )
 
 
 # ---------------------------------------------------------------------------------------- temperatures
@@ -410,14 +320,81 @@ def _enable_checkpointing(policy) -> None:
 
 
 # ---------------------------------------------------------------------------------------- the step
+@dataclass
+class _Normalisers:
+    """A mini-batch's loss normalisers (counts; all-reduced when rows are spread over ranks)."""
+
+    grpo: float
+    reinforce: float
+    all: float
+
+
+def _normalisers(batch: SequenceBatch, is_reinforce: Tensor, micro: list[range], cfg: AlgorithmConfig) -> _Normalisers:
+    span = slice(micro[0].start, micro[-1].stop)
+    mask, reinforce = batch.response_mask[span], is_reinforce[span]
+    grpo, reinf = role_normalisers(mask, reinforce, cfg.combine == "add", cfg.loss_agg, cfg.loss_constant)
+    return _Normalisers(grpo, reinf, loss_normaliser(mask, cfg.loss_agg, cfg.loss_constant))
+
+
+class _StepMeter:
+    """Everything the step measures: token-weighted means over the whole batch, one loss value per
+    mini-batch (averaged over mini-batches), the ratio extremes and the REINFORCE rows' ratios."""
+
+    def __init__(self) -> None:
+        self.means = _TokenMeans()
+        self.losses: dict[str, list[float]] = defaultdict(list)
+        self.extremes = {"actor/ratio_max": -math.inf, "actor/ratio_min": math.inf}
+        self.reinforce_ratios: list[Tensor] = []
+
+    @torch.no_grad()
+    def micro_batch(self, logp, logp_t1, old, entropy, mask, reinforce_rows, ind) -> None:
+        tokens = float(mask.sum())
+        for key, value in policy_loss_diagnostics(logp, old, mask, ind).items():
+            if key in ("ratio_max", "ratio_min"):
+                pick = max if key == "ratio_max" else min
+                self.extremes[f"actor/{key}"] = pick(self.extremes[f"actor/{key}"], value)
+            else:
+                self.means.add(f"actor/{key}", value, tokens)
+        # the entropy the controller reads: at T = 1, over every row (REINFORCE rows included)
+        self.means.add("entropy/nll", masked_mean(-logp_t1.detach(), mask).item(), tokens)
+        self.means.add("entropy/exact", masked_mean(entropy.detach(), mask).item(), tokens)
+        reinf = reinforce_rows.to(mask.dtype).unsqueeze(1)
+        policy_mask = mask * (1.0 - reinf)
+        policy_tokens = float(policy_mask.sum())
+        if policy_tokens > 0:
+            self.means.add("entropy/nll_policy_rows", masked_mean(-logp_t1.detach(), policy_mask).item(), policy_tokens)
+            self.means.add("entropy/exact_policy_rows", masked_mean(entropy.detach(), policy_mask).item(), policy_tokens)
+        if bool(reinforce_rows.any()):
+            self.reinforce_ratios.append(ind["ratio"].detach()[(mask * reinf).bool()].float())
+        if "cov_selected" in ind:
+            self.means.add("actor/cov_selected_frac", masked_mean(ind["cov_selected"].float(), mask).item(), tokens)
+
+    def mini_batch(self, losses: dict[str, float], has_grpo: bool, has_reinforce: bool, separate: bool) -> None:
+        for key, value in losses.items():
+            # "add" mode: each part is recorded for the mini-batches that hold its rows
+            if separate and ((key == "loss/grpo" and not has_grpo) or (key == "loss/reinforce" and not has_reinforce)):
+                continue
+            self.losses[key].append(value)
+
+    def result(self) -> dict[str, float]:
+        out = {key: sum(v) / len(v) for key, v in self.losses.items() if v}
+        out.update(self.means.result())
+        out.update({k: v for k, v in self.extremes.items() if math.isfinite(v)})
+        if self.reinforce_ratios:
+            ratios = torch.cat(self.reinforce_ratios)
+            out["aepo/reinforce_ratio_min"] = ratios.min().item()
+            out["aepo/reinforce_ratio_max"] = ratios.max().item()
+        return out
+
+
 def update_step(
     policy,
     optimizer: torch.optim.Optimizer,
     policy_batch: SequenceBatch,
     regulariser_batch: SequenceBatch | None,
-    algo_cfg: AlgorithmConfig,
+    algorithm: Algorithm | AlgorithmConfig,
     trainer_cfg: TrainerConfig,
-    controller: ControllerState,
+    decision: Decision | ControllerState,
     *,
     group_size: int,
     regulariser_group_size: int | None = None,
@@ -425,7 +402,7 @@ def update_step(
     progress: Callable[[int], None] | None = None,
     recompute_old_logprobs: bool | None = None,
 ) -> UpdateResult:
-    """One rollout's update of ``policy`` (1 PPO epoch, trainer.mini_batches optimiser steps).
+    """One rollout's update of ``policy``: the generic PPO epoch (trainer.mini_batches optimiser steps).
 
     Args:
         policy: HF causal LM (``policy(input_ids=..., attention_mask=...).logits`` -> [b, L, V]); the
@@ -433,108 +410,61 @@ def update_step(
         optimizer: optimiser over the policy's trainable parameters (e.g. AdamW from trainer_cfg).
         policy_batch: [B, L] rows sampled at rollout.temperature (``temperatures`` set), groups of
             group_size consecutive rows, with 0/1 rewards.
-        regulariser_batch: [M, L'] rows for the first reg_prompt_fraction of the prompts sampled at the
-            controller's temperature (temperatures set), with rewards, in groups of
-            regulariser_group_size (default group_size); only for algorithm "aepo", else None.
-        algo_cfg, trainer_cfg: configuration.
-        controller: the controller state entering this step.
+        regulariser_batch: [M, L'] rows sampled at the decision's temperature, with rewards, in
+            groups of regulariser_group_size (default group_size), or None.
+        algorithm: the algorithm object (:mod:`aepo_core.algorithms`), or its config section.
+        trainer_cfg: the trainer section.
+        decision: the controller's decision for this iteration (or a controller state, decided here
+            by ``algorithm.decide``: a convenience for scripts and tests).
         group_size: n, responses per prompt in policy_batch.
         regulariser_group_size: n of the regulariser batch, default group_size.
-        ref_policy: reference model for the k3 KL term (needed when algo_cfg.kl_coef > 0), never
-            trained; scored at the same temperatures as the policy.
+        ref_policy: frozen reference model for the k3 KL term (needed when kl_coef > 0), scored at
+            the same temperatures as the policy.
         progress: called with the number of rows done after each micro-batch (progress bars).
         recompute_old_logprobs: run the separate no-grad pass for pi_old's log-probs. None (default):
-            only when needed, i.e. with more than one mini-batch or for entropy_adv; otherwise the
-            single on-policy mini-batch uses its own detached log-probs (ratio exactly 1).
+            only when needed (several mini-batches, or an algorithm that reads pi_old's entropy).
     Returns:
-        UpdateResult(metrics, per-row records, new controller state).
+        UpdateResult(metrics, per-row records).
 
-    Gradient accumulation divides each micro-batch's loss sum by the mini-batch's normaliser, so the
-    step does not depend on the micro-batch partition; micro-batches with no response token are
-    skipped. Policy rows are scored at their sampling temperature, REINFORCE rows at T = 1
-    (:func:`scoring_temperatures`). Warns (does not raise) when the k REINFORCE rows do not all fit in the first
-    mini-batch. Dropout is disabled for all forward passes (see the module docstring).
+    The loss is normalised per mini-batch (micro-batch invariant), policy rows are scored at their
+    sampling temperature and REINFORCE rows at T = 1 (module docstring). Warns (does not raise) when
+    REINFORCE rows spill out of the first mini-batch.
     """
-    name = algo_cfg.name
-    if algo_cfg.kl_coef > 0 and ref_policy is None:
+    algo = algorithm if isinstance(algorithm, Algorithm) else make_algorithm(algorithm)
+    decision = decision if isinstance(decision, Decision) else algo.decide(decision)
+    cfg = algo.cfg
+    if cfg.kl_coef > 0 and ref_policy is None:
         raise ValueError("algorithm.kl_coef > 0 needs a ref_policy")
     device = next(policy.parameters()).device
-    amp_dtype = autocast_dtype(device, trainer_cfg.dtype)
+    amp = autocast_dtype(device, trainer_cfg.dtype)
+    chunk = trainer_cfg.logits_chunk
     if trainer_cfg.gradient_checkpointing:
         _enable_checkpointing(policy)
 
-    prepared = prepare_update_batch(
-        policy_batch, regulariser_batch, algo_cfg, controller, group_size, regulariser_group_size
-    )
+    # steps 4 and 8-10: advantages, and the algorithm's own rows (AEPO: positives, k, assembly)
+    prepared = algo.prepare_batch(policy_batch, regulariser_batch, decision, group_size, regulariser_group_size)
     batch = prepared.batch.to(device)
     partition = _partition(len(batch), trainer_cfg)
-    chunk = trainer_cfg.logits_chunk
-    first_mini_batch_rows = sum(len(rows) for rows in partition[0]) if partition else 0
-    if prepared.k > first_mini_batch_rows:
-        warnings.warn(
-            f"{prepared.k} REINFORCE rows but the first (exactly on-policy) mini-batch holds only "
-            f"{first_mini_batch_rows} of the {len(batch)} rows (trainer.mini_batches = "
-            f"{trainer_cfg.mini_batches}): {prepared.k - first_mini_batch_rows} REINFORCE rows are "
-            "trained off-policy in later mini-batches, where the clip can act on them",
-            stacklevel=2,
-        )
-
-    # step 11: old log-probs of every row at its scoring temperature (scoring_temperatures: the
-    # sampling temperature for policy rows, T = 1 for REINFORCE rows). With a single mini-batch the
-    # update is exactly on-policy (pi_old = pi_theta), so by default the training forward pass's own
-    # detached log-probs serve as the old ones and the extra no-grad pass is skipped; entropy_adv
-    # still needs pi_old's entropy before its first forward pass.
+    _warn_spilled_reinforce_rows(prepared.k, partition, len(batch), trainer_cfg)
     temps = scoring_temperatures(batch)
-    if temps is not None:
-        temps = temps.to(device)
+    temps = temps.to(device) if temps is not None else None
+
+    # step 11: pi_old's log-probs (one on-policy mini-batch: the training pass's own, detached)
     if recompute_old_logprobs is None:
-        recompute_old_logprobs = len(partition) > 1 or name == "entropy_adv"
-    old_logp = old_entropy = None
+        recompute_old_logprobs = len(partition) > 1 or algo.needs_old_entropy
+    old_logp = old_entropy = ref_logp = None
     if recompute_old_logprobs:
-        old_logp, old_entropy = compute_logprobs(
-            policy, batch, partition, chunk, amp_dtype, with_entropy=(name == "entropy_adv"), temperatures=temps
-        )
-    ref_logp = None
-    if algo_cfg.kl_coef > 0:
-        ref_logp, _ = compute_logprobs(ref_policy, batch, partition, chunk, amp_dtype, temperatures=temps)
+        old_logp, old_entropy = compute_logprobs(policy, batch, partition, chunk, amp, algo.needs_old_entropy, temps)
+    if cfg.kl_coef > 0:
+        ref_logp, _ = compute_logprobs(ref_policy, batch, partition, chunk, amp, temperatures=temps)
+    batch = batch.with_fields(advantages=algo.shape_advantages(batch.advantages, old_entropy) * batch.response_mask)
 
-    advantages = batch.advantages
-    if name == "entropy_adv":
-        advantages = (
-            entropy_shaped_advantages(
-                advantages, old_entropy, algo_cfg.entropy_adv_alpha, algo_cfg.entropy_adv_kappa
-            )
-            * batch.response_mask
-        )
-    batch = batch.with_fields(advantages=advantages)
-
-    if name == "entropy_reg":
-        bonus_coef = algo_cfg.entropy_coef
-    elif name == "adaptive_entropy":
-        bonus_coef = controller.entropy_coef
-    else:
-        bonus_coef = 0.0
-    bonus_exact = bonus_coef > 0 and algo_cfg.entropy_bonus_estimator == "exact"
-
-    row_is_reinforce = [r == ROLE_REINFORCE for r in batch.roles]
-    is_reinforce = torch.tensor(row_is_reinforce, dtype=torch.bool, device=device)
-    # one device sync for all rows, instead of one per micro-batch
-    row_tokens = batch.response_mask.sum(dim=1).tolist()
-    separate = algo_cfg.combine == "add"
-    mode, constant = algo_cfg.loss_agg, algo_cfg.loss_constant
+    bonus_coef = algo.bonus_coef(decision)
+    bonus_exact = bonus_coef > 0 and cfg.entropy_bonus_estimator == "exact"
+    is_reinforce = torch.tensor([r == ROLE_REINFORCE for r in batch.roles], dtype=torch.bool, device=device)
+    row_tokens = batch.response_mask.sum(dim=1).tolist()  # one device sync for all rows
     params = [p for p in policy.parameters() if p.requires_grad]
-    means = _TokenMeans()  # token-weighted metrics over the whole batch
-    per_mini_batch: dict[str, list[float]] = defaultdict(list)  # losses: one value per mini-batch
-    ratio_extremes: dict[str, float] = {"actor/ratio_max": -math.inf, "actor/ratio_min": math.inf}
-    reinforce_ratios: list[Tensor] = []
-    grad_norms: list[float] = []
-    skipped = 0
-    row_mini_batch = [0] * len(batch)
-
-    def has_tokens(rows: range, reinforce: bool | None = None) -> bool:
-        return any(
-            row_tokens[r] > 0 and (reinforce is None or row_is_reinforce[r] == reinforce) for r in rows
-        )
+    meter, grad_norms, skipped, row_mini_batch = _StepMeter(), [], 0, [0] * len(batch)
 
     was_training = policy.training
     policy.train()  # activation checkpointing needs train(); dropout is switched off instead
@@ -542,143 +472,102 @@ def update_step(
         with dropout_disabled(policy):
             for mb_index, micro in enumerate(partition):
                 optimizer.zero_grad(set_to_none=True)
-                # The mini-batch's normalisers, known before its first forward pass: every
-                # micro-batch's loss sum is divided by them, so the step is the mini-batch's
-                # aggregate whatever the micro-batch partition (see the module docstring).
-                span = slice(micro[0].start, micro[-1].stop)
-                mb_mask, mb_reinforce = batch.response_mask[span], is_reinforce[span]
-                norm_grpo, norm_reinf = role_normalisers(mb_mask, mb_reinforce, separate, mode, constant)
-                norm_all = loss_normaliser(mb_mask, mode, constant)
-                mb_losses: dict[str, float] = defaultdict(float)
+                norms = _normalisers(batch, is_reinforce, micro, cfg)  # known before the first forward
+                losses: dict[str, float] = defaultdict(float)
                 for rows in micro:
-                    for r in rows:
-                        row_mini_batch[r] = mb_index
-                    if not has_tokens(rows):
+                    row_mini_batch[rows.start : rows.stop] = [mb_index] * len(rows)
+                    if not any(row_tokens[r] for r in rows):
                         continue  # no response token: no gradient, nothing to measure
                     sel = slice(rows.start, rows.stop)
                     mb = batch.select(list(rows)).trimmed()
-                    length = mb.seq_len
                     mask = mb.response_mask
-                    mb_temps = temps[sel] if temps is not None else None
-                    with _autocast(device, amp_dtype):
-                        logp, logp_t1, token_entropy = _forward(
-                            policy, mb, chunk, mb_temps, True, entropy_grad=bonus_exact,
-                            t1_grad=bonus_coef > 0,
+                    with _autocast(device, amp):
+                        logp, logp_t1, entropy = _forward(
+                            policy, mb, chunk, temps[sel] if temps is not None else None, True,
+                            entropy_grad=bonus_exact, t1_grad=bonus_coef > 0,
                         )
                     logp, logp_t1 = logp.float(), logp_t1.float()
-                    old = old_logp[sel, :length] if old_logp is not None else logp.detach()
-                    token_loss, ind = clipped_token_loss(
-                        logp, old, mb.advantages, algo_cfg.clip_low, algo_cfg.clip_high, algo_cfg.dual_clip
+                    old = old_logp[sel, : mb.seq_len] if old_logp is not None else logp.detach()
+                    token_loss, ind = algo.token_loss(logp, old, mb.advantages, mask)
+                    # replace: one shared normaliser; add: each part over its own rows (alpha: row weights)
+                    grpo_sum, reinforce_sum = role_loss_sums(
+                        token_loss * mb.weights.unsqueeze(1), mask, is_reinforce[sel], cfg.loss_agg
                     )
-                    token_loss = token_loss * mb.weights.unsqueeze(1)
-                    reinf_rows = is_reinforce[sel]
-                    # replace: one shared normaliser; add: each part over its own rows' tokens, alpha
-                    # carried by the row weights
-                    grpo_sum, reinforce_sum = role_loss_sums(token_loss, mask, reinf_rows, mode)
-                    total = grpo_sum / norm_grpo + reinforce_sum / norm_reinf
-                    mb_losses["loss/grpo"] += grpo_sum.item() / norm_grpo
-                    mb_losses["loss/reinforce"] += reinforce_sum.item() / norm_reinf
+                    total = grpo_sum / norms.grpo + reinforce_sum / norms.reinforce
+                    losses["loss/grpo"] += grpo_sum.item() / norms.grpo
+                    losses["loss/reinforce"] += reinforce_sum.item() / norms.reinforce
                     if ref_logp is not None:
-                        kl = loss_sum(kl_k3(logp, ref_logp[sel, :length]), mask, mode) / norm_all
-                        total = total + algo_cfg.kl_coef * kl
-                        mb_losses["loss/kl"] += kl.item()
+                        kl = loss_sum(kl_k3(logp, ref_logp[sel, : mb.seq_len]), mask, cfg.loss_agg) / norms.all
+                        total = total + cfg.kl_coef * kl
+                        losses["loss/kl"] += kl.item()
                     if bonus_coef > 0:
                         # exact: differentiable full-vocabulary entropy; nll: value -log p, gradient
                         # the score-function estimate of grad H (plain -log p has E[grad] = 0)
-                        bonus_entropy = token_entropy if bonus_exact else nll_entropy_surrogate(logp_t1)
-                        bonus = entropy_bonus_term(loss_sum(bonus_entropy, mask, mode) / norm_all, bonus_coef)
+                        h = entropy if bonus_exact else nll_entropy_surrogate(logp_t1)
+                        bonus = entropy_bonus_term(loss_sum(h, mask, cfg.loss_agg) / norms.all, bonus_coef)
                         total = total + bonus
-                        mb_losses["loss/entropy_bonus"] += bonus.item()
-                    mb_losses["loss/total"] += total.item()
+                        losses["loss/entropy_bonus"] += bonus.item()
+                    losses["loss/total"] += total.item()
                     total.backward()
+                    meter.micro_batch(logp, logp_t1, old, entropy, mask, is_reinforce[sel], ind)
                     if progress is not None:
                         progress(len(rows))
-
-                    with torch.no_grad():
-                        tokens = float(mask.sum())
-                        diagnostics = policy_loss_diagnostics(logp, old, mask, ind)
-                        for key, value in diagnostics.items():
-                            if key in ("ratio_max", "ratio_min"):
-                                pick = max if key == "ratio_max" else min
-                                ratio_extremes[f"actor/{key}"] = pick(ratio_extremes[f"actor/{key}"], value)
-                            else:
-                                means.add(f"actor/{key}", value, tokens)
-                        # the entropy the controller reads: at T = 1, over every row (reference code)
-                        means.add("entropy/nll", masked_mean(-logp_t1.detach(), mask).item(), tokens)
-                        means.add("entropy/exact", masked_mean(token_entropy.detach(), mask).item(), tokens)
-                        policy_mask = mask * (1.0 - reinf_rows.to(mask.dtype).unsqueeze(1))
-                        policy_tokens = float(policy_mask.sum())
-                        if policy_tokens > 0:
-                            means.add("entropy/nll_policy_rows", masked_mean(-logp_t1.detach(), policy_mask).item(), policy_tokens)
-                            means.add("entropy/exact_policy_rows", masked_mean(token_entropy.detach(), policy_mask).item(), policy_tokens)
-                        if has_tokens(rows, True):
-                            reinf_mask = (mask * reinf_rows.to(mask.dtype).unsqueeze(1)).bool()
-                            reinforce_ratios.append(ind["ratio"].detach()[reinf_mask].float())
-                span_rows = range(span.start, span.stop)
-                if has_tokens(span_rows):
-                    for key, value in mb_losses.items():
-                        # add mode: a part is recorded for the mini-batches that hold its rows
-                        if separate and key == "loss/grpo" and not has_tokens(span_rows, False):
-                            continue
-                        if separate and key == "loss/reinforce" and not has_tokens(span_rows, True):
-                            continue
-                        per_mini_batch[key].append(value)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, trainer_cfg.grad_clip)
-                grad_norms.append(float(grad_norm))
-                if math.isfinite(float(grad_norm)):
+                span = range(micro[0].start, micro[-1].stop)
+                if any(row_tokens[r] for r in span):
+                    has = {bool(is_reinforce[r]) for r in span if row_tokens[r]}
+                    meter.mini_batch(losses, False in has, True in has, cfg.combine == "add")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, trainer_cfg.grad_clip))
+                grad_norms.append(grad_norm)
+                if math.isfinite(grad_norm):
                     optimizer.step()
                 else:
-                    # a non-finite gradient would poison the weights and the optimiser moments
-                    skipped += 1
+                    skipped += 1  # a non-finite gradient would poison the weights and the moments
                 optimizer.zero_grad(set_to_none=True)
     finally:
         policy.train(was_training)
 
-    metrics: dict[str, float] = {key: sum(v) / len(v) for key, v in per_mini_batch.items() if v}
-    metrics.update(means.result())
-    metrics.update({k: v for k, v in ratio_extremes.items() if math.isfinite(v)})
-    metrics.update(prepared.info)
-    finite_norms = [g for g in grad_norms if math.isfinite(g)]
-    metrics["actor/grad_norm"] = sum(finite_norms) / len(finite_norms) if finite_norms else float("nan")
-    metrics["actor/grad_norm_max"] = max(grad_norms) if grad_norms else 0.0
-    metrics["actor/skipped_steps"] = float(skipped)
-    metrics["actor/optimizer_steps"] = float(len(grad_norms) - skipped)
-    metrics["batch/rows"] = float(len(batch))
-    metrics["batch/response_tokens"] = batch.response_mask.sum().item()
-    metrics["aepo/num_positives"] = float(prepared.num_positives)
-    metrics["aepo/k"] = float(prepared.k)
-    metrics["aepo/reinforce_share"] = prepared.k / max(len(batch), 1)
-    if prepared.temperature is not None:
-        metrics["aepo/temperature"] = prepared.temperature
-    if reinforce_ratios:
-        all_ratios = torch.cat(reinforce_ratios)
-        metrics["aepo/reinforce_ratio_min"] = all_ratios.min().item()
-        metrics["aepo/reinforce_ratio_max"] = all_ratios.max().item()
+    metrics = {**meter.result(), **prepared.info}
+    metrics.update(_step_summary(batch, prepared, decision, grad_norms, skipped, row_mini_batch, bonus_coef, cfg))
+    return UpdateResult(metrics=metrics, rows=_row_records(batch, row_mini_batch, row_tokens))
+
+
+def _warn_spilled_reinforce_rows(k: int, partition: list[list[range]], rows: int, trainer_cfg: TrainerConfig) -> None:
+    first = sum(len(r) for r in partition[0]) if partition else 0
+    if k > first:
+        warnings.warn(
+            f"{k} REINFORCE rows but the first (exactly on-policy) mini-batch holds only {first} of the "
+            f"{rows} rows (trainer.mini_batches = {trainer_cfg.mini_batches}): {k - first} REINFORCE rows "
+            "are trained off-policy in later mini-batches, where the clip can act on them",
+            stacklevel=3,
+        )
+
+
+def _step_summary(batch, prepared, decision, grad_norms, skipped, row_mini_batch, bonus_coef, cfg) -> dict[str, float]:
+    finite = [g for g in grad_norms if math.isfinite(g)]
+    out = {
+        "actor/grad_norm": sum(finite) / len(finite) if finite else float("nan"),
+        "actor/grad_norm_max": max(grad_norms) if grad_norms else 0.0,
+        "actor/skipped_steps": float(skipped),
+        "actor/optimizer_steps": float(len(grad_norms) - skipped),
+        "batch/rows": float(len(batch)),
+        "batch/response_tokens": batch.response_mask.sum().item(),
+        "aepo/num_positives": float(prepared.num_positives),
+        "aepo/k": float(prepared.k),
+        "aepo/reinforce_share": prepared.k / max(len(batch), 1),
+        "controller/h_prev_in": decision.state.h_prev,
+    }
+    if decision.temperature is not None:
+        out["aepo/temperature"] = float(decision.temperature)
+    reinforce_rows = [i for i, r in enumerate(batch.roles) if r == ROLE_REINFORCE]
+    if reinforce_rows:
         # 1.0 when every REINFORCE row was trained in the first (exactly on-policy) mini-batch
-        metrics["aepo/reinforce_in_first_mini_batch"] = float(
-            all(row_mini_batch[i] == 0 for i, r in enumerate(batch.roles) if r == ROLE_REINFORCE)
-        )
-
-    measured = metrics.get(f"entropy/{algo_cfg.entropy_estimator}", controller.h_prev)
-    new_coef = controller.entropy_coef
-    if name == "adaptive_entropy":
-        new_coef = update_entropy_coef(
-            controller.entropy_coef, measured, algo_cfg.target_entropy, algo_cfg.adaptive_delta
-        )
-        metrics["entropy/adaptive_coef"] = new_coef
+        out["aepo/reinforce_in_first_mini_batch"] = float(all(row_mini_batch[i] == 0 for i in reinforce_rows))
     if bonus_coef > 0:
-        metrics["entropy/bonus_coef"] = bonus_coef
-    metrics["controller/h_prev_in"] = controller.h_prev
-    metrics["controller/h_prev_out"] = float(measured)
-    new_state = ControllerState(
-        h_prev=float(measured),
-        temperature=prepared.temperature,
-        k=prepared.k,
-        num_positives=prepared.num_positives,
-        entropy_coef=float(new_coef),
-        step=controller.step + 1,
-    )
+        out["entropy/bonus_coef"] = bonus_coef
+    return out
 
+
+def _row_records(batch: SequenceBatch, row_mini_batch: list[int], row_tokens: list[float]) -> list[dict[str, Any]]:
     # one .tolist() per tensor: a single device sync each instead of one per element
     resp = batch.response_mask.float()
     adv_mean = ((batch.advantages * resp).sum(1) / resp.sum(1).clamp(min=1.0)).tolist()
@@ -686,7 +575,7 @@ def update_step(
     rewards = batch.rewards.float().tolist()
     temperatures = batch.temperatures.float().tolist()
     weights = batch.weights.float().tolist()
-    records = [
+    return [
         {
             "row": i,
             "mini_batch": row_mini_batch[i],
@@ -701,7 +590,6 @@ def update_step(
         }
         for i, role in enumerate(batch.roles)
     ]
-    return UpdateResult(metrics=metrics, rows=records, controller=new_state)
 
 
 def make_optimizer(policy, trainer_cfg: TrainerConfig) -> torch.optim.AdamW:

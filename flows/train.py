@@ -12,6 +12,7 @@ import time
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from aepo_core.algorithms import make_algorithm
 from aepo_core.compare import plot_histories, summarise
 from aepo_core.config import Config
 from aepo_core.engines import release_shared_engine
@@ -60,7 +61,7 @@ def report(run: RunDir, cfg: Config, tracker: Tracker) -> None:
     """End of a run: plots (run directory + MLflow) and Prefect table and markdown artifacts."""
     history = run_history(run, cfg.run.iterations)
     a = cfg.algorithm
-    target = a.target_entropy if a.name in ("aepo", "adaptive_entropy") else None
+    target = make_algorithm(a).target()
     entropy_key = f"entropy/{a.entropy_estimator}"
     plots = plot_histories({run.root.name: history}, run.root / "plots", {run.root.name: target},
                            {run.root.name: entropy_key})

@@ -7,7 +7,8 @@ Trains, through the stage functions (no Prefect, no MLflow), a 3-iteration run p
 (aepo, grpo by default; --algorithms to choose) on the embedded base policy, float32, and records
 the sha256 of every artifact a stage writes -- rollouts, rewards, the update batch, the policy
 weights, the optimiser state, the controller decision, the evaluation -- but not the manifests
-(they hold timings). With --compare, prints each artifact that differs and exits 1 if any does.
+(they hold timings); JSON records also key by key. With --compare, prints each artifact that
+differs or exists on one side only, and exits 1 if any does.
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _leaves(node, prefix=""):
+    """(dotted key, value) of every leaf of a JSON object."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, f"{prefix}.{key}" if prefix else key)
+    else:
+        yield prefix, node
+
+
 def digests(algorithm: str, root: Path) -> dict[str, str]:
     from aepo_core import stages
     from aepo_core.config import load_config
@@ -53,7 +63,14 @@ def digests(algorithm: str, root: Path) -> dict[str, str]:
         for stage in stages.stages_of(cfg, i):
             stages.STAGE_FUNCTIONS[stage](run, i)
             for name in ARTIFACTS[stage] if stage in ARTIFACTS else []:
-                out[f"{algorithm}/iter_{i}/{stage}/{name}"] = _sha(run.stage_dir(i, stage) / name)
+                path = run.stage_dir(i, stage) / name
+                if not path.is_file():
+                    continue
+                out[f"{algorithm}/iter_{i}/{stage}/{name}"] = _sha(path)
+                if name.endswith(".json"):  # also key by key: a record that gained a key still compares
+                    for key, value in _leaves(json.loads(path.read_text())):
+                        text = json.dumps(value, sort_keys=True).encode()
+                        out[f"{algorithm}/iter_{i}/{stage}/{name}#{key}"] = hashlib.sha256(text).hexdigest()
     release_shared_engine()
     return out
 

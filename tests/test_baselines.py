@@ -58,3 +58,53 @@ def test_nll_surrogate_value_is_nll_and_expected_gradient_is_entropy_gradient():
     torch.testing.assert_close(expected, grad_h)
     # differentiating plain -log p with the token fixed: zero gradient in expectation
     torch.testing.assert_close(plain, torch.zeros_like(theta))
+
+
+# ------------------------------------------------------------------------------ Clip-Cov / KL-Cov
+def test_token_covariance_by_hand():
+    from aepo_core.baselines import token_covariance
+
+    # masked tokens: logp -1, -2, -3 (mean -2), A 2, 0, 1 (mean 1); the padding token is ignored
+    logp = torch.tensor([[-1.0, -2.0], [-3.0, -9.0]])
+    adv = torch.tensor([[2.0, 0.0], [1.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    cov = token_covariance(logp, adv, mask)
+    # (-1 + 2)(2 - 1) = 1, (0)(-1) = 0, (-1)(0) = 0, padding 0
+    torch.testing.assert_close(cov, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+
+
+def test_clip_cov_selects_randomly_inside_the_window_only():
+    from aepo_core.baselines import clip_cov_selection
+
+    cov = torch.tensor([[0.5, 2.0, 3.0, 6.0], [1.0, 4.0, 2.5, 1.5]])
+    mask = torch.ones(2, 4)
+    excluded = torch.zeros(2, 4, dtype=torch.bool)
+    excluded[1, 3] = True  # 1.5 is in the window but PPO's clip already acts on it
+    # candidates strictly inside (1, 5), not excluded: 2.0, 3.0, 4.0, 2.5 -> 4 tokens
+    window = {(0, 1), (0, 2), (1, 1), (1, 2)}
+    seen = set()
+    for seed in range(20):
+        chosen = clip_cov_selection(cov, mask, excluded, 0.25, 1.0, 5.0, torch.Generator().manual_seed(seed))
+        picked = {tuple(i) for i in torch.nonzero(chosen).tolist()}
+        assert len(picked) == 2 and picked <= window  # int(0.25 * 8) = 2 tokens
+        seen |= picked
+    assert seen == window  # random: every candidate is picked by some seed
+    # the fraction rounds down but at least one token is taken; none when no candidate
+    assert int(clip_cov_selection(cov, mask, excluded, 1e-4, 1.0, 5.0).sum()) == 1
+    assert int(clip_cov_selection(cov, mask, excluded, 0.5, 10.0, 20.0).sum()) == 0
+
+
+def test_kl_cov_selects_the_top_fraction_and_penalises_the_log_ratio():
+    from aepo_core.baselines import kl_cov_penalty, kl_cov_selection
+
+    cov = torch.tensor([[0.1, 3.0, -2.0], [5.0, 0.2, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # 9.0 is padding: never selected
+    chosen = kl_cov_selection(cov, mask, 0.4)  # int(0.4 * 5) = 2 -> the two largest: 5.0 and 3.0
+    assert torch.nonzero(chosen).tolist() == [[0, 1], [1, 0]]
+    logp = torch.tensor([[-1.0, -2.0, -1.0], [-0.5, -1.0, -1.0]], requires_grad=True)
+    old = torch.tensor([[-1.0, -1.5, -1.0], [-1.0, -1.0, -1.0]])
+    penalty = kl_cov_penalty(logp, old, chosen, 2.0)
+    torch.testing.assert_close(penalty.detach(), torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
+    penalty.sum().backward()
+    # d/dlogp of 2 |logp - old|: -2 where logp < old, +2 where logp > old, 0 where not selected
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -2.0, 0.0], [2.0, 0.0, 0.0]]))

@@ -79,7 +79,7 @@ def test_every_option_trains_one_iteration(name, base_policy_dir, tmp_path):
         stages.STAGE_FUNCTIONS[stage](run, 0)
         assert stages.is_stage_complete(run, cfg, 0, stage), stage
     update = run.manifest(0, "update")["metrics"]
-    for key in ("loss/total", "entropy/nll", "entropy/exact", "actor/grad_norm", "controller/h_prev_out"):
+    for key in ("loss/total", "entropy/nll", "entropy/exact", "actor/grad_norm", "controller/h_prev_in"):
         assert math.isfinite(update[key]), (key, update[key])
     assert update["actor/optimizer_steps"] == cfg.trainer.mini_batches
     assert update["entropy/nll"] > 0 and update["actor/grad_norm"] > 0

@@ -6,6 +6,7 @@ import torch
 import transformers
 
 from aepo_core.aepo import ControllerState
+from aepo_core.algorithms import make_algorithm
 from aepo_core.batch import SequenceBatch
 from aepo_core.config import AlgorithmConfig, TrainerConfig
 from aepo_core.entropy import exact_entropy, nll_entropy, shifted_logprobs_and_entropy
@@ -15,13 +16,24 @@ from aepo_core.update import (
     compute_logprobs,
     is_checkpointing,
     make_optimizer,
-    prepare_update_batch,
     split_in_order,
     split_micro,
     update_step,
 )
 
 VOCAB = 32
+
+
+def prepare_update_batch(policy, reg, cfg, state, group_size, regulariser_group_size=None):
+    """The algorithm's batch preparation under the decision its controller makes from ``state``."""
+    algo = make_algorithm(cfg)
+    return algo.prepare_batch(policy, reg, algo.decide(state), group_size, regulariser_group_size)
+
+
+def next_state(cfg, state, res):
+    """The controller state after an update (the entropy stage's move, from the update's metrics)."""
+    algo = make_algorithm(cfg)
+    return algo.next_state(state, algo.decide(state), res.metrics)
 
 
 @pytest.fixture(autouse=True)
@@ -106,7 +118,7 @@ def test_prepare_selects_positives_and_halves_above_target():
     assert (below.num_positives, below.k) == (2, 2)
     assert below.batch.roles[:2] == ["reinforce", "reinforce"] and len(below.batch) == 8
     assert below.batch.source_index.tolist() == [0, 3, 2, 3, 4, 5, 6, 7]
-    assert below.temperature == pytest.approx(1.2)
+    assert make_algorithm(cfg).decide(ControllerState(h_prev=0.2)).temperature == pytest.approx(1.2)
     above = prepare_update_batch(policy_batch(), reg_batch(), cfg, ControllerState(h_prev=0.9), group_size=2)
     # h_prev 0.9 > 0.5: k = 2 // 2 = 1
     assert (above.num_positives, above.k) == (2, 1)
@@ -151,9 +163,10 @@ def test_reinforce_rows_land_in_first_mini_batch_with_ratio_exactly_one():
     assert [r["source_index"] for r in rows[2:]] == [2, 3, 4, 5, 6, 7]
     assert [r["mini_batch"] for r in rows] == [0, 0, 0, 0, 1, 1, 1, 1]
     # the controller takes the measured nll entropy, and remembers T, k
-    assert res.controller.h_prev == m["entropy/nll"]
-    assert res.controller.temperature == pytest.approx(1.2)
-    assert res.controller.k == 2 and res.controller.step == 1
+    state = next_state(algo, ControllerState(), res)
+    assert state.h_prev == m["entropy/nll"]
+    assert state.temperature == pytest.approx(1.2)
+    assert state.k == 2 and state.step == 1
 
 
 def test_entropy_metrics_match_a_separate_forward_pass():
@@ -171,7 +184,7 @@ def test_entropy_metrics_match_a_separate_forward_pass():
     assert res.metrics["entropy/nll"] == pytest.approx(nll_entropy(logp, mask).item(), abs=1e-5)
     assert res.metrics["entropy/exact"] == pytest.approx(exact_entropy(ent, mask).item(), abs=1e-5)
     assert res.metrics["entropy/nll_policy_rows"] == res.metrics["entropy/nll"]  # no REINFORCE rows
-    assert res.controller.h_prev == res.metrics["entropy/exact"]  # the configured estimator
+    assert next_state(algo, ControllerState(), res).h_prev == res.metrics["entropy/exact"]  # the configured estimator
     # one mini-batch at ratio 1: loss = -sum_b A_b n_b / N with A = +-0.707107 (groups [1,0], [0,1]):
     # (-0.707107 * 3 + 0.707107 * 2 + 0.707107 * 3 - 0.707107 * 2) / 20 = 0 ; groups [1,1], [0,0] add 0
     assert res.metrics["loss/grpo"] == pytest.approx(0.0, abs=1e-6)
@@ -225,7 +238,7 @@ def test_overfit_fixed_batch_lowers_the_loss():
     state = ControllerState()
     for _ in range(8):
         res = update_step(model, opt, batch, None, algo, trainer, state, group_size=2)
-        state = res.controller
+        state = next_state(algo, state, res)
         losses.append(_surrogate_loss(model, batch, adv))
     assert losses[-1] < losses[0] - 1.0, losses
     assert sum(b < a for a, b in zip(losses[:-1], losses[1:], strict=True)) >= 6, losses
@@ -241,9 +254,8 @@ def test_aepo_reinforce_rows_gain_probability():
     before = _surrogate_loss(model, reinforce_rows, torch.ones(2))
     state = ControllerState()
     for _ in range(3):
-        state = update_step(
-            model, opt, policy_batch(), reg_batch(), algo, trainer, state, group_size=2
-        ).controller
+        res = update_step(model, opt, policy_batch(), reg_batch(), algo, trainer, state, group_size=2)
+        state = next_state(algo, state, res)
     # -mean log p of the REINFORCE rows falls
     assert _surrogate_loss(model, reinforce_rows, torch.ones(2)) < before - 0.5
 
@@ -280,15 +292,13 @@ def test_baseline_algorithms():
         reg.metrics["loss/grpo"] + reg.metrics["loss/entropy_bonus"], abs=1e-6
     )
 
-    up = run(
-        AlgorithmConfig(name="adaptive_entropy", target_entropy=100.0), ControllerState(entropy_coef=0.5)
-    )
-    down = run(
-        AlgorithmConfig(name="adaptive_entropy", target_entropy=0.0), ControllerState(entropy_coef=0.5)
-    )
+    up_cfg = AlgorithmConfig(name="adaptive_entropy", target_entropy=100.0)
+    down_cfg = AlgorithmConfig(name="adaptive_entropy", target_entropy=0.0)
+    up = run(up_cfg, ControllerState(entropy_coef=0.5))
+    down = run(down_cfg, ControllerState(entropy_coef=0.5))
     # entropy below 100 -> 0.5 + 0.005; above 0 -> 0.5 - 0.005
-    assert up.controller.entropy_coef == pytest.approx(0.505)
-    assert down.controller.entropy_coef == pytest.approx(0.495)
+    assert next_state(up_cfg, ControllerState(entropy_coef=0.5), up).entropy_coef == pytest.approx(0.505)
+    assert next_state(down_cfg, ControllerState(entropy_coef=0.5), down).entropy_coef == pytest.approx(0.495)
     assert up.metrics["entropy/bonus_coef"] == 0.5
 
 
@@ -500,7 +510,7 @@ def test_empty_micro_batches_are_skipped_in_the_averages():
     )
     assert res.metrics["entropy/nll"] == pytest.approx(nll, abs=1e-5)
     assert res.metrics["entropy/exact"] == pytest.approx(exact, abs=1e-5)
-    assert res.controller.h_prev == res.metrics["entropy/nll"]
+    assert next_state(AlgorithmConfig(name="grpo"), ControllerState(), res).h_prev == res.metrics["entropy/nll"]
     assert [r["response_tokens"] for r in res.rows] == [3, 2, 0, 0, 4, 1]
     assert [r["mini_batch"] for r in res.rows] == [0] * 6
 
@@ -556,7 +566,7 @@ def test_h_prev_is_the_token_mean_nll_over_the_whole_batch_not_a_mean_of_micro_b
     )
     assert res.metrics["entropy/nll"] == pytest.approx(token_mean, abs=1e-5)
     assert res.metrics["entropy/exact"] == pytest.approx(exact_entropy(ent, mask).item(), abs=1e-5)
-    assert res.controller.h_prev == pytest.approx(token_mean, abs=1e-5)
+    assert next_state(AlgorithmConfig(name="aepo"), ControllerState(), res).h_prev == pytest.approx(token_mean, abs=1e-5)
 
 
 # issue 12 case 6: 2 prompts x 2 samples, rewards 1, 0, 1, 0, response lengths 2, 2, 12, 12
@@ -593,7 +603,7 @@ def test_step_does_not_depend_on_the_micro_batch_partition(algo):
     for micro in (1, 2, 3):
         _assert_grads_close(grads[micro][0], grads[None][0])
         torch.testing.assert_close(steps[micro], steps[None], atol=1e-6, rtol=1e-5)
-        for key in ("entropy/nll", "entropy/exact", "loss/total", "actor/clip_frac", "controller/h_prev_out"):
+        for key in ("entropy/nll", "entropy/exact", "loss/total", "actor/clip_frac", "entropy/nll_policy_rows"):
             assert metrics[micro][key] == pytest.approx(metrics[None][key], abs=1e-6), key
 
 

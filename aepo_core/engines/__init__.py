@@ -18,8 +18,7 @@ def make_engine(cfg: Config, model_path: str | Path, show_progress: bool = False
     """The engine named by cfg.rollout.engine, loaded with the policy in `model_path`."""
     if cfg.rollout.engine == "hf":
         from aepo_core.engines.hf import HFRolloutEngine
-        from aepo_core.models import load_policy, load_tokenizer
-        from aepo_core.update import resolve_device
+        from aepo_core.models import load_policy, load_tokenizer, resolve_device
 
         # same device as the update step (trainer.device; "auto": cuda when present)
         model = load_policy(
