@@ -69,7 +69,7 @@ from aepo_core.algorithms import Algorithm, Decision, make_algorithm
 from aepo_core.baselines import entropy_bonus_term, nll_entropy_surrogate
 from aepo_core.batch import ROLE_REINFORCE, SequenceBatch
 from aepo_core.config import AlgorithmConfig, TrainerConfig
-from aepo_core.entropy import shifted_logprobs_and_entropy
+from aepo_core.entropy import exact_entropy, nll_entropy, shifted_logprobs_and_entropy
 from aepo_core.losses import (
     kl_k3,
     loss_normaliser,
@@ -356,14 +356,14 @@ class _StepMeter:
             else:
                 self.means.add(f"actor/{key}", value, tokens)
         # the entropy the controller reads: at T = 1, over every row (REINFORCE rows included)
-        self.means.add("entropy/nll", masked_mean(-logp_t1.detach(), mask).item(), tokens)
-        self.means.add("entropy/exact", masked_mean(entropy.detach(), mask).item(), tokens)
+        self.means.add("entropy/nll", nll_entropy(logp_t1.detach(), mask).item(), tokens)
+        self.means.add("entropy/exact", exact_entropy(entropy.detach(), mask).item(), tokens)
         reinf = reinforce_rows.to(mask.dtype).unsqueeze(1)
         policy_mask = mask * (1.0 - reinf)
         policy_tokens = float(policy_mask.sum())
         if policy_tokens > 0:
-            self.means.add("entropy/nll_policy_rows", masked_mean(-logp_t1.detach(), policy_mask).item(), policy_tokens)
-            self.means.add("entropy/exact_policy_rows", masked_mean(entropy.detach(), policy_mask).item(), policy_tokens)
+            self.means.add("entropy/nll_policy_rows", nll_entropy(logp_t1.detach(), policy_mask).item(), policy_tokens)
+            self.means.add("entropy/exact_policy_rows", exact_entropy(entropy.detach(), policy_mask).item(), policy_tokens)
         if bool(reinforce_rows.any()):
             self.reinforce_ratios.append(ind["ratio"].detach()[(mask * reinf).bool()].float())
         if "cov_selected" in ind:
