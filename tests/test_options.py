@@ -24,6 +24,8 @@ OPTIONS = {
     "entropy_reg_nll": ["algorithm.name=entropy_reg", "algorithm.entropy_bonus_estimator=nll"],
     "entropy_adv": ["algorithm.name=entropy_adv"],
     "adaptive_entropy": ["algorithm.name=adaptive_entropy", "algorithm.adaptive_init_coef=0.01"],
+    "clip_cov": ["algorithm.name=clip_cov", "algorithm.cov_fraction=0.05", "algorithm.cov_low=0.0"],
+    "kl_cov": ["algorithm.name=kl_cov", "algorithm.cov_fraction=0.05"],
     "aepo_add": ["algorithm.combine=add", "algorithm.alpha=0.5"],
     "seq_mean_token_mean": ["algorithm.loss_agg=seq_mean_token_mean"],
     "constant": ["algorithm.loss_agg=constant", "algorithm.loss_constant=24"],
@@ -92,6 +94,9 @@ def test_every_option_trains_one_iteration(name, base_policy_dir, tmp_path):
         # one on-policy mini-batch: ratio exactly 1 on every row, whatever the sampling temperature
         assert update["actor/ratio_max"] == pytest.approx(1.0, abs=1e-6)
         assert update["actor/ratio_min"] == pytest.approx(1.0, abs=1e-6)
+    if cfg.algorithm.name in ("clip_cov", "kl_cov"):
+        # the covariance selection acted on about cov_fraction of the tokens (at least one)
+        assert 0 < update["actor/cov_selected_frac"] <= 0.05 + 1e-6
     if name == "rollout_temperature":
         _engine_logprobs_equal_the_updates(run, cfg)
 
