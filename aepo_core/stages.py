@@ -14,6 +14,8 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from aepo_core.errors import UserError
 from aepo_core.evaluation import evaluate_model, write_source_names
 from aepo_core.models import load_policy, load_tokenizer, resolve_device, write_policy
 from aepo_core.prompts import encode_prompts
-from aepo_core.rundir import STAGES, RunDir, StageNotReady, file_digest, folder_digest
+from aepo_core.rundir import RunDir, StageNotReady, file_digest, folder_digest
 from aepo_core.update import make_optimizer, update_step
 from aepo_core.verifiers import make_verifier
 
@@ -49,23 +51,10 @@ def config_digest(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# The parts of the config each stage reads: a stage's manifest records their digest, so changing,
-# say, the verifier makes `reward` (and what depends on its output) stale, and nothing before it.
-STAGE_CONFIG_KEYS = {
-    "prepare": ("rollout.prompts_per_batch", "rollout.seed"),  # the dataset: via its snapshot digest
-    "rollout": ("model", "data.prompt_suffix", "rollout", "algorithm"),
-    "reward": ("data.verifier", "data.math_answer"),
-    "update": ("algorithm", "trainer", "rollout.n"),
-    "entropy": ("algorithm",),
-    "evaluate": ("model", "evaluation", "data.verifier", "data.math_answer", "data.prompt_suffix", "rollout.engine",
-                 "rollout.max_new_tokens", "rollout.batch_size"),
-}
-
-
 def stage_config_digest(cfg: Config, stage: str) -> str:
     tree = cfg.model_dump(mode="json")
     picked = {}
-    for dotted in STAGE_CONFIG_KEYS[stage]:
+    for dotted in PIPELINE[stage].config_keys:
         node = tree
         for part in dotted.split("."):
             node = node[part]
@@ -209,24 +198,12 @@ def evaluation_due(cfg: Config, iteration: int) -> bool:
     return (iteration + 1) % cfg.evaluation.every == 0 or iteration == cfg.run.iterations - 1
 
 
-# What each stage reads, as (iteration offset, stage): -1 is the previous iteration's output (for
-# iteration 0: the base policy and the initial controller state).
-DEPENDENCIES: dict[str, tuple[tuple[int, str], ...]] = {
-    "prepare": (),
-    "rollout": ((0, "prepare"), (-1, "update"), (-1, "entropy")),
-    "reward": ((0, "prepare"), (0, "rollout")),
-    "update": ((0, "rollout"), (0, "reward"), (-1, "update"), (-1, "entropy")),
-    "entropy": ((0, "update"), (-1, "entropy")),
-    "evaluate": ((0, "update"),),
-}
-
-
 def upstream(run: RunDir, cfg: Config, iteration: int, stage: str) -> dict[str, str]:
     """Digests of what `stage` of `iteration` reads; StageNotReady when one is missing."""
-    if stage not in DEPENDENCIES:
+    if stage not in PIPELINE:
         raise ValueError(f"unknown stage '{stage}' (stages: {', '.join(STAGES)})")
     ups: dict[str, str] = {}
-    for offset, name in DEPENDENCIES[stage]:
+    for offset, name in PIPELINE[stage].reads:
         i = iteration + offset
         key = name if offset == 0 else f"previous_{name}"
         if i >= 0:
@@ -541,14 +518,46 @@ def evaluate_stage(run: RunDir, iteration: int) -> dict[str, Any]:
     return metrics
 
 
-STAGE_FUNCTIONS = {
-    "prepare": prepare,
-    "rollout": rollout,
-    "reward": reward,
-    "update": update,
-    "entropy": entropy,
-    "evaluate": evaluate_stage,
+@dataclass(frozen=True)
+class Stage:
+    """One stage of an iteration, in one record.
+
+    name: the stage's folder name in iter_NNNN/.
+    reads: the artifacts it reads, as (iteration offset, stage); -1 is the previous iteration's
+        (for iteration 0: the base policy and the initial controller decision).
+    config_keys: the config keys (dotted; a section means all of it) it reads: their digest is in
+        its manifest, so changing one makes this stage and its readers stale, nothing before it.
+        tests/test_stage_keys.py fails when a stage reads a key not declared here.
+    run: the stage function ``run(run_dir, iteration) -> metrics``.
+    progress: whether ``run`` takes ``show_progress`` (progress bars).
+    """
+
+    name: str
+    reads: tuple[tuple[int, str], ...]
+    config_keys: tuple[str, ...]
+    run: Callable[..., dict[str, Any]]
+    progress: bool = False
+
+
+# The pipeline, in order. The dataset snapshot (prepare, evaluate) and the starting policy are read
+# through their digests too (see `upstream`).
+PIPELINE: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage("prepare", (), ("rollout.prompts_per_batch", "rollout.seed"), prepare),
+        Stage("rollout", ((0, "prepare"), (-1, "update"), (-1, "entropy")),
+              ("model", "data.prompt_suffix", "rollout", "algorithm", "trainer.device"), rollout, progress=True),
+        Stage("reward", ((0, "prepare"), (0, "rollout")), ("data.verifier", "data.math_answer", "rollout.n"), reward),
+        Stage("update", ((0, "rollout"), (0, "reward"), (-1, "update"), (-1, "entropy")),
+              ("algorithm", "trainer", "rollout.n", "model.trust_remote_code"), update, progress=True),
+        Stage("entropy", ((0, "update"), (-1, "entropy")), ("algorithm",), entropy),
+        Stage("evaluate", ((0, "update"),),
+              ("model", "evaluation", "data.verifier", "data.math_answer", "data.prompt_suffix", "rollout.engine",
+               "rollout.max_new_tokens", "rollout.batch_size", "rollout.vllm", "rollout.seed", "trainer.device"),
+              evaluate_stage),
+    )
 }
+STAGES = tuple(PIPELINE)  # the names, in order
 
 
 # ------------------------------------------------------------------------------------- reruns
@@ -560,7 +569,7 @@ def stale_stages(run: RunDir, cfg: Config, from_iteration: int = 0) -> list[tupl
         for stage in stages_of(cfg, i):
             if run.manifest(i, stage) is None:
                 continue
-            if any((i + d, name) in stale for d, name in DEPENDENCIES[stage]) or not is_stage_complete(run, cfg, i, stage):
+            if any((i + d, name) in stale for d, name in PIPELINE[stage].reads) or not is_stage_complete(run, cfg, i, stage):
                 stale.add((i, stage))
     return sorted(stale, key=lambda item: (item[0], STAGES.index(item[1])))
 

@@ -100,7 +100,7 @@ def run_iteration(run: RunDir, iteration: int) -> IterationResult:
     started = time.perf_counter()
     for name in names:
         t0 = time.perf_counter()
-        metrics[name] = stages.STAGE_FUNCTIONS[name](run, iteration)
+        metrics[name] = stages.PIPELINE[name].run(run, iteration)
         seconds[name] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - started
     return IterationResult(seconds, metrics)

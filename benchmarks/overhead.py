@@ -201,7 +201,7 @@ def reference_worker(run_dir: str, iterations: int, overrides: list[str], thread
         for i in range(cfg.run.iterations):
             started = time.perf_counter()
             for stage in stages.stages_of(cfg, i):
-                stages.STAGE_FUNCTIONS[stage](run, i)  # progress bars are off by default
+                stages.PIPELINE[stage].run(run, i)  # progress bars are off by default
             print(f"iter {i:04d} | {time.perf_counter() - started:.1f}s", flush=True)
     finally:
         release_shared_engine()

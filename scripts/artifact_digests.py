@@ -61,7 +61,7 @@ def digests(algorithm: str, root: Path) -> dict[str, str]:
     out = {}
     for i in range(cfg.run.iterations):
         for stage in stages.stages_of(cfg, i):
-            stages.STAGE_FUNCTIONS[stage](run, i)
+            stages.PIPELINE[stage].run(run, i)
             for name in ARTIFACTS[stage] if stage in ARTIFACTS else []:
                 path = run.stage_dir(i, stage) / name
                 if not path.is_file():

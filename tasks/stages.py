@@ -13,18 +13,16 @@ from aepo_core import stages
 from aepo_core.rundir import RunDir
 
 
-def _stage_task(name: str):
-    fn = stages.STAGE_FUNCTIONS[name]
-
-    @task(name=name, cache_policy=NO_CACHE, task_run_name=f"{name}-iter-{{iteration:04d}}", retries=0)
+def _stage_task(stage: stages.Stage):
+    @task(name=stage.name, cache_policy=NO_CACHE, task_run_name=f"{stage.name}-iter-{{iteration:04d}}", retries=0)
     def run_stage(run_dir: str, iteration: int, show_progress: bool = False) -> dict:
         run = RunDir(run_dir)
-        if name in ("rollout", "update"):
-            return fn(run, iteration, show_progress=show_progress)
-        return fn(run, iteration)
+        if stage.progress:
+            return stage.run(run, iteration, show_progress=show_progress)
+        return stage.run(run, iteration)
 
-    run_stage.__doc__ = fn.__doc__
+    run_stage.__doc__ = stage.run.__doc__
     return run_stage
 
 
-STAGE_TASKS = {name: _stage_task(name) for name in stages.STAGE_FUNCTIONS}
+STAGE_TASKS = {name: _stage_task(stage) for name, stage in stages.PIPELINE.items()}

@@ -78,7 +78,7 @@ def test_every_option_trains_one_iteration(name, base_policy_dir, tmp_path):
     cfg = load_config(None, _overrides(base_policy_dir, tmp_path, OPTIONS[name]))
     run = stages.init_run(cfg, log=None)
     for stage in STAGES:
-        stages.STAGE_FUNCTIONS[stage](run, 0)
+        stages.PIPELINE[stage].run(run, 0)
         assert stages.is_stage_complete(run, cfg, 0, stage), stage
     update = run.manifest(0, "update")["metrics"]
     for key in ("loss/total", "entropy/nll", "entropy/exact", "actor/grad_norm", "controller/h_prev_in"):
@@ -151,7 +151,7 @@ def test_kl_reference_is_the_frozen_starting_policy(base_policy_dir, tmp_path):
     run = stages.init_run(cfg, log=None)
     for i in range(2):
         for stage in ("prepare", "rollout", "reward", "update", "entropy"):
-            stages.STAGE_FUNCTIONS[stage](run, i)
+            stages.PIPELINE[stage].run(run, i)
     assert run.manifest(0, "update")["metrics"]["loss/kl"] == pytest.approx(0.0, abs=1e-6)
     # iteration 1 samples from the updated policy: it has moved away from the reference
     assert run.manifest(1, "update")["metrics"]["loss/kl"] > 0

@@ -4,7 +4,7 @@ import pytest
 
 from aepo_core.config import load_config
 from aepo_core.rundir import MANIFEST, RunDir, StageNotReady
-from aepo_core.stages import STAGE_CONFIG_KEYS, stage_config_digest
+from aepo_core.stages import PIPELINE, stage_config_digest
 
 
 def test_publish_is_atomic_and_writes_the_manifest_last(tmp_path):
@@ -67,5 +67,5 @@ def test_unreadable_manifest_counts_as_not_done(tmp_path):
 )
 def test_a_config_change_makes_exactly_the_stages_that_read_it_stale(override, stale):
     before, after = load_config(None), load_config(None, [override])
-    changed = {s for s in STAGE_CONFIG_KEYS if stage_config_digest(before, s) != stage_config_digest(after, s)}
+    changed = {s for s in PIPELINE if stage_config_digest(before, s) != stage_config_digest(after, s)}
     assert changed == stale

@@ -1,0 +1,66 @@
+"""Every config key a stage reads is declared in its record (issue 13): the key's digest is in the
+stage's manifest, so changing it makes exactly that stage (and its readers) stale. A stage that read
+an undeclared key would silently keep a result computed under another value."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import BaseModel
+
+from aepo_core import stages
+from aepo_core.config import load_config
+from aepo_core.rundir import RunDir
+
+pytestmark = pytest.mark.slow
+
+
+class _Recording:
+    """A read-only view of a config section that records the dotted path of every leaf read."""
+
+    def __init__(self, node: BaseModel, prefix: str, seen: set[str]) -> None:
+        object.__setattr__(self, "_node", node)
+        object.__setattr__(self, "_prefix", prefix)
+        object.__setattr__(self, "_seen", seen)
+
+    def __getattr__(self, name: str):
+        value = getattr(self._node, name)
+        if name.startswith("_") or callable(value) and not isinstance(value, BaseModel):
+            return value  # model_dump, model_copy, ...: the framework's own whole-config reads
+        path = f"{self._prefix}.{name}" if self._prefix else name
+        if isinstance(value, BaseModel):
+            return _Recording(value, path, self._seen)
+        self._seen.add(path)
+        return value
+
+
+def _declared(key: str, declared: tuple[str, ...]) -> bool:
+    return any(key == d or key.startswith(d + ".") for d in declared)
+
+
+@pytest.mark.parametrize("algorithm", ["aepo", "grpo", "kl_cov", "adaptive_entropy"])
+def test_every_stage_reads_only_declared_keys(algorithm, base_policy_dir, tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    cfg = load_config(None, [
+        f"model.path={base_policy_dir}", f"run.runs_root={tmp_path}", "run.iterations=2", "data.synthetic.n_train=32",
+        "data.synthetic.n_eval=4", "rollout.prompts_per_batch=2", "rollout.n=2", "rollout.max_new_tokens=16",
+        "evaluation.n=1", "evaluation.num_prompts=2", "evaluation.every=1", f"algorithm.name={algorithm}",
+        *(["algorithm.kl_coef=0.01"] if algorithm == "grpo" else []),
+    ])
+    run = stages.init_run(cfg, log=None)
+    seen: dict[str, set[str]] = {}
+    real_config = RunDir.config
+    current: list[str] = []
+
+    def recorded_config(self):
+        return _Recording(real_config(self), "", seen.setdefault(current[0], set()))
+
+    monkeypatch.setattr(RunDir, "config", recorded_config)
+    for iteration in range(2):
+        for record in stages.PIPELINE.values():
+            current[:] = [record.name]
+            record.run(run, iteration)
+    for name, record in stages.PIPELINE.items():
+        undeclared = sorted(k for k in seen.get(name, ()) if not _declared(k, record.config_keys))
+        assert not undeclared, f"stage {name!r} reads undeclared config keys {undeclared}"
+        assert seen.get(name), f"stage {name!r} read no config key at all: the recorder is not in the way"
