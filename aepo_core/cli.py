@@ -94,6 +94,35 @@ def _quiet_prefect() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-stage "Loading weights" bars drown the iteration lines
+    from aepo_core.processes import start_prefect_server
+
+    start_prefect_server()  # Prefect's temporary server, ended by a watchdog if this process is killed
+
+
+def _refuse_if_busy(run_dir: Path | str) -> None:
+    """One line, before Prefect starts, when another process is writing the run directory."""
+    from aepo_core.rundir import RunDir
+
+    holder = RunDir(run_dir).writer_holder()
+    if holder:
+        typer.secho(f"{run_dir} is in use by {holder}: wait for it to finish or stop it", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+
+
+def _fail(exc: BaseException) -> None:
+    from aepo_core.rundir import RunDirBusy
+
+    typer.secho(str(exc), fg=typer.colors.RED, err=True)
+    raise typer.Exit(2 if isinstance(exc, RunDirBusy) else 1) from None
+
+
+def _operational_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are one line for the user: a damaged run, a full disk, a locked store, a busy run."""
+    from aepo_core.atomic import DiskFull
+    from aepo_core.rundir import DamagedStage, RunDirBusy
+    from aepo_core.tracking import TrackingStoreLocked
+
+    return DiskFull, DamagedStage, RunDirBusy, TrackingStoreLocked
 
 
 @app.command("run")
@@ -105,9 +134,11 @@ def run_cmd(
     progress: Annotated[bool, typer.Option(help="Progress bars on rollout and update.")] = True,
 ) -> None:
     """Train with AEPO (or a baseline) as a Prefect flow; resumes an existing run directory."""
-    _config(config, overrides)  # fail fast on a bad config, before Prefect starts
+    cfg = _config(config, overrides)  # fail fast on a bad config, before Prefect starts
+    from aepo_core.stages import ConfigMismatch, run_root
+
+    _refuse_if_busy(run_root(cfg, run_dir))
     _quiet_prefect()
-    from aepo_core.stages import ConfigMismatch
     from flows.train import train
 
     extra = list(overrides or [])
@@ -122,6 +153,8 @@ def run_cmd(
     except ConfigMismatch as exc:
         typer.secho(str(exc), fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+    except _operational_errors() as exc:
+        _fail(exc)
     uri = result["tracking_uri"]
     typer.echo(f"run directory: {result['run_dir']}")
     typer.echo(f"MLflow: run {result['mlflow_run_id']} in {uri} (experiment '{result['experiment']}')")
@@ -138,18 +171,22 @@ def rerun_stage_cmd(
     downstream: Annotated[bool, typer.Option(help="Also recompute the stages this makes stale, now.")] = False,
 ) -> None:
     """Recompute one stage from the artifacts before it (overrides change the run's config first)."""
-    _quiet_prefect()
     from aepo_core.config import ConfigError
-    from aepo_core.rundir import StageNotReady
+    from aepo_core.rundir import RunDirBusy, StageNotReady
     from aepo_core.stages import prepare_rerun
-    from flows.rerun import rerun_stage
 
     try:  # refuse a bad request here, with a one-line message; errors while it runs keep their traceback
         prepare_rerun(run_dir, iteration, stage, list(overrides or []), apply=False)
-    except (StageNotReady, ConfigError, ValueError) as exc:
+    except (StageNotReady, ConfigError, ValueError, RunDirBusy) as exc:
         typer.secho(f"cannot rerun: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
-    rerun_stage(str(run_dir), iteration, stage, downstream=downstream, overrides=list(overrides or []))
+    _quiet_prefect()
+    from flows.rerun import rerun_stage
+
+    try:
+        rerun_stage(str(run_dir), iteration, stage, downstream=downstream, overrides=list(overrides or []))
+    except _operational_errors() as exc:
+        _fail(exc)
 
 
 @app.command("sweep")
