@@ -165,7 +165,8 @@ class Tracker:
         self.client.set_tag(self.run_id, "replaces_run_id", old)
         self.note_config_history()
         for i in self.run.iterations_present():
-            self.sync(i)
+            if i < self.cfg.run.iterations:
+                self.sync(i)
         for i, ckpt in sorted(rec.get("checkpoints", {}).items()):
             self.log_checkpoint(int(i), Path(ckpt["path"]), ckpt["digest"], upload=bool(ckpt.get("uploaded")))
         return self.run_id

@@ -296,3 +296,83 @@ def test_a_locked_mlflow_store_is_waited_on_then_refused_with_its_name(tmp_path,
     assert tracker.sync(1) > 0 and _points(tracker.uri, tracker.run_id) == [(0, 0.5), (1, 1.5)]
     with sqlite3.connect(db) as con:  # the store is intact
         assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+# ------------------------------------------------------------------------------ 15 (+14): a real `aepo run`
+def _children(pid: int) -> dict[int, str]:
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            found[int(entry.name)] = cmdline
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+def test_a_killed_run_leaves_no_process_and_no_leftovers_and_a_second_writer_is_refused(
+    base_policy_dir, tmp_path, tiny_overrides
+):
+    root = tmp_path / "runs"
+    run_dir = root / "killed"
+    cmd = [sys.executable, "-m", "aepo_core.cli", "run", "--run-dir", str(run_dir), "--iterations", "50", "--no-progress"]
+    cmd += tiny_overrides(base_policy_dir, root)  # 50 iterations: still running when it is killed
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(REPO))
+    env.pop("PREFECT_API_URL", None)  # as a user would: Prefect's temporary server
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run = RunDir(run_dir)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and run.manifest(0, "prepare") is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        helpers = _children(proc.pid)
+        servers = [pid for pid, cmdline in helpers.items() if "-m uvicorn" in cmdline]
+        assert len(servers) == 1 and len(helpers) >= 2, helpers  # the server and its watchdog
+
+        # 14: a second `aepo run` on the same run directory is refused, naming the holder
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert f"{run_dir} is in use by pid {proc.pid} on {os.uname().nodename} since 20" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+
+        os.kill(proc.pid, signal.SIGKILL)  # the process only, not its group: as `kill -9 PID`
+        proc.wait(30)
+        deadline = time.time() + 30
+        while time.time() < deadline and any(_alive(pid) for pid in helpers):
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in helpers), {p: c for p, c in helpers.items() if _alive(p)}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    # the next start removes what an interrupted save left, and rebuilds a deleted MLflow store's run
+    leftover = run_dir / "iter_0000" / ".rollout.tmp-killed"
+    leftover.mkdir(parents=True)
+    (leftover / "rollouts.parquet").write_bytes(b"half")
+    old_run_id = json.loads((run_dir / "mlflow.json").read_text())["run_id"]
+    (root / "mlflow.db").unlink()
+    cmd[cmd.index("--iterations") + 1] = "1"
+    finished = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    assert f"removed {leftover} (left by an interrupted save)" in finished.stdout
+    assert f"MLflow run {old_run_id} is not in sqlite:///{root / 'mlflow.db'}: rebuilding it" in finished.stdout
+    assert not list(run_dir.rglob(".*.tmp-*"))
+    assert run.manifest(0, "evaluate") is not None
+    new_run_id = json.loads((run_dir / "mlflow.json").read_text())["run_id"]
+    with sqlite3.connect(root / "mlflow.db") as db:
+        steps = db.execute("SELECT step FROM metrics WHERE run_uuid = ? AND key = 'reward/reward_mean'", (new_run_id,))
+        assert [s for (s,) in steps] == [0]
