@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from aepo_core.aepo import ControllerState, controller_temperature, reinforce_count
+from aepo_core.atomic import disk_full_error
 from aepo_core.batch import SequenceBatch
 from aepo_core.config import Config, load_config, save_config
 from aepo_core.datasets import load_prompt_table
@@ -99,10 +100,13 @@ def init_run(cfg: Config, run_dir: str | Path | None = None, log=print) -> RunDi
         for path in run.remove_stale_temporaries():
             log(f"removed {path} (left by an interrupted save)")
         return _init_run(run, cfg, log)
-    except BaseException:
+    except BaseException as exc:
         run.release_writer()
+        full = disk_full_error(exc, root, root if created else None) if isinstance(exc, Exception) else None
         if created:  # a failed start leaves nothing behind
             shutil.rmtree(root, ignore_errors=True)
+        if full is not None:
+            raise full from exc
         raise
 
 

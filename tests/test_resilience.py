@@ -97,6 +97,31 @@ def test_is_stage_complete_reports_and_refuses_a_damaged_stage(tmp_path):
                     "recomputing prepare of iteration 0"]
 
 
+def test_a_changed_starting_policy_is_refused_naming_it(tmp_path):
+    from aepo_core import stages
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(b"w" * 64)
+    run = RunDir(tmp_path / "run")
+    run.write_json("base.json", {"path": str(base), "digest": rundir.folder_digest(base)})
+    assert stages.verified_base_digest(run) == rundir.folder_digest(base)
+    (base / "model.safetensors").write_bytes(b"w" * 32)
+    with pytest.raises(DamagedStage, match=f"the starting policy {base} is missing or differs from the digest in "
+                                           f"{run.root / 'base.json'}: restore it"):
+        stages.verified_base_digest(run)
+
+
+def test_a_full_disk_while_creating_a_run_leaves_no_run_directory(tmp_path, monkeypatch):
+    from aepo_core import stages
+
+    cfg = load_config(None, [f"run.runs_root={tmp_path}", "data.synthetic.n_train=20", "data.synthetic.n_eval=5"])
+    monkeypatch.setattr(stages.pq, "write_table", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(DiskFull, match=f"no space left on device writing {tmp_path / 'r'}: needs at least"):
+        stages.init_run(cfg, tmp_path / "r")
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------ 14: one writer
 _HOLDER = """
 import sys, time
