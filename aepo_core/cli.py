@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from aepo_core.config import Config, load_config
-from aepo_core.errors import debug_requested, is_user_error
+from aepo_core.errors import debug_requested, exit_status, is_user_error
 
 
 class _UserErrorFilter(logging.Filter):
@@ -43,10 +43,11 @@ class _App(typer.Typer):
         try:
             return super().__call__(*args, args=argv, **kwargs)
         except Exception as exc:
-            if not is_user_error(exc) or debug_requested():
+            status = exit_status(exc)
+            if status is None or debug_requested():
                 raise
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-            sys.exit(2)
+            sys.exit(status)
 
 
 app = _App(
@@ -148,6 +149,19 @@ def _quiet_prefect() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-stage "Loading weights" bars drown the iteration lines
+    from aepo_core.processes import start_prefect_server
+
+    start_prefect_server()  # Prefect's temporary server, ended by a watchdog if this process is killed
+
+
+def _refuse_if_busy(run_dir: Path | str) -> None:
+    """One line, before Prefect starts, when another process is writing the run directory."""
+    from aepo_core.rundir import RunDir
+
+    holder = RunDir(run_dir).writer_holder()
+    if holder:
+        typer.secho(f"{run_dir} is in use by {holder}: wait for it to finish or stop it", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
 
 
 @app.command("run")
@@ -159,7 +173,10 @@ def run_cmd(
     progress: Annotated[bool, typer.Option(help="Progress bars on rollout and update.")] = True,
 ) -> None:
     """Train with AEPO (or a baseline) as a Prefect flow; resumes an existing run directory."""
-    _config(config, overrides)  # fail fast on a bad config, before Prefect starts
+    cfg = _config(config, overrides)  # fail fast on a bad config, before Prefect starts
+    from aepo_core.stages import run_root
+
+    _refuse_if_busy(run_root(cfg, run_dir))
     _quiet_prefect()
     from aepo_core.stages import check_start
     from flows.train import train
@@ -191,17 +208,18 @@ def rerun_stage_cmd(
     downstream: Annotated[bool, typer.Option(help="Also recompute the stages this makes stale, now.")] = False,
 ) -> None:
     """Recompute one stage from the artifacts before it (overrides change the run's config first)."""
-    _quiet_prefect()
     from aepo_core.config import ConfigError
-    from aepo_core.rundir import StageNotReady
+    from aepo_core.rundir import RunDirBusy, StageNotReady
     from aepo_core.stages import prepare_rerun
-    from flows.rerun import rerun_stage
 
     try:  # refuse a bad request here, with a one-line message; errors while it runs keep their traceback
         prepare_rerun(run_dir, iteration, stage, list(overrides or []), apply=False)
-    except (StageNotReady, ConfigError, ValueError) as exc:
+    except (StageNotReady, ConfigError, ValueError, RunDirBusy) as exc:
         typer.secho(f"cannot rerun: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+    _quiet_prefect()
+    from flows.rerun import rerun_stage
+
     rerun_stage(str(run_dir), iteration, stage, downstream=downstream, overrides=list(overrides or []))
 
 

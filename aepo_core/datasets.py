@@ -17,13 +17,14 @@ import pyarrow as pa
 
 from aepo_core import synthetic
 from aepo_core.config import DataConfig
+from aepo_core.errors import UserError
 
 COLUMNS = ("id", "prompt", "answer", "source")
 SCHEMA = pa.schema([(c, pa.string()) for c in COLUMNS])
 _FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A user dataset cannot be read or lacks a configured column; the message names file, row, key."""
 
 

@@ -1,11 +1,13 @@
-"""User errors: a mistake in what the user gave (config, data, paths, a refused request).
+"""Errors the `aepo` command reports as one line, and how.
 
-The `aepo` command prints one of these as `error: <message>` and exits with status 2, without a
-traceback (`aepo --debug ...` or AEPO_DEBUG=1 shows it). Raise `UserError` (or a subclass) with a
-message that names the file, row or key and says what to do; any other exception is a bug or an
-environment failure and keeps its traceback.
+- `UserError`: a mistake in what the user gave (config, data, paths) or a refused request (a run
+  directory another process writes). Printed as `error: <message>`, exit status 2.
+- `EnvironmentFault`: the machine or the run directory is in a state the user must fix (a full disk,
+  a damaged artifact, a store locked too long). Printed as `error: <message>`, exit status 1.
 
-`UserError` subclasses ValueError, so callers that catch ValueError keep working.
+Either kind carries a message that names the file, row or key and says what to do, and neither
+prints a traceback unless asked (`aepo --debug ...` or AEPO_DEBUG=1). Any other exception is a bug
+and keeps its traceback. `UserError` subclasses ValueError, so callers catching ValueError keep working.
 """
 
 from __future__ import annotations
@@ -17,24 +19,22 @@ class UserError(ValueError):
     """The user's input is wrong or a request is refused; the message says where and what to do."""
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """Every exception class the CLI reports as a user error (some live in modules that must not
-    import this one first, so they are collected here lazily)."""
-    from aepo_core.config import ConfigError
-    from aepo_core.datasets import DatasetError
+class EnvironmentFault(RuntimeError):
+    """A full disk, a damaged artifact, a locked store: the message says which path and what to do."""
 
-    types: list[type[BaseException]] = [UserError, ConfigError, DatasetError]
-    try:
-        from aepo_core.sweeps import PlanError
 
-        types.append(PlanError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(types)
+def exit_status(exc: BaseException) -> int | None:
+    """2 for a UserError, 1 for an EnvironmentFault, None for anything else (a bug: keep the traceback)."""
+    if isinstance(exc, UserError):
+        return 2
+    if isinstance(exc, EnvironmentFault):
+        return 1
+    return None
 
 
 def is_user_error(exc: BaseException) -> bool:
-    return isinstance(exc, user_error_types())
+    """Reported as one line (either kind above)."""
+    return exit_status(exc) is not None
 
 
 def debug_requested() -> bool:

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import torch
 
 from aepo_core.algorithms import Decision, decision_from_json, decision_to_json, make_algorithm
+from aepo_core.atomic import disk_full_error
 from aepo_core.batch import SequenceBatch
 from aepo_core.config import Config, load_config, save_config
 from aepo_core.engines import SamplingRequest, shared_engine
@@ -32,7 +33,7 @@ from aepo_core.errors import UserError
 from aepo_core.evaluation import evaluate_model, write_source_names
 from aepo_core.models import load_policy, load_tokenizer, resolve_device, write_policy
 from aepo_core.prompts import encode_prompts
-from aepo_core.rundir import RunDir, StageNotReady, file_digest, folder_digest
+from aepo_core.rundir import DamagedStage, RunDir, StageNotReady, file_digest, folder_digest
 from aepo_core.update import make_optimizer, update_step
 from aepo_core.verifiers import make_verifier
 
@@ -66,10 +67,6 @@ def default_run_name(cfg: Config) -> str:
     return f"{make_algorithm(cfg.algorithm).run_name()}-{config_digest(cfg)[:8]}"
 
 
-def run_root(cfg: Config, run_dir: str | Path | None = None) -> Path:
-    return Path(run_dir) if run_dir else Path(cfg.run.runs_root) / (cfg.run.name or default_run_name(cfg))
-
-
 def _check_same_config(run: RunDir, cfg: Config) -> Config:
     """The stored config of an existing run; ConfigMismatch when `cfg` differs (run.iterations aside)."""
     stored = run.config()
@@ -83,17 +80,44 @@ def _check_same_config(run: RunDir, cfg: Config) -> Config:
     return stored
 
 
+def run_root(cfg: Config, run_dir: str | Path | None = None) -> Path:
+    """Where the run of `cfg` lives: `run_dir`, or runs_root/<run.name or the default name>."""
+    return Path(run_dir) if run_dir else Path(cfg.run.runs_root) / (cfg.run.name or default_run_name(cfg))
+
+
 def init_run(cfg: Config, run_dir: str | Path | None = None, log=print) -> RunDir:
     """Create the run directory (config, dataset snapshot, starting policy) or reopen an existing one.
 
     Reopening checks that the stored config equals `cfg` except for `run.iterations`, so a resumed
     run never silently mixes two configurations. A new run is checked first (aepo_core.preflight:
-    data, prompt lengths, eval split) and a failed start leaves nothing behind."""
-    from aepo_core.preflight import check_new_run, check_run_dir, load_split_tables, resolve_base
+    data, prompt lengths, eval split) and a failed start leaves nothing behind. The caller becomes
+    the run directory's one writer (RunDirBusy names another holder) and must `release_writer()`
+    when done; leftovers of interrupted saves are removed."""
+    from aepo_core.preflight import check_run_dir
 
     root = run_root(cfg, run_dir)
     run = RunDir(root)
     check_run_dir(root)
+    created = not root.exists()
+    run.acquire_writer()
+    try:
+        for path in run.remove_stale_temporaries():
+            log(f"removed {path} (left by an interrupted save)")
+        return _init_run(run, cfg, log)
+    except BaseException as exc:
+        run.release_writer()
+        full = disk_full_error(exc, root, root if created else None) if isinstance(exc, Exception) else None
+        if created:  # a failed start leaves nothing behind
+            shutil.rmtree(root, ignore_errors=True)
+        if full is not None:
+            raise full from exc
+        raise
+
+
+def _init_run(run: RunDir, cfg: Config, log) -> RunDir:
+    from aepo_core.preflight import check_new_run, load_split_tables, resolve_base
+
+    root = run.root
     if run.config_path.is_file():
         stored = _check_same_config(run, cfg)
         if stored.run.iterations != cfg.run.iterations:
@@ -207,9 +231,9 @@ def upstream(run: RunDir, cfg: Config, iteration: int, stage: str) -> dict[str, 
         i = iteration + offset
         key = name if offset == 0 else f"previous_{name}"
         if i >= 0:
-            ups[key] = run.digest(i, name)
+            ups[key] = run.digest(i, name)  # checks its files against its manifest (DamagedStage)
         else:
-            ups[key] = run.read_json("base.json")["digest"] if name == "update" else "initial"
+            ups[key] = verified_base_digest(run) if name == "update" else "initial"
     if stage == "prepare":
         ups["dataset"] = file_digest(run.dataset_path("train"))
     if stage == "evaluate":
@@ -220,15 +244,39 @@ def upstream(run: RunDir, cfg: Config, iteration: int, stage: str) -> dict[str, 
     return ups
 
 
+def verified_base_digest(run: RunDir) -> str:
+    """base.json's digest, after checking the starting policy's folder still has it."""
+    base = run.read_json("base.json")
+    if base is None:
+        raise StageNotReady(f"{run.root / 'base.json'} is missing: start a new run")
+    path = Path(base["path"])
+    if not base["digest"].startswith("hub:"):
+        if not path.is_dir() or folder_digest(path) != base["digest"]:
+            raise DamagedStage(
+                f"the starting policy {path} is missing or differs from the digest in {run.root / 'base.json'}: "
+                "restore it (e.g. `aepo build-base` for the embedded one) or start a new run"
+            )
+    return base["digest"]
+
+
 def stages_of(cfg: Config, iteration: int) -> list[str]:
     return [s for s in STAGES if s != "evaluate" or evaluation_due(cfg, iteration)]
 
 
-def is_stage_complete(run: RunDir, cfg: Config, iteration: int, stage: str) -> bool:
+def is_stage_complete(run: RunDir, cfg: Config, iteration: int, stage: str, log=print) -> bool:
+    """Done, up to date with what it read, and its files intact. A damaged stage (a file missing,
+    truncated or altered since its manifest) is reported by path and counts as not done, so it is
+    recomputed before anything reads it."""
     try:
-        return run.is_complete(iteration, stage, upstream(run, cfg, iteration, stage))
+        if not run.is_complete(iteration, stage, upstream(run, cfg, iteration, stage)):
+            return False
     except StageNotReady:
         return False
+    problem = run.damage(iteration, stage)
+    if problem:
+        log(f"{problem}: recomputing {stage} of iteration {iteration}")
+        return False
+    return True
 
 
 def _seed(*parts: int) -> int:
@@ -462,7 +510,10 @@ def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str
         }
         for rec in result.rows
     ]
-    with run.publish(iteration, "update", ups, {"algorithm": cfg.algorithm.name}, started=started) as (tmp, metrics):
+    size = sum(t.numel() * t.element_size() for t in policy.state_dict().values())
+    size += sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))
+    with run.publish(iteration, "update", ups, {"algorithm": cfg.algorithm.name}, started=started,
+                     expected_bytes=size) as (tmp, metrics):
         policy.eval()
         write_policy(policy, tokenizer, tmp / "policy")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -597,10 +648,19 @@ def prepare_rerun(
     cfg = load_config(run.config_path, overrides or [])
     if not 0 <= iteration < cfg.run.iterations:
         raise ValueError(f"iteration {iteration} is outside this run (0..{cfg.run.iterations - 1})")
-    upstream(run, cfg, iteration, stage)  # StageNotReady names the missing artifact
-    if overrides and apply:  # only now, so a refused rerun leaves the run as it was
+    run.acquire_writer()  # RunDirBusy names the process writing this run now
+    try:
+        upstream(run, cfg, iteration, stage)  # StageNotReady names the missing (or damaged) artifact
+    except BaseException:
+        run.release_writer()
+        raise
+    if not apply:
+        run.release_writer()
+        return run
+    run.remove_stale_temporaries()
+    if overrides:  # only now, so a refused rerun leaves the run as it was
         with open(run.root / "config_history.jsonl", "a") as fh:
             record = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rerun": f"{stage}@{iteration}", "overrides": overrides}
             fh.write(json.dumps(record) + "\n")
         save_config(cfg, run.config_path)
-    return run
+    return run  # the caller holds the writer lock: release_writer() when done

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import yaml
 
+from aepo_core.errors import UserError
 
-class PlanError(ValueError):
+
+class PlanError(UserError):
     """A sweep plan that cannot be read or is malformed (the message names the file and key)."""
 
 

@@ -2,7 +2,10 @@
 
 The manifests are the source of truth; MLflow is a view of them. `Tracker.sync(i)` logs iteration i's
 metrics (step=i) once: a record in `<run>/mlflow.json` remembers what was logged, so a resumed run
-keeps logging to the same MLflow run without duplicate points.
+keeps logging to the same MLflow run without duplicate points. When the recorded MLflow run is gone
+(a deleted or replaced mlflow.db), `open` rebuilds it from the manifests and records the new run id.
+A store locked by another process (sqlite: an open write transaction) is waited on, up to
+AEPO_MLFLOW_LOCK_WAIT seconds (default 300), then `TrackingStoreLocked` says which store.
 """
 
 from __future__ import annotations
@@ -12,15 +15,34 @@ import fcntl
 import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from aepo_core.algorithms import make_algorithm
 from aepo_core.config import Config
+from aepo_core.errors import EnvironmentFault
 from aepo_core.rundir import STAGES, RunDir
 
 _PREFIX = {"prepare": "prepare/", "rollout": "rollout/", "reward": "reward/", "update": "", "entropy": "controller/", "evaluate": "eval/"}
+
+
+class TrackingStoreLocked(EnvironmentFault):
+    """The MLflow store stayed locked by another process for longer than we wait."""
+
+
+def _is_locked(exc: BaseException) -> bool:
+    while exc is not None:
+        text = str(exc).lower()
+        if "database is locked" in text or "database is busy" in text or "database table is locked" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def lock_wait_seconds() -> float:
+    return float(os.environ.get("AEPO_MLFLOW_LOCK_WAIT", "300"))
 
 
 def tracking_uri(cfg: Config, run: RunDir) -> str:
@@ -64,16 +86,39 @@ class Tracker:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self.uri)
+            self._client = _Patient(self._waiting(MlflowClient, tracking_uri=self.uri), self._waiting)
         return self._client
 
     def _record(self) -> dict[str, Any]:
         return self.run.read_json("mlflow.json") or {}
 
     def open(self) -> str:
-        """Start the MLflow run of this pipeline run, or reopen the one recorded in the run directory."""
+        """Start the MLflow run of this pipeline run, or reopen the one recorded in the run directory
+        (rebuilt from the manifests when the store no longer has it)."""
         with self._store_lock():
             return self._open()
+
+    def _waiting(self, fn, *args, **kwargs):
+        """Call `fn`, retrying while another process holds the store's lock, for a bounded time."""
+        limit = lock_wait_seconds()
+        deadline, delay, told = time.monotonic() + limit, 0.5, False
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                if not _is_locked(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise TrackingStoreLocked(
+                        f"MLflow store {self.uri} stayed locked by another process for {limit:.0f} s "
+                        "(an open sqlite transaction, e.g. a sqlite shell or a stuck writer): end it and run "
+                        "the same command again (the run resumes); AEPO_MLFLOW_LOCK_WAIT sets the wait"
+                    ) from None
+                if not told:
+                    print(f"MLflow store {self.uri} is locked by another process: waiting (up to {limit:.0f} s)", flush=True)
+                    told = True
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     @contextlib.contextmanager
     def _store_lock(self):
@@ -94,9 +139,41 @@ class Tracker:
     def _open(self) -> str:
         rec = self._record()
         if rec.get("tracking_uri") == self.uri and rec.get("run_id"):
-            self.run_id = rec["run_id"]
-            self.client.update_run(self.run_id, status="RUNNING")
-            return self.run_id
+            if self._exists(rec["run_id"]):
+                self.run_id = rec["run_id"]
+                self.client.update_run(self.run_id, status="RUNNING")
+                return self.run_id
+            return self._recreate(rec)
+        return self._create()
+
+    def _exists(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(exc).lower():
+                return False
+            raise
+        return found.info.lifecycle_stage != "deleted"
+
+    def _recreate(self, rec: dict[str, Any]) -> str:
+        """The recorded MLflow run is gone (deleted, or a new mlflow.db): make a new one from the run
+        directory (params, every iteration's metrics, checkpoint records) and record its id."""
+        old = rec["run_id"]
+        print(f"MLflow run {old} is not in {self.uri}: rebuilding it from {self.run.root}", flush=True)
+        self.run.write_json("mlflow.json", {k: v for k, v in rec.items() if k not in ("run_id", "synced", "checkpoints")})
+        self._create()
+        self.client.set_tag(self.run_id, "replaces_run_id", old)
+        self.note_config_history()
+        for i in self.run.iterations_present():
+            if i < self.cfg.run.iterations:
+                self.sync(i)
+        for i, ckpt in sorted(rec.get("checkpoints", {}).items()):
+            self.log_checkpoint(int(i), Path(ckpt["path"]), ckpt["digest"], upload=bool(ckpt.get("uploaded")))
+        return self.run_id
+
+    def _create(self) -> str:
         name = self.cfg.tracking.experiment
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
@@ -156,15 +233,18 @@ class Tracker:
         store = self.client._tracking_client.store
         if not isinstance(store, SqlAlchemyStore):
             return False
+        self._waiting(self._delete_points, store, iteration)
+        return True
+
+    def _delete_points(self, store, iteration: int) -> None:
         from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric
 
-        with store.ManagedSessionMaker() as session:
+        with store.ManagedSessionMaker(read_only=False) as session:
             session.query(SqlMetric).filter(SqlMetric.run_uuid == self.run_id, SqlMetric.step == iteration).delete()
             # a key whose latest point was this step gets its latest value from the re-logged point
             session.query(SqlLatestMetric).filter(
                 SqlLatestMetric.run_uuid == self.run_id, SqlLatestMetric.step == iteration
             ).delete()
-        return True
 
     def _rebuild(self) -> int:
         """Recreate the MLflow run from the run directory (stores that cannot delete points): the old
@@ -201,6 +281,19 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status=status)
+
+
+class _Patient:
+    """An MlflowClient whose calls wait (bounded) while the store is locked by another process."""
+
+    def __init__(self, client, waiting) -> None:
+        self._inner, self._wait = client, waiting
+
+    def __getattr__(self, name: str):
+        value = getattr(self._inner, name)
+        if not callable(value) or name.startswith("_"):
+            return value
+        return lambda *args, **kwargs: self._wait(value, *args, **kwargs)
 
 
 def run_history(run: RunDir, iterations: int) -> dict[str, list[tuple[int, float]]]:

@@ -20,7 +20,14 @@ def rerun_stage(
     run_dir: str, iteration: int, stage: str, downstream: bool = False, overrides: list[str] | None = None
 ) -> dict:
     """Returns whether the stage's output changed and which stages are stale (or were recomputed)."""
-    run = prepare_rerun(run_dir, iteration, stage, overrides)
+    run = prepare_rerun(run_dir, iteration, stage, overrides)  # holds the run directory's writer lock
+    try:
+        return _rerun(run, iteration, stage, downstream, overrides)
+    finally:
+        run.release_writer()
+
+
+def _rerun(run, iteration: int, stage: str, downstream: bool, overrides: list[str] | None) -> dict:
     before = run.manifest(iteration, stage)
     STAGE_TASKS[stage](str(run.root), iteration)
     changed = before is None or before["digest"] != run.digest(iteration, stage)

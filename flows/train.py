@@ -117,7 +117,14 @@ def train(
     show_progress: bool = False,
 ) -> dict:
     """Train (or resume) a run; returns its run directory, MLflow run id and tracking URI."""
-    run = open_run(config, run_dir, iterations, overrides)
+    run = open_run(config, run_dir, iterations, overrides)  # holds the run directory's writer lock
+    try:
+        return _train(run, show_progress)
+    finally:
+        run.release_writer()
+
+
+def _train(run: RunDir, show_progress: bool) -> dict:
     cfg = run.config()
     tracker = Tracker(run, cfg)
     tracker.open()

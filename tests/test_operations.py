@@ -165,3 +165,72 @@ def test_sweep_trains_the_grid_and_compares_it(base_policy_dir, tmp_path, tiny_o
     # a second call skips the finished runs and keeps the same MLflow runs
     again = sweep(arms=arms, seeds=[0, 1], iterations=1, overrides=tiny_overrides(base_policy_dir, tmp_path))
     assert [r["mlflow_run_id"] for r in again["runs"]] == [r["mlflow_run_id"] for r in result["runs"]]
+
+
+def test_damaged_artifacts_are_named_refused_by_a_rerun_and_recomputed_bit_identically_on_resume(runs, capsys):
+    """A deleted parquet, a truncated model.safetensors and one flipped bit in optimizer.pt."""
+    from flows.rerun import rerun_stage
+    from flows.train import train
+
+    _, _, grpo = runs
+    run = RunDir(grpo["run_dir"])
+    digests = {p: json.loads(p.read_text())["digest"] for p in run.root.rglob(MANIFEST)}
+    before = _mtimes(run)
+    rewards = run.stage_dir(1, "reward") / "rewards.parquet"
+    rewards.unlink()
+    weights = run.stage_dir(0, "update") / "policy" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    optimizer = run.stage_dir(1, "update") / "optimizer.pt"
+    data = bytearray(optimizer.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    optimizer.write_bytes(bytes(data))
+
+    with pytest.raises(StageNotReady, match=f"{rewards} is missing .*aepo run --run-dir"):
+        rerun_stage(grpo["run_dir"], 1, "update")
+    capsys.readouterr()
+    train(run_dir=grpo["run_dir"])
+    out = capsys.readouterr().out
+    for path, what in ((weights, "differs from the digest"), (rewards, "is missing"), (optimizer, "differs from the digest")):
+        assert f"{path} {what}" in out, out
+    assert "recomputing update of iteration 0" in out and "recomputing reward of iteration 1" in out
+    # recomputed bit-identically: every digest as before, and only the damaged stages were rewritten
+    assert {p: json.loads(p.read_text())["digest"] for p in run.root.rglob(MANIFEST)} == digests
+    rewritten = {k for k, v in _mtimes(run).items() if before[k] != v}
+    assert rewritten == {"iter_0000/update/_SUCCESS.json", "iter_0001/reward/_SUCCESS.json", "iter_0001/update/_SUCCESS.json"}
+
+
+def test_a_full_disk_during_the_update_save_is_one_line_and_resume_is_bit_identical(runs, monkeypatch):
+    import errno
+    import shutil
+
+    from aepo_core import atomic, stages
+    from aepo_core.atomic import DiskFull
+
+    _, _, grpo = runs
+    run = RunDir(grpo["run_dir"])
+    digest = run.digest(1, "update")
+    shutil.rmtree(run.stage_dir(1, "update"))  # as if the killed save had never happened
+    real_save = stages.torch.save
+
+    def full_disk_save(obj, path, **kwargs):  # torch's own words when the disk fills mid-write
+        real_save(obj, path, **kwargs)
+        size = path.stat().st_size
+        with open(path, "r+b") as fh:
+            fh.truncate(size // 2)
+        raise RuntimeError(f"[enforce fail at inline_container.cc:672] . unexpected pos {size // 2} vs {size}")
+
+    monkeypatch.setattr(stages.torch, "save", full_disk_save)
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda p: type("U", (), {"free": 4096, "total": 1, "used": 1})())
+    with pytest.raises(DiskFull) as info:
+        stages.update(run, 1)
+    message = str(info.value)
+    assert message.startswith(f"no space left on device writing {run.stage_dir(1, 'update')}: needs about ")
+    assert " MiB, 4.0 KiB free on its file system" in message and "\n" not in message
+    assert not run.stage_dir(1, "update").exists() and not list(run.root.rglob(".*.tmp-*"))
+
+    monkeypatch.setattr(stages.pq, "write_table", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(DiskFull, match=f"writing {run.stage_dir(1, 'update')}"):
+        stages.update(run, 1)
+    monkeypatch.undo()  # space freed: the same stage again gives the same bytes
+    stages.update(run, 1)
+    assert run.digest(1, "update") == digest
