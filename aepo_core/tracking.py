@@ -23,7 +23,8 @@ from typing import Any
 from aepo_core.algorithms import make_algorithm
 from aepo_core.config import Config
 from aepo_core.errors import EnvironmentFault
-from aepo_core.rundir import STAGES, RunDir
+from aepo_core.rundir import RunDir
+from aepo_core.stages import STAGES
 
 _PREFIX = {"prepare": "prepare/", "rollout": "rollout/", "reward": "reward/", "update": "", "entropy": "controller/", "evaluate": "eval/"}
 

@@ -64,7 +64,8 @@ import urllib.request
 from importlib import metadata
 from pathlib import Path
 
-from aepo_core.rundir import MANIFEST, STAGES
+from aepo_core.rundir import MANIFEST
+from aepo_core.stages import STAGES
 
 MODES = ("server", "ephemeral", "reference")
 

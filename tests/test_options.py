@@ -13,7 +13,7 @@ import torch
 
 from aepo_core import stages
 from aepo_core.config import ConfigError, load_config
-from aepo_core.rundir import STAGES
+from aepo_core.stages import STAGES
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,8 @@ import torch
 from tiny_run import K, N, P
 
 from aepo_core.advantages import group_advantages
-from aepo_core.rundir import MANIFEST, STAGES, RunDir
+from aepo_core.rundir import MANIFEST, RunDir
+from aepo_core.stages import STAGES
 from aepo_core.verifiers import SyntheticVerifier
 
 pytestmark = pytest.mark.slow

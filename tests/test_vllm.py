@@ -103,7 +103,8 @@ def test_a_large_mixed_temperature_batch(engine):
 def test_two_pipeline_iterations_with_the_vllm_engine(base_policy_dir, tmp_path, tiny_overrides, prefect_harness, engine):
     import pyarrow.parquet as pq
 
-    from aepo_core.rundir import STAGES, RunDir
+    from aepo_core.rundir import RunDir
+    from aepo_core.stages import STAGES
     from flows.train import train
 
     engine.close()  # one in-process vLLM engine at a time; the flow starts its own
