@@ -112,10 +112,11 @@ def test_a_changed_starting_policy_is_refused_naming_it(tmp_path):
         stages.verified_base_digest(run)
 
 
-def test_a_full_disk_while_creating_a_run_leaves_no_run_directory(tmp_path, monkeypatch):
+def test_a_full_disk_while_creating_a_run_leaves_no_run_directory(tmp_path, monkeypatch, base_policy_dir):
     from aepo_core import stages
 
-    cfg = load_config(None, [f"run.runs_root={tmp_path}", "data.synthetic.n_train=20", "data.synthetic.n_eval=5"])
+    cfg = load_config(None, [f"model.path={base_policy_dir}", f"run.runs_root={tmp_path}",
+                             "data.synthetic.n_train=20", "data.synthetic.n_eval=5"])
     monkeypatch.setattr(stages.pq, "write_table", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
     with pytest.raises(DiskFull, match=f"no space left on device writing {tmp_path / 'r'}: needs at least"):
         stages.init_run(cfg, tmp_path / "r")
