@@ -84,7 +84,8 @@ def test_markdown_table_and_target_plot(tmp_path):
         assert lines(ax, "aepo (mean of seeds)", marker="o") == [([0.1, 0.2], aepo_values)]
         assert lines(ax, None, marker=".", linestyle="None") == [([0.1, 0.2], aepo_values)]
         assert lines(ax, "grpo (mean)", linestyle="--") == [([0.0, 1.0], [grpo_value, grpo_value])]
-    assert plot_against_target(rows[2:], tmp_path / "none", figures := {}) is None and figures == {}
+    nothing = {}
+    assert plot_against_target(rows[2:], tmp_path / "none", nothing) is None and nothing == {}
 
 
 def test_controller_plot_only_for_runs_with_a_temperature(tmp_path):
