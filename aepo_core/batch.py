@@ -13,13 +13,66 @@ token-level ``advantages`` travel together: :meth:`SequenceBatch.select` and
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
+from functools import cache
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 ROLE_POLICY = "policy"
 ROLE_REINFORCE = "reinforce"
+
+# How a field travels through the row operations; every field of SequenceBatch (and of a subclass)
+# declares one in its metadata, and the operations are derived from these declarations.
+TOKEN = "token"  # [B, L] tensor aligned with input_ids: rows indexed, columns trimmed and widened
+ROW = "row"  # [B] tensor: rows indexed and concatenated
+ROW_LIST = "row_list"  # python list of B entries: rows indexed and concatenated
+SCALAR = "scalar"  # one value for the whole batch: copied (concat keeps the first batch's)
+PAD_WITH_PAD_ID = "pad_id"  # a token field widened with the batch's pad_id instead of a constant
+
+
+def token_field(pad: float | str = 0, optional: bool = False, **kw: Any):
+    """A [B, L] field. ``pad``: the value new columns get in :meth:`SequenceBatch.concat` (or
+    :data:`PAD_WITH_PAD_ID`); ``optional``: the field may be None (then it is None in every result)."""
+    return field(metadata={"kind": TOKEN, "pad": pad, "optional": optional}, **kw)
+
+
+def row_field(optional: bool = False, **kw: Any):
+    """A [B] tensor field (see :func:`token_field` for ``optional``)."""
+    return field(metadata={"kind": ROW, "optional": optional}, **kw)
+
+
+def row_list_field(**kw: Any):
+    """A per-row python list field of B entries."""
+    return field(metadata={"kind": ROW_LIST}, **kw)
+
+
+def scalar_field(**kw: Any):
+    """A batch-wide value, not indexed by row."""
+    return field(metadata={"kind": SCALAR}, **kw)
+
+
+class _Field(NamedTuple):
+    name: str
+    kind: str
+    pad: float | str
+    optional: bool
+
+
+@cache
+def batch_fields(cls: type) -> tuple[_Field, ...]:
+    """Every dataclass field of ``cls`` with its kind, read once per class from the declarations."""
+    out = []
+    for f in fields(cls):
+        kind = f.metadata.get("kind")
+        if kind not in (TOKEN, ROW, ROW_LIST, SCALAR):
+            raise TypeError(
+                f"{cls.__name__}.{f.name} declares no row kind: define it with token_field, row_field, "
+                "row_list_field or scalar_field so the row operations carry it"
+            )
+        out.append(_Field(f.name, kind, f.metadata.get("pad", 0), bool(f.metadata.get("optional", False))))
+    return tuple(out)
 
 
 @dataclass
@@ -38,18 +91,21 @@ class SequenceBatch:
         weights:        [B] float, multiplier on the row's loss term (alpha for "add" rows, else 1).
         advantages:     [B, L] float or None, the advantage used for each response token.
         pad_id:         the id used for padding (also when concat has to widen a batch).
+
+    Each field declares its kind (token_field, row_field, ...); select, to, trimmed and concat are
+    written once over those kinds, so a new field (here or in a subclass) travels with its rows.
     """
 
-    input_ids: Tensor
-    attention_mask: Tensor
-    response_mask: Tensor
-    rewards: Tensor
-    temperatures: Tensor
-    roles: list[str] = field(default_factory=list)
-    source_index: Tensor | None = None
-    weights: Tensor | None = None
-    advantages: Tensor | None = None
-    pad_id: int = 0
+    input_ids: Tensor = token_field(pad=PAD_WITH_PAD_ID)
+    attention_mask: Tensor = token_field(pad=0)
+    response_mask: Tensor = token_field(pad=0.0)
+    rewards: Tensor = row_field()
+    temperatures: Tensor = row_field()
+    roles: list[str] = row_list_field(default_factory=list)
+    source_index: Tensor | None = row_field(default=None)
+    weights: Tensor | None = row_field(default=None)
+    advantages: Tensor | None = token_field(pad=0.0, optional=True, default=None)
+    pad_id: int = scalar_field(default=0)
 
     def __post_init__(self) -> None:
         b, length = self.input_ids.shape
@@ -59,18 +115,18 @@ class SequenceBatch:
             self.source_index = torch.arange(b, device=self.input_ids.device)
         if self.weights is None:
             self.weights = torch.ones(b, dtype=torch.float32, device=self.input_ids.device)
-        for name in ("attention_mask", "response_mask"):
-            if getattr(self, name).shape != (b, length):
-                raise ValueError(
-                    f"{name} has shape {tuple(getattr(self, name).shape)}, expected {(b, length)}"
-                )
-        if self.advantages is not None and self.advantages.shape != (b, length):
-            raise ValueError(f"advantages has shape {tuple(self.advantages.shape)}, expected {(b, length)}")
-        for name in ("rewards", "temperatures", "source_index", "weights"):
-            if getattr(self, name).shape != (b,):
-                raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}, expected {(b,)}")
-        if len(self.roles) != b:
-            raise ValueError(f"roles has {len(self.roles)} entries, expected {b}")
+        for f in batch_fields(type(self)):
+            value = getattr(self, f.name)
+            if f.kind == SCALAR or (value is None and f.optional):
+                continue
+            if f.kind == ROW_LIST:
+                if len(value) != b:
+                    raise ValueError(f"{f.name} has {len(value)} entries, expected {b}")
+                continue
+            expected = (b, length) if f.kind == TOKEN else (b,)
+            if value is None or value.shape != expected:
+                got = None if value is None else tuple(value.shape)
+                raise ValueError(f"{f.name} has shape {got}, expected {expected}")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -132,22 +188,26 @@ class SequenceBatch:
         """L, the padded sequence length."""
         return int(self.input_ids.shape[1])
 
+    def _map_rows(self, token, row, row_list) -> SequenceBatch:
+        """A batch of the same class, each non-None field passed through the function for its kind."""
+        changes = {}
+        for f in batch_fields(type(self)):
+            value = getattr(self, f.name)
+            if f.kind == SCALAR or value is None:
+                changes[f.name] = value
+            else:
+                changes[f.name] = {TOKEN: token, ROW: row, ROW_LIST: row_list}[f.kind](value)
+        return type(self)(**changes)
+
     def select(self, rows: Sequence[int] | Tensor) -> SequenceBatch:
         """The rows ``rows`` (in that order) with every field kept aligned; [B, L] -> [len(rows), L]."""
         idx = torch.as_tensor(list(rows) if not isinstance(rows, Tensor) else rows, dtype=torch.long)
         idx_dev = idx.to(self.input_ids.device)
         idx_list = idx.tolist()
-        return SequenceBatch(
-            input_ids=self.input_ids[idx_dev],
-            attention_mask=self.attention_mask[idx_dev],
-            response_mask=self.response_mask[idx_dev],
-            rewards=self.rewards[idx_dev],
-            temperatures=self.temperatures[idx_dev],
-            roles=[self.roles[i] for i in idx_list],
-            source_index=self.source_index[idx_dev],
-            weights=self.weights[idx_dev],
-            advantages=None if self.advantages is None else self.advantages[idx_dev],
-            pad_id=self.pad_id,
+        return self._map_rows(
+            token=lambda t: t[idx_dev],
+            row=lambda t: t[idx_dev],
+            row_list=lambda xs: [xs[i] for i in idx_list],
         )
 
     def with_fields(self, **changes) -> SequenceBatch:
@@ -156,18 +216,7 @@ class SequenceBatch:
 
     def to(self, device: torch.device | str) -> SequenceBatch:
         """The same batch with every tensor on ``device``."""
-        return SequenceBatch(
-            input_ids=self.input_ids.to(device),
-            attention_mask=self.attention_mask.to(device),
-            response_mask=self.response_mask.to(device),
-            rewards=self.rewards.to(device),
-            temperatures=self.temperatures.to(device),
-            roles=list(self.roles),
-            source_index=self.source_index.to(device),
-            weights=self.weights.to(device),
-            advantages=None if self.advantages is None else self.advantages.to(device),
-            pad_id=self.pad_id,
-        )
+        return self._map_rows(token=lambda t: t.to(device), row=lambda t: t.to(device), row_list=list)
 
     def trimmed(self) -> SequenceBatch:
         """Drop trailing columns that are padding in every row ([B, L] -> [B, L'] with L' <= L).
@@ -179,33 +228,21 @@ class SequenceBatch:
         new_len = int(used.max().item()) if len(self) else 0
         if new_len == self.seq_len:
             return self
-        return SequenceBatch(
-            input_ids=self.input_ids[:, :new_len],
-            attention_mask=self.attention_mask[:, :new_len],
-            response_mask=self.response_mask[:, :new_len],
-            rewards=self.rewards,
-            temperatures=self.temperatures,
-            roles=list(self.roles),
-            source_index=self.source_index,
-            weights=self.weights,
-            advantages=None if self.advantages is None else self.advantages[:, :new_len],
-            pad_id=self.pad_id,
-        )
+        return self._map_rows(token=lambda t: t[:, :new_len], row=lambda t: t, row_list=list)
 
     @staticmethod
     def concat(batches: Sequence[SequenceBatch]) -> SequenceBatch:
         """Stack batches row-wise, right-padding narrower ones to the widest length.
 
-        [B1, L1], [B2, L2], ... -> [B1 + B2 + ..., max(L)]. Either all batches carry advantages or
-        none does. The first batch's pad_id is used for new padding columns.
+        [B1, L1], [B2, L2], ... -> [B1 + B2 + ..., max(L)]. Either all batches carry advantages (any
+        optional field) or none does. The first batch's pad_id (scalars) is used, also for new
+        padding columns; the result has the first batch's class.
         """
         batches = [b for b in batches]
         if not batches:
             raise ValueError("concat needs at least one batch")
-        has_adv = [b.advantages is not None for b in batches]
-        if any(has_adv) and not all(has_adv):
-            raise ValueError("concat: either every batch has advantages or none does")
-        pad_id = batches[0].pad_id
+        cls = type(batches[0])
+        first = batches[0]
         length = max(b.seq_len for b in batches)
 
         def widen(t: Tensor, value: float) -> Tensor:
@@ -214,15 +251,22 @@ class SequenceBatch:
                 return t
             return torch.nn.functional.pad(t, (0, extra), value=value)
 
-        return SequenceBatch(
-            input_ids=torch.cat([widen(b.input_ids, pad_id) for b in batches]),
-            attention_mask=torch.cat([widen(b.attention_mask, 0) for b in batches]),
-            response_mask=torch.cat([widen(b.response_mask, 0.0) for b in batches]),
-            rewards=torch.cat([b.rewards for b in batches]),
-            temperatures=torch.cat([b.temperatures for b in batches]),
-            roles=[r for b in batches for r in b.roles],
-            source_index=torch.cat([b.source_index for b in batches]),
-            weights=torch.cat([b.weights for b in batches]),
-            advantages=torch.cat([widen(b.advantages, 0.0) for b in batches]) if all(has_adv) else None,
-            pad_id=pad_id,
-        )
+        changes = {}
+        for f in batch_fields(cls):
+            values = [getattr(b, f.name) for b in batches]
+            if f.kind == SCALAR:
+                changes[f.name] = values[0]
+                continue
+            present = [v is not None for v in values]
+            if not all(present):
+                if any(present):
+                    raise ValueError(f"concat: either every batch has {f.name} or none does")
+                changes[f.name] = None
+            elif f.kind == TOKEN:
+                pad = first.pad_id if f.pad == PAD_WITH_PAD_ID else f.pad
+                changes[f.name] = torch.cat([widen(v, pad) for v in values])
+            elif f.kind == ROW:
+                changes[f.name] = torch.cat(values)
+            else:
+                changes[f.name] = [x for v in values for x in v]
+        return cls(**changes)

@@ -156,10 +156,47 @@ def _pyplot():
     return plt
 
 
-def _save(fig, out_dir: str | Path, stem: str) -> Path:
-    """Lay out, write `<out_dir>/<stem>.png` and close the figure."""
+def describe_figure(fig) -> dict:
+    """What a figure draws, as plain data (for tests and checks): its suptitle and, per axes (twin
+    axes included, in creation order), the title, axis labels, legend entries, texts and every line
+    with its label (None for unlabelled lines), style and data. A horizontal line (axhline) has a
+    constant y and x = [0, 1] (axes coordinates)."""
+
+    def line(ln) -> dict:
+        label = ln.get_label()
+        return {
+            "label": None if label.startswith("_") else label,
+            "linestyle": ln.get_linestyle(),
+            "marker": ln.get_marker(),
+            "drawstyle": ln.get_drawstyle(),
+            "x": [float(v) for v in ln.get_xdata()],
+            "y": [float(v) for v in ln.get_ydata()],
+        }
+
+    return {
+        "suptitle": fig.get_suptitle() or None,
+        "axes": [
+            {
+                "title": ax.get_title(),
+                "xlabel": ax.get_xlabel(),
+                "ylabel": ax.get_ylabel(),
+                "visible": ax.axison,
+                "legend": [t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else [],
+                "texts": [t.get_text() for t in ax.texts],
+                "lines": [line(ln) for ln in ax.get_lines()],
+            }
+            for ax in fig.axes
+        ],
+    }
+
+
+def _save(fig, out_dir: str | Path, stem: str, figures: dict[str, dict] | None = None) -> Path:
+    """Lay out, write `<out_dir>/<stem>.png` and close the figure; with `figures`, also record
+    `figures[stem] = describe_figure(fig)`."""
     import matplotlib.pyplot as plt
 
+    if figures is not None:
+        figures[stem] = describe_figure(fig)
     fig.tight_layout()
     path = Path(out_dir) / f"{stem}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,11 +220,13 @@ def plot_histories(
     targets: dict[str, float] | None = None,
     entropy_keys: dict[str, str] | None = None,
     smooth: int = 5,
+    figures: dict[str, dict] | None = None,
 ) -> list[Path]:
     """One PNG per trace in PLOTS, every run on the same axes; entropy targets drawn dashed, each run's
     entropy in the estimator its target is stated in (`entropy_keys`, default nll). Per-iteration
     traces are drawn faint with their `smooth`-iteration running mean on top (one iteration's value
-    is a noisy estimate from one batch); evaluations are drawn as points."""
+    is a noisy estimate from one batch); evaluations are drawn as points. `figures`, when given,
+    receives :func:`describe_figure` of each plot written, keyed by its stem."""
     plt = _pyplot()
 
     out = Path(out_dir)
@@ -224,7 +263,7 @@ def plot_histories(
         if stem == "entropy" and targets:
             ax.set_title(f"entropy per iteration ({smooth}-iteration running mean; faint: raw; "
                          "dashed: each run's target)", fontsize=9)
-        written.append(_save(fig, out, stem))
+        written.append(_save(fig, out, stem, figures))
     return written
 
 
@@ -251,12 +290,14 @@ def split_aepo_line(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return [r for r in aepo if r.get("variant") == main], [r for r in aepo if r.get("variant") != main]
 
 
-def plot_against_target(rows: list[dict], out_dir: str | Path) -> Path | None:
+def plot_against_target(
+    rows: list[dict], out_dir: str | Path, figures: dict[str, dict] | None = None
+) -> Path | None:
     """Final avg@n and pass@n of the AEPO runs against their target entropy (mean over seeds, each seed
     a dot), the other algorithms as horizontal lines; None when no AEPO run has both.
 
     Rows may carry `variant` (see `aepo_variant`): the most common variant is the line, AEPO runs of
-    other variants (ablations) are single labelled crosses."""
+    other variants (ablations) are single labelled crosses. `figures`: see :func:`plot_histories`."""
     plt = _pyplot()
 
     aepo, ablations = split_aepo_line(rows)
@@ -285,16 +326,16 @@ def plot_against_target(rows: list[dict], out_dir: str | Path) -> Path | None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(fig, out_dir, "against_target")
+    return _save(fig, out_dir, "against_target", figures)
 
 
 def plot_controller(
     histories: dict[str, History], out_dir: str | Path, targets: dict[str, float | None],
-    entropy_keys: dict[str, str] | None = None,
+    entropy_keys: dict[str, str] | None = None, figures: dict[str, dict] | None = None,
 ) -> Path | None:
     """One panel per run with a regulariser temperature trace: its entropy, its target (dashed) and
     the temperature the controller chose (steps, right axis), to see the switches; None if no run
-    has a temperature trace."""
+    has a temperature trace. `figures`: see :func:`plot_histories`."""
     plt = _pyplot()
 
     key = "rollout/regulariser_temperature"
@@ -320,7 +361,7 @@ def plot_controller(
         twin.set_ylabel("T", fontsize=7, color="C3")
         twin.tick_params(labelsize=7)
     fig.suptitle("entropy (blue; dashed: target) and the controller's temperature (red)", fontsize=9)
-    return _save(fig, out_dir, "controller")
+    return _save(fig, out_dir, "controller", figures)
 
 
 HISTORY_KEYS = {key for key, _ in PLOTS.values()} | {
@@ -356,8 +397,10 @@ def select_runs(client, experiment: str | None, run_ids: list[str] | None, filte
 
 
 def compare_runs(tracking_uri: str, out_dir: str | Path, experiment: str | None = None,
-                 run_ids: list[str] | None = None, filter_string: str | None = None) -> tuple[list[dict], list[Path]]:
-    """Summary rows and comparison plots for the selected MLflow runs."""
+                 run_ids: list[str] | None = None, filter_string: str | None = None,
+                 figures: dict[str, dict] | None = None) -> tuple[list[dict], list[Path]]:
+    """Summary rows and comparison plots for the selected MLflow runs (`figures`: see
+    :func:`plot_histories`)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -379,6 +422,7 @@ def compare_runs(tracking_uri: str, out_dir: str | Path, experiment: str | None 
         rows.append(row)
         histories[label] = history
         targets[label] = target
-    plots = plot_histories(histories, out_dir, targets, entropy_keys)
-    extra = [plot_controller(histories, out_dir, targets, entropy_keys), plot_against_target(rows, out_dir)]
+    plots = plot_histories(histories, out_dir, targets, entropy_keys, figures=figures)
+    extra = [plot_controller(histories, out_dir, targets, entropy_keys, figures),
+             plot_against_target(rows, out_dir, figures)]
     return rows, plots + [p for p in extra if p is not None]

@@ -109,7 +109,3 @@ def exact_entropy(token_entropy: Tensor, mask: Tensor) -> Tensor:
     """The ``exact`` estimator: token mean of the full-vocabulary entropy. [B, L] -> scalar."""
     return masked_mean(token_entropy, mask)
 
-
-def entropy_estimates(logp: Tensor, token_entropy: Tensor, mask: Tensor) -> dict[str, Tensor]:
-    """Both estimators at once: {"nll": scalar, "exact": scalar}; logp, token_entropy, mask [B, L]."""
-    return {"nll": nll_entropy(logp, mask), "exact": exact_entropy(token_entropy, mask)}

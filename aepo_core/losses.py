@@ -205,47 +205,19 @@ def clipped_token_loss(
     }
 
 
-def policy_loss(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: float | None = 3.0,
-    agg: LossAgg = "token_mean",
-    constant: float | None = None,
-    row_weights: Tensor | None = None,
-) -> tuple[Tensor, dict[str, float]]:
-    """PPO-clipped policy loss aggregated over the masked tokens, with diagnostics.
-
-    Args:
-        logp: [B, L] log-probs under the current policy (with grad).
-        old_logp: [B, L] log-probs under the policy that produced the batch (no grad).
-        advantages: [B, L] per-token advantages.
-        mask: [B, L] 1 on response tokens.
-        clip_low, clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high] (clip-higher when
-            clip_high > clip_low).
-        dual_clip: cap for negative advantages (None: off).
-        agg, constant: see :func:`aggregate`.
-        row_weights: [B] multiplier on each row's per-token loss (AEPO "add" mode), None = 1.
-    Returns:
-        (scalar loss, diagnostics) with floats: clip_frac (any clip), clip_frac_low,
-        clip_frac_high, dual_clip_frac (fractions of masked tokens), approx_kl (masked mean of
-        old - new), approx_kl_k3 (masked mean of k3 of KL(old || new)), ratio_mean/max/min.
-    """
-    token_loss, ind = clipped_token_loss(logp, old_logp, advantages, clip_low, clip_high, dual_clip)
-    if row_weights is not None:
-        token_loss = token_loss * row_weights.to(token_loss.dtype).unsqueeze(1)
-    loss = aggregate(token_loss, mask, agg, constant)
-    return loss, policy_loss_diagnostics(logp, old_logp, mask, ind)
-
-
 @torch.no_grad()
 def policy_loss_diagnostics(
     logp: Tensor, old_logp: Tensor, mask: Tensor, ind: dict[str, Tensor]
 ) -> dict[str, float]:
-    """Clip fractions, ratio statistics and approximate KLs over the masked tokens (see policy_loss)."""
+    """Diagnostics of a :func:`clipped_token_loss` step over the masked tokens.
+
+    Args:
+        logp, old_logp, mask: [B, L]; ind: the indicator tensors clipped_token_loss returned.
+    Returns:
+        floats: clip_frac (any clip), clip_frac_low, clip_frac_high, dual_clip_frac (fractions of
+        masked tokens), approx_kl (masked mean of old - new), approx_kl_k3 (masked mean of k3 of
+        KL(old || new)), ratio_mean/max/min.
+    """
     m = mask.bool()
     n = int(m.sum().item())
     if n == 0:

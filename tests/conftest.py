@@ -1,5 +1,6 @@
-"""Shared fixtures: a small tokenizer and random tiny Qwen2 for fast engine tests, and the real base
-policy (built once per session into $AEPO_CACHE, or a temporary cache) for the slow tests."""
+"""Shared fixtures: a small tokenizer and the tests' one tiny random Qwen2 builder (:func:`tiny_qwen`,
+also as the ``tiny_model`` fixture) for fast engine and update tests, and the real base policy (built
+once per session into $AEPO_CACHE, or a temporary cache) for the slow tests."""
 
 from __future__ import annotations
 
@@ -17,10 +18,49 @@ os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 
 import pytest
 import torch
+import transformers
 
 from aepo_core import synthetic
 from aepo_core.base_policy import BaseRecipe, build_model
 from aepo_core.tokenizer import build_tokenizer
+
+VOCAB = 32  # tiny_qwen's vocabulary without a tokenizer
+
+
+def tiny_qwen(
+    seed: int = 0,
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
+    num_layers: int = 2,
+    tokenizer=None,
+    **config,
+) -> transformers.Qwen2ForCausalLM:
+    """The tests' tiny random (untrained) Qwen2, its weights fixed by ``seed`` and the sizes.
+
+    Without a tokenizer: a bare Qwen2 of vocabulary :data:`VOCAB` (4 heads, 2 KV heads, 64
+    positions); ``config`` adds Qwen2Config settings (e.g. ``attention_dropout=0.1``). With one: the
+    project's own builder (:func:`aepo_core.base_policy.build_model`) at these sizes, so the
+    vocabulary, special token ids and tied embeddings are those of the real base policy.
+    """
+    if tokenizer is not None:
+        if config:
+            raise TypeError(f"tiny_qwen with a tokenizer takes no extra config: {sorted(config)}")
+        recipe = BaseRecipe(
+            seed=seed, hidden_size=hidden_size, intermediate_size=intermediate_size, num_layers=num_layers
+        )
+        return build_model(recipe, tokenizer)
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **config,
+    )
+    return transformers.Qwen2ForCausalLM(cfg)
 
 
 @pytest.fixture(scope="session")
@@ -33,9 +73,8 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_model(tokenizer):
-    """A random (untrained) tiny Qwen2: enough to test the engine's mechanics quickly."""
-    model = build_model(BaseRecipe(hidden_size=64, intermediate_size=128, num_layers=2), tokenizer)
-    return model.eval()
+    """A random (untrained) tiny Qwen2 on the test tokenizer: enough to test the engine's mechanics quickly."""
+    return tiny_qwen(hidden_size=64, intermediate_size=128, tokenizer=tokenizer).eval()
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from aepo_core.aepo import (
 )
 from aepo_core.batch import SequenceBatch
 from aepo_core.config import AlgorithmConfig
-from aepo_core.losses import policy_loss
+from aepo_core.losses import clipped_token_loss, loss_normaliser, loss_sum
 
 
 def test_bang_bang_temperature():
@@ -120,14 +120,17 @@ def _entropy(logits):
 
 
 def _expected_reinforce_step(theta, temperature, lr):
-    """One exact expected REINFORCE step (reward 1) on samples drawn at `temperature`, through
-    policy_loss: every vocabulary item is a one-token row weighted by its probability under p^T,
+    """One exact expected REINFORCE step (reward 1) on samples drawn at `temperature`, through the
+    update step's loss pieces (clipped_token_loss, row weights, loss_sum / loss_normaliser, token
+    mean): every vocabulary item is a one-token row weighted by its probability under p^T,
     at ratio 1 (on-policy), advantage +1, so grad = -sum_x p^T(x) grad log p(x) / V."""
     theta = theta.clone().requires_grad_(True)
     v = theta.shape[0]
     logp = torch.log_softmax(theta, -1).unsqueeze(1)  # [V, 1]: row x holds log p(x)
     sample_prob = torch.softmax(theta.detach() / temperature, -1)  # p^T, the sampling law
-    loss, _ = policy_loss(logp, logp.detach(), torch.ones(v, 1), torch.ones(v, 1), row_weights=sample_prob)
+    mask = torch.ones(v, 1)
+    token_loss, _ = clipped_token_loss(logp, logp.detach(), torch.ones(v, 1), 0.2, 0.2, 3.0)
+    loss = loss_sum(token_loss * sample_prob.unsqueeze(1), mask) / loss_normaliser(mask)
     loss.backward()
     return (theta - lr * theta.grad).detach()
 

@@ -6,6 +6,7 @@ from aepo_core.compare import (
     format_table,
     plot_against_target,
     plot_controller,
+    plot_histories,
     summarise,
     temperature_switches,
 )
@@ -13,6 +14,15 @@ from aepo_core.compare import (
 
 def history(**traces):
     return {key.replace("__", "/"): list(enumerate(values)) for key, values in traces.items()}
+
+
+def lines(axes, label=None, **style):
+    """The (x, y) of the lines of one described axes with this label (None: unlabelled) and style."""
+    return [
+        (ln["x"], pytest.approx(ln["y"]))
+        for ln in axes["lines"]
+        if ln["label"] == label and all(ln[k] == v for k, v in style.items())
+    ]
 
 
 def test_summarise_hand_values():
@@ -59,16 +69,39 @@ def test_markdown_table_and_target_plot(tmp_path):
     ]
     md = format_table(rows, markdown=True).splitlines()
     assert md[0].startswith("| run | algorithm | H* |") and md[1].startswith("|---|") and len(md) == 5
-    path = plot_against_target(rows, tmp_path)
-    assert path is not None and path.stat().st_size > 1000
-    assert plot_against_target(rows[2:], tmp_path / "none") is None
+    figures = {}
+    path = plot_against_target(rows, tmp_path, figures)
+    assert path == tmp_path / "against_target.png" and path.is_file()
+    fig = figures["against_target"]
+    assert [(ax["xlabel"], ax["ylabel"]) for ax in fig["axes"]] == [
+        ("target entropy H* (nats/token)", "final avg@n"),
+        ("target entropy H* (nats/token)", "final pass@n"),
+    ]
+    for ax, aepo_values, grpo_value in zip(fig["axes"], ([0.4, 0.5], [0.9, 0.95]), (0.45, 0.85), strict=True):
+        assert ax["legend"] == ["aepo (mean of seeds)", "grpo (mean)"]
+        assert len(ax["lines"]) == 3  # the AEPO line, its seeds as dots, the GRPO mean
+        # one seed per target: the mean of seeds is the seed itself, at targets 0.1 and 0.2
+        assert lines(ax, "aepo (mean of seeds)", marker="o") == [([0.1, 0.2], aepo_values)]
+        assert lines(ax, None, marker=".", linestyle="None") == [([0.1, 0.2], aepo_values)]
+        assert lines(ax, "grpo (mean)", linestyle="--") == [([0.0, 1.0], [grpo_value, grpo_value])]
+    nothing = {}
+    assert plot_against_target(rows[2:], tmp_path / "none", nothing) is None and nothing == {}
 
 
 def test_controller_plot_only_for_runs_with_a_temperature(tmp_path):
     aepo = history(entropy__nll=[0.2, 0.1, 0.12], rollout__regulariser_temperature=[1.2, 0.8, 1.2])
     grpo = history(entropy__nll=[0.2, 0.1, 0.05], rollout__regulariser_temperature=[float("nan")] * 3)
-    path = plot_controller({"aepo": aepo, "grpo": grpo}, tmp_path, {"aepo": 0.1, "grpo": None})
-    assert path is not None and path.stat().st_size > 1000
+    figures = {}
+    path = plot_controller({"aepo": aepo, "grpo": grpo}, tmp_path, {"aepo": 0.1, "grpo": None}, figures=figures)
+    assert path == tmp_path / "controller.png" and path.is_file()
+    fig = figures["controller"]
+    assert fig["suptitle"] == "entropy (blue; dashed: target) and the controller's temperature (red)"
+    entropy_ax, temperature_ax = fig["axes"]  # one panel (aepo; grpo has no temperature) and its twin
+    assert (entropy_ax["title"], entropy_ax["ylabel"], temperature_ax["ylabel"]) == ("aepo", "entropy", "T")
+    assert len(entropy_ax["lines"]) == 2 and len(temperature_ax["lines"]) == 1
+    assert lines(entropy_ax, linestyle="-") == [([0.0, 1.0, 2.0], [0.2, 0.1, 0.12])]
+    assert lines(entropy_ax, linestyle="--") == [([0.0, 1.0], [0.1, 0.1])]  # the target
+    assert lines(temperature_ax, drawstyle="steps-post") == [([0.0, 1.0, 2.0], [1.2, 0.8, 1.2])]
     assert plot_controller({"grpo": grpo}, tmp_path / "none", {"grpo": None}) is None
 
 
@@ -102,8 +135,14 @@ def test_ablations_are_crosses_not_part_of_the_line(tmp_path):
         {"run": "b", "algorithm": "aepo", "target": 0.2, "final_accuracy": 0.5, "variant": aepo_variant(same)},
         {"run": "t1", "algorithm": "aepo", "target": 0.15, "final_accuracy": 0.3, "variant": aepo_variant(ablation)},
     ]
-    path = plot_against_target(rows, tmp_path)
-    assert path is not None and path.stat().st_size > 1000
+    figures = {}
+    path = plot_against_target(rows, tmp_path, figures)
+    assert path is not None and path.is_file()
+    avg = figures["against_target"]["axes"][0]
+    assert avg["legend"] == ["aepo (mean of seeds)"] and avg["texts"] == ["t1"]
+    assert lines(avg, "aepo (mean of seeds)") == [([0.1, 0.2], [0.4, 0.5])]  # the line leaves t1 out
+    assert lines(avg, None, marker="x") == [([0.15], [0.3])]  # the ablation: one labelled cross
+    assert all(ln["x"] == [] for ln in figures["against_target"]["axes"][1]["lines"])  # no pass@n here
     line, ablations = split_aepo_line(rows)
     assert [r["run"] for r in line] == ["a", "b"] and [r["run"] for r in ablations] == ["t1"]
 
@@ -113,3 +152,32 @@ def test_running_mean_hand_values():
 
     assert running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert running_mean([2.0], 5) == [2.0]
+
+
+def test_history_plots_draw_each_run_raw_and_smoothed_with_its_target(tmp_path):
+    aepo = history(entropy__nll=[0.2, 0.1, 0.12], reward__reward_mean=[0.5, 0.7, 0.6], eval__accuracy=[0.3, 0.4])
+    grpo = history(entropy__nll=[0.2, 0.1, 0.05], reward__reward_mean=[0.4, 0.4, 0.5])
+    figures = {}
+    paths = plot_histories({"grpo": grpo, "aepo": aepo}, tmp_path, {"aepo": 0.1, "grpo": None}, smooth=2,
+                           figures=figures)
+    # no run has a temperature trace: no temperature plot; eval only for aepo
+    assert [p.name for p in paths] == ["entropy.png", "reward.png", "eval_accuracy.png"]
+    assert all(p.is_file() for p in paths) and list(figures) == ["entropy", "reward", "eval_accuracy"]
+    (entropy,) = figures["entropy"]["axes"]
+    assert entropy["xlabel"] == "iteration" and entropy["ylabel"].startswith("entropy (nats/token")
+    assert entropy["title"].startswith("entropy per iteration (2-iteration running mean")
+    assert entropy["legend"] == ["aepo", "grpo"]  # runs in name order
+    assert len(entropy["lines"]) == 5  # per run: raw + running mean; aepo's target
+    # running mean over 2 iterations: [0.2, (0.2 + 0.1) / 2, (0.1 + 0.12) / 2]
+    assert lines(entropy, "aepo") == [([0.0, 1.0, 2.0], [0.2, 0.15, 0.11])]
+    assert lines(entropy, "grpo") == [([0.0, 1.0, 2.0], [0.2, 0.15, 0.075])]
+    assert lines(entropy, None, linestyle="--") == [([0.0, 1.0], [0.1, 0.1])]  # aepo's target only
+    raw = lines(entropy, None, linestyle="-")
+    assert raw == [([0.0, 1.0, 2.0], [0.2, 0.1, 0.12]), ([0.0, 1.0, 2.0], [0.2, 0.1, 0.05])]
+    (reward,) = figures["reward"]["axes"]
+    assert (reward["ylabel"], reward["legend"], len(reward["lines"])) == ("policy-batch reward", ["aepo", "grpo"], 4)
+    assert lines(reward, "grpo") == [([0.0, 1.0, 2.0], [0.4, 0.4, 0.45])]
+    (accuracy,) = figures["eval_accuracy"]["axes"]
+    assert accuracy["ylabel"] == "held-out accuracy" and accuracy["legend"] == ["aepo"]
+    assert lines(accuracy, "aepo", marker="o") == [([0.0, 1.0], [0.3, 0.4])]  # evaluations as points
+    assert len(accuracy["lines"]) == 1

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from aepo_core.batch import SequenceBatch
@@ -105,3 +106,83 @@ def test_vllm_engine_without_vllm_says_how_to_get_it(tmp_path):
     build_tokenizer(["Add: 1 2"], vocab_size=270).save_pretrained(tokenizer_dir)
     with pytest.raises(ImportError, match="needs vLLM"):
         make_engine(load_config(None, ["rollout.engine=vllm"]), tokenizer_dir)
+
+
+# ------------------------------------------------------------------ the engine protocol
+
+ENGINE_CLASSES = [("aepo_core.engines.hf", "HFRolloutEngine"), ("aepo_core.engines.vllm", "VLLMRolloutEngine")]
+
+
+def _protocol_members():
+    from aepo_core.engines.base import RolloutEngine
+
+    attributes = set(RolloutEngine.__annotations__)
+    methods = {n for n, v in vars(RolloutEngine).items() if callable(v) and not n.startswith("_")}
+    return attributes, methods
+
+
+def _init_assigns(cls) -> set[str]:
+    """The ``self.<name> = ...`` targets of ``cls.__init__``, read from its source (no instance)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls.__init__)))
+    return {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+        and isinstance(node.value, ast.Name) and node.value.id == "self"
+    }
+
+
+@pytest.mark.parametrize("module, name", ENGINE_CLASSES, ids=["hf", "vllm"])
+def test_both_engines_have_every_member_the_protocol_declares(module, name):
+    import importlib
+    import inspect
+    import sys
+
+    from aepo_core.engines.base import RolloutEngine
+
+    had_vllm = "vllm" in sys.modules
+    cls = getattr(importlib.import_module(module), name)
+    assert ("vllm" in sys.modules) == had_vllm  # the vLLM engine imports vllm only when it is built
+    attributes, methods = _protocol_members()
+    assert {"tokenizer", "show_progress"} <= attributes and {"generate", "load_weights", "close"} <= methods
+    for method in methods:
+        impl = getattr(cls, method, None)
+        assert callable(impl), f"{name} has no method {method}"
+        declared = list(inspect.signature(getattr(RolloutEngine, method)).parameters)
+        assert list(inspect.signature(impl).parameters)[: len(declared)] == declared, method
+    missing = {a for a in attributes if not hasattr(cls, a)} - _init_assigns(cls)
+    assert not missing, f"{name}.__init__ never sets {sorted(missing)}"
+
+
+def test_hf_engine_instance_is_a_rollout_engine(tiny_model, tokenizer):
+    from aepo_core.engines.base import RolloutEngine
+
+    engine = HFRolloutEngine(tiny_model, tokenizer)
+    assert isinstance(engine, RolloutEngine)
+    attributes, _ = _protocol_members()
+    assert all(hasattr(engine, a) for a in attributes)
+
+
+def test_callers_use_only_what_the_protocol_declares():
+    """Every ``engine.<member>`` in the package, flows and tasks is a member of RolloutEngine."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    attributes, methods = _protocol_members()
+    implementations = {root / "aepo_core" / "engines" / "hf.py", root / "aepo_core" / "engines" / "vllm.py"}
+    used = {}
+    for folder in ("aepo_core", "flows", "tasks"):
+        for path in sorted((root / folder).rglob("*.py")):
+            if path in implementations:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "engine":
+                    used.setdefault(node.attr, str(path.relative_to(root)))
+    assert {"generate", "tokenizer", "show_progress"} <= set(used)  # the scan sees the stages' uses
+    undeclared = {a: where for a, where in used.items() if a not in attributes | methods}
+    assert not undeclared, f"engine members used but not declared in RolloutEngine: {undeclared}"

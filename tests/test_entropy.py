@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from aepo_core.entropy import (
-    entropy_estimates,
     exact_entropy,
     nll_entropy,
     shifted_logprobs_and_entropy,
@@ -79,5 +78,3 @@ def test_masked_estimators():
     # nll: (1 + 2 + 3) / 3 = 2; exact: (0.5 + 1.5 + 2.5) / 3 = 1.5
     assert nll_entropy(logp, mask).item() == pytest.approx(2.0)
     assert exact_entropy(token_entropy, mask).item() == pytest.approx(1.5)
-    both = entropy_estimates(logp, token_entropy, mask)
-    assert both["nll"].item() == pytest.approx(2.0) and both["exact"].item() == pytest.approx(1.5)

@@ -3,7 +3,16 @@ import math
 import pytest
 import torch
 
-from aepo_core.losses import aggregate, kl_k3, masked_mean, policy_loss, role_losses
+from aepo_core.losses import (
+    aggregate,
+    clipped_token_loss,
+    kl_k3,
+    masked_mean,
+    policy_loss_diagnostics,
+    role_loss_sums,
+    role_losses,
+    role_normalisers,
+)
 
 VALUES = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
@@ -37,6 +46,20 @@ def test_empty_mask_gives_zero():
     for mode in ("token_mean", "seq_mean_token_mean"):
         assert aggregate(VALUES, zero, mode).item() == 0.0
     assert masked_mean(VALUES, zero).item() == 0.0
+
+
+def policy_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.2, dual_clip=3.0, row_weights=None):
+    """The policy loss of a batch of policy rows as update_step assembles it from the production
+    pieces: clipped_token_loss, the row weights, role_loss_sums over role_normalisers (token mean,
+    one mini-batch, one micro-batch), and policy_loss_diagnostics."""
+    token_loss, ind = clipped_token_loss(logp, old, adv, clip_low, clip_high, dual_clip)
+    if row_weights is not None:
+        token_loss = token_loss * row_weights.unsqueeze(1)
+    policy_rows = torch.zeros(logp.shape[0], dtype=torch.bool)
+    grpo_sum, reinforce_sum = role_loss_sums(token_loss, mask, policy_rows)
+    grpo_norm, _ = role_normalisers(mask, policy_rows, separate=False)
+    assert reinforce_sum.item() == 0.0
+    return grpo_sum / grpo_norm, policy_loss_diagnostics(logp, old, mask, ind)
 
 
 def _loss(ratios, advantages, mask=None, **kw):

@@ -144,7 +144,25 @@ def test_compare_two_runs(runs, tmp_path):
     assert lines[0].split()[:3] == ["run", "algorithm", "H*"]
     assert any(" aepo " in line for line in lines) and any(" grpo " in line for line in lines)
     for name in ("entropy", "temperature", "reward", "eval_accuracy"):
-        assert (tmp_path / "cmp" / f"{name}.png").stat().st_size > 5000
+        assert (tmp_path / "cmp" / f"{name}.png").is_file()
+    # what the comparison draws: the same plots, described instead of read back from the PNGs
+    from aepo_core.compare import PLOTS, compare_runs
+
+    figures = {}
+    rows, _ = compare_runs(aepo["tracking_uri"], tmp_path / "described", figures=figures)
+    label = {r["algorithm"]: r["run"] for r in rows}
+    assert set(figures) == set(PLOTS) | {"controller", "against_target"}
+    for name, (_, ylabel) in PLOTS.items():
+        (ax,) = figures[name]["axes"]
+        assert (ax["xlabel"], ax["ylabel"]) == ("iteration", ylabel), name
+        assert label["aepo"] in ax["legend"], name
+    for name in ("entropy", "reward", "eval_accuracy"):
+        assert figures[name]["axes"][0]["legend"] == sorted(label.values()), name
+    entropy = figures["entropy"]["axes"][0]
+    # each run raw and smoothed over its 2 iterations, and the AEPO run's target (dashed)
+    assert sorted(len(ln["x"]) for ln in entropy["lines"] if ln["linestyle"] == "-") == [2, 2, 2, 2]
+    assert [ln["y"] for ln in entropy["lines"] if ln["linestyle"] == "--"] == [[0.3, 0.3]]
+    assert [ax["title"] for ax in figures["controller"]["axes"] if ax["title"]] == [label["aepo"]]
     summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
     assert {r["algorithm"] for r in summary} == {"aepo", "grpo"}
     only = CliRunner().invoke(app, ["compare", "--tracking-uri", aepo["tracking_uri"], "--filter",

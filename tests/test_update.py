@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-import transformers
+from conftest import VOCAB, tiny_qwen
 
 from aepo_core.aepo import ControllerState
 from aepo_core.algorithms import make_algorithm
@@ -20,8 +20,6 @@ from aepo_core.update import (
     split_micro,
     update_step,
 )
-
-VOCAB = 32
 
 
 def prepare_update_batch(policy, reg, cfg, state, group_size, regulariser_group_size=None):
@@ -55,20 +53,6 @@ def _float32_by_default(monkeypatch):
     monkeypatch.setattr(update, "cpu_has_native_bf16", lambda: False)
 
 
-def tiny_qwen(seed: int = 0) -> transformers.Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    cfg = transformers.Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.Qwen2ForCausalLM(cfg)
-
-
 def make_batch(responses, rewards, temperature=1.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(1, VOCAB, (3,), generator=g).tolist() for _ in responses]
@@ -91,6 +75,16 @@ def policy_batch():
 
 def reg_batch(temperature=1.2):
     return make_batch(REG_RESPONSES, REG_REWARDS, temperature, seed=2)
+
+
+def step(algo, trainer, batch=None, reg=None, state=None, model=None, optimizer=None, **kw):
+    """One ``update_step`` with the tests' defaults: the policy batch, no regulariser batch, the initial
+    controller state, a fresh ``tiny_qwen()``, ``make_optimizer(model, trainer)``, groups of 2."""
+    model = tiny_qwen() if model is None else model
+    optimizer = make_optimizer(model, trainer) if optimizer is None else optimizer
+    batch = policy_batch() if batch is None else batch
+    state = ControllerState() if state is None else state
+    return update_step(model, optimizer, batch, reg, algo, trainer, state, group_size=2, **kw)
 
 
 def test_split_in_order():
@@ -131,19 +125,9 @@ def test_prepare_selects_positives_and_halves_above_target():
 
 
 def test_reinforce_rows_land_in_first_mini_batch_with_ratio_exactly_one():
-    model = tiny_qwen()
     algo = AlgorithmConfig(name="aepo", reinforce_sample_num=8)
     trainer = TrainerConfig(lr=5e-3, mini_batches=2, micro_batch_size=2)
-    res = update_step(
-        model,
-        make_optimizer(model, trainer),
-        policy_batch(),
-        reg_batch(),
-        algo,
-        trainer,
-        ControllerState(),
-        group_size=2,
-    )
+    res = step(algo, trainer, reg=reg_batch())
     m = res.metrics
     assert m["aepo/k"] == 2 and m["aepo/num_positives"] == 2
     assert m["aepo/reinforce_in_first_mini_batch"] == 1.0
@@ -177,9 +161,7 @@ def test_entropy_metrics_match_a_separate_forward_pass():
         logp, ent = shifted_logprobs_and_entropy(logits, batch.input_ids)
     algo = AlgorithmConfig(name="grpo", entropy_estimator="exact")
     trainer = TrainerConfig(lr=1e-3)
-    res = update_step(
-        model, make_optimizer(model, trainer), batch, None, algo, trainer, ControllerState(), group_size=2
-    )
+    res = step(algo, trainer, batch=batch, model=model)
     mask = batch.response_mask
     assert res.metrics["entropy/nll"] == pytest.approx(nll_entropy(logp, mask).item(), abs=1e-5)
     assert res.metrics["entropy/exact"] == pytest.approx(exact_entropy(ent, mask).item(), abs=1e-5)
@@ -192,19 +174,9 @@ def test_entropy_metrics_match_a_separate_forward_pass():
 
 
 def test_add_mode_reinforce_loss_by_hand():
-    model = tiny_qwen()
     algo = AlgorithmConfig(name="aepo", combine="add", alpha=0.5, reinforce_sample_num=8)
     trainer = TrainerConfig(lr=1e-3)
-    res = update_step(
-        model,
-        make_optimizer(model, trainer),
-        policy_batch(),
-        reg_batch(),
-        algo,
-        trainer,
-        ControllerState(),
-        group_size=2,
-    )
+    res = step(algo, trainer, reg=reg_batch())
     # X = 2 REINFORCE rows (2 and 4 tokens) + all 8 policy rows (20 tokens), one micro-batch, ratio 1.
     # add mode: loss = J_GRPO + alpha * J_REINFORCE, each over its own tokens:
     #   reinforce = alpha * (-(1 * 6) / 6) = -0.5   (not the shared-denominator -0.5 * 6 / 26)
@@ -237,7 +209,7 @@ def test_overfit_fixed_batch_lowers_the_loss():
     losses = [_surrogate_loss(model, batch, adv)]
     state = ControllerState()
     for _ in range(8):
-        res = update_step(model, opt, batch, None, algo, trainer, state, group_size=2)
+        res = step(algo, trainer, batch=batch, state=state, model=model, optimizer=opt)
         state = next_state(algo, state, res)
         losses.append(_surrogate_loss(model, batch, adv))
     assert losses[-1] < losses[0] - 1.0, losses
@@ -254,7 +226,7 @@ def test_aepo_reinforce_rows_gain_probability():
     before = _surrogate_loss(model, reinforce_rows, torch.ones(2))
     state = ControllerState()
     for _ in range(3):
-        res = update_step(model, opt, policy_batch(), reg_batch(), algo, trainer, state, group_size=2)
+        res = step(algo, trainer, reg=reg_batch(), state=state, model=model, optimizer=opt)
         state = next_state(algo, state, res)
     # -mean log p of the REINFORCE rows falls
     assert _surrogate_loss(model, reinforce_rows, torch.ones(2)) < before - 0.5
@@ -265,18 +237,7 @@ def test_baseline_algorithms():
     trainer = TrainerConfig(lr=1e-3)
 
     def run(algo, state=None, **kw):
-        model = tiny_qwen()
-        return update_step(
-            model,
-            make_optimizer(model, trainer),
-            batch,
-            None,
-            algo,
-            trainer,
-            state or ControllerState(),
-            group_size=2,
-            **kw,
-        )
+        return step(algo, trainer, batch=batch, state=state, **kw)
 
     grpo = run(AlgorithmConfig(name="grpo"))
     adv = run(AlgorithmConfig(name="entropy_adv", entropy_adv_alpha=0.4, entropy_adv_kappa=2.0))
@@ -307,40 +268,12 @@ def test_kl_to_reference_is_zero_on_policy_and_errors():
     ref = copy.deepcopy(model)
     trainer = TrainerConfig(lr=1e-3)
     algo = AlgorithmConfig(name="grpo", kl_coef=0.1)
-    res = update_step(
-        model,
-        make_optimizer(model, trainer),
-        policy_batch(),
-        None,
-        algo,
-        trainer,
-        ControllerState(),
-        group_size=2,
-        ref_policy=ref,
-    )
+    res = step(algo, trainer, model=model, ref_policy=ref)
     assert res.metrics["loss/kl"] == pytest.approx(0.0, abs=1e-7)
     with pytest.raises(ValueError):
-        update_step(
-            model,
-            make_optimizer(model, trainer),
-            policy_batch(),
-            None,
-            algo,
-            trainer,
-            ControllerState(),
-            group_size=2,
-        )
+        step(algo, trainer, model=model)
     with pytest.raises(ValueError):
-        update_step(
-            model,
-            make_optimizer(model, trainer),
-            policy_batch(),
-            reg_batch(),
-            AlgorithmConfig(name="grpo"),
-            trainer,
-            ControllerState(),
-            group_size=2,
-        )
+        step(AlgorithmConfig(name="grpo"), trainer, reg=reg_batch(), model=model)
 
 
 def test_gradient_checkpointing_and_bf16_autocast_run():
@@ -348,16 +281,7 @@ def test_gradient_checkpointing_and_bf16_autocast_run():
     trainer = TrainerConfig(
         lr=1e-3, gradient_checkpointing=True, dtype="bfloat16", micro_batch_size=3, logits_chunk=2
     )
-    res = update_step(
-        model,
-        make_optimizer(model, trainer),
-        policy_batch(),
-        reg_batch(),
-        AlgorithmConfig(name="aepo"),
-        trainer,
-        ControllerState(),
-        group_size=2,
-    )
+    res = step(AlgorithmConfig(name="aepo"), trainer, reg=reg_batch(), model=model)
     assert is_checkpointing(model)
     assert all(math.isfinite(v) for v in res.metrics.values())
     assert res.metrics["entropy/nll"] > 0
@@ -383,7 +307,7 @@ class GradRecorder(torch.optim.Optimizer):
 
 def _record_grads(model, batch, algo, trainer, reg=None, state=None, **kw):
     opt = GradRecorder(p for p in model.parameters() if p.requires_grad)
-    res = update_step(model, opt, batch, reg, algo, trainer, state or ControllerState(), group_size=2, **kw)
+    res = step(algo, trainer, batch=batch, reg=reg, state=state, model=model, optimizer=opt, **kw)
     return opt.grads, res
 
 
@@ -421,18 +345,7 @@ def test_add_mode_gradient_is_grpo_plus_alpha_times_reinforce():
 
 
 def test_dropout_model_first_mini_batch_ratio_exactly_one():
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attention_dropout=0.1,
-    )
-    model = transformers.Qwen2ForCausalLM(cfg)
+    model = tiny_qwen(attention_dropout=0.1)
     batch = policy_batch()
     # the dropout is live in train(): two forward passes differ
     model.train()
@@ -441,29 +354,17 @@ def test_dropout_model_first_mini_batch_ratio_exactly_one():
     assert not torch.equal(a, b)
     model.eval()
     trainer = TrainerConfig(lr=5e-3, mini_batches=2, micro_batch_size=2, gradient_checkpointing=True)
-    res = update_step(
-        model,
-        make_optimizer(model, trainer),
-        batch,
-        reg_batch(),
+    res = step(
         AlgorithmConfig(name="aepo", reinforce_sample_num=8),
         trainer,
-        ControllerState(),
-        group_size=2,
+        batch=batch,
+        reg=reg_batch(),
+        model=model,
     )
     assert res.metrics["aepo/reinforce_ratio_min"] == 1.0 and res.metrics["aepo/reinforce_ratio_max"] == 1.0
     # one mini-batch: every ratio of the (only, on-policy) mini-batch is exactly 1
     trainer1 = TrainerConfig(lr=5e-3, mini_batches=1, micro_batch_size=3)
-    res1 = update_step(
-        model,
-        make_optimizer(model, trainer1),
-        batch,
-        None,
-        AlgorithmConfig(name="grpo"),
-        trainer1,
-        ControllerState(),
-        group_size=2,
-    )
+    res1 = step(AlgorithmConfig(name="grpo"), trainer1, batch=batch, model=model)
     assert res1.metrics["actor/ratio_min"] == 1.0 and res1.metrics["actor/ratio_max"] == 1.0
     # the dropout settings and the mode are restored
     assert not model.training
@@ -471,19 +372,9 @@ def test_dropout_model_first_mini_batch_ratio_exactly_one():
 
 
 def test_reinforce_rows_spilling_out_of_first_mini_batch_warn():
-    model = tiny_qwen()
     trainer = TrainerConfig(lr=1e-3, mini_batches=8)  # first mini-batch: 1 row, k = 2
     with pytest.warns(UserWarning, match=r"2 REINFORCE rows .* only 1 of the 8 rows.*1 REINFORCE rows"):
-        res = update_step(
-            model,
-            make_optimizer(model, trainer),
-            policy_batch(),
-            reg_batch(),
-            AlgorithmConfig(name="aepo", reinforce_sample_num=8),
-            trainer,
-            ControllerState(),
-            group_size=2,
-        )
+        res = step(AlgorithmConfig(name="aepo", reinforce_sample_num=8), trainer, reg=reg_batch())
     assert res.metrics["aepo/k"] == 2
     assert res.metrics["aepo/reinforce_in_first_mini_batch"] == 0.0
 
@@ -498,16 +389,7 @@ def test_empty_micro_batches_are_skipped_in_the_averages():
     nll = nll_entropy(logp, mask).item()
     exact = exact_entropy(ent, mask).item()
     trainer = TrainerConfig(lr=1e-3, micro_batch_size=2)
-    res = update_step(
-        model,
-        make_optimizer(model, trainer),
-        batch,
-        None,
-        AlgorithmConfig(name="grpo"),
-        trainer,
-        ControllerState(),
-        group_size=2,
-    )
+    res = step(AlgorithmConfig(name="grpo"), trainer, batch=batch, model=model)
     assert res.metrics["entropy/nll"] == pytest.approx(nll, abs=1e-5)
     assert res.metrics["entropy/exact"] == pytest.approx(exact, abs=1e-5)
     assert next_state(AlgorithmConfig(name="grpo"), ControllerState(), res).h_prev == res.metrics["entropy/nll"]
@@ -554,16 +436,7 @@ def test_h_prev_is_the_token_mean_nll_over_the_whole_batch_not_a_mean_of_micro_b
     assert token_mean == pytest.approx(nll_entropy(logp, mask).item(), abs=1e-6)
     assert abs(mean_of_means - token_mean) > 1e-4  # the two definitions differ on this batch
     trainer = TrainerConfig(lr=1e-3, micro_batch_size=5)
-    res = update_step(
-        model,
-        make_optimizer(model, trainer),
-        batch,
-        None,
-        AlgorithmConfig(name="aepo"),
-        trainer,
-        ControllerState(),
-        group_size=2,
-    )
+    res = step(AlgorithmConfig(name="aepo"), trainer, batch=batch, model=model)
     assert res.metrics["entropy/nll"] == pytest.approx(token_mean, abs=1e-5)
     assert res.metrics["entropy/exact"] == pytest.approx(exact_entropy(ent, mask).item(), abs=1e-5)
     assert next_state(AlgorithmConfig(name="aepo"), ControllerState(), res).h_prev == pytest.approx(token_mean, abs=1e-5)
@@ -595,8 +468,7 @@ def test_step_does_not_depend_on_the_micro_batch_partition(algo):
         grads[micro], res = _record_grads(tiny_qwen(), batch, algo, trainer, reg=reg)
         model = tiny_qwen()
         before = [p.detach().clone() for p in model.parameters()]
-        update_step(model, torch.optim.SGD(model.parameters(), lr=1.0), batch, reg, algo, trainer,
-                    ControllerState(), group_size=2)
+        step(algo, trainer, batch=batch, reg=reg, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0))
         steps[micro] = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)])
         metrics[micro] = res.metrics
     assert steps[None].norm() > 0
@@ -645,10 +517,8 @@ def test_policy_rows_are_scored_at_their_sampling_temperature():
     assert (old[:, 1:][m] - at_one[m]).abs().max() > 1e-2
     # the update: both the one-pass (own detached log-probs) and the two-pass paths have ratio 1
     for recompute in (False, True):
-        model = tiny_qwen()
         trainer = TrainerConfig(lr=1e-3, micro_batch_size=3)
-        res = update_step(model, make_optimizer(model, trainer), batch, None, AlgorithmConfig(name="grpo"),
-                          trainer, ControllerState(), group_size=2, recompute_old_logprobs=recompute)
+        res = step(AlgorithmConfig(name="grpo"), trainer, batch=batch, recompute_old_logprobs=recompute)
         assert res.metrics["actor/ratio_max"] == pytest.approx(1.0, abs=1e-6)
         assert res.metrics["actor/ratio_min"] == pytest.approx(1.0, abs=1e-6)
         # the entropy the controller reads stays at T = 1
@@ -685,19 +555,8 @@ def test_regulariser_advantages_use_their_own_group_size():
     # groups of 2 ([1, 1] all equal, [0, 1]): POS = [3] only
     two = prepare_update_batch(policy_batch(), reg, cfg, ControllerState(), group_size=2)
     assert (two.num_positives, two.k) == (1, 1)
-    model = tiny_qwen()
     trainer = TrainerConfig(lr=1e-3)
-    res = update_step(
-        model,
-        make_optimizer(model, trainer),
-        policy_batch(),
-        reg,
-        cfg,
-        trainer,
-        ControllerState(),
-        group_size=2,
-        regulariser_group_size=4,
-    )
+    res = step(cfg, trainer, reg=reg, regulariser_group_size=4)
     assert res.metrics["aepo/num_positives"] == 3 and res.metrics["aepo/k"] == 3
     assert [r["source_index"] for r in res.rows[:3]] == [0, 1, 3]
 
@@ -713,15 +572,11 @@ def test_entropy_adv_uncapped_branch_uses_pi_old_entropy():
     # alpha * H (~0.035) < |A| / kappa (0.354): the min picks alpha * H, not the cap
     assert (alpha * ent_old[mask.bool()]).max() < 0.707107 / 2
     trainer = TrainerConfig(lr=5e-2, mini_batches=2)
-    res = update_step(
-        model,
-        make_optimizer(model, trainer),
-        batch,
-        None,
+    res = step(
         AlgorithmConfig(name="entropy_adv", entropy_adv_alpha=alpha, entropy_adv_kappa=2.0),
         trainer,
-        ControllerState(),
-        group_size=2,
+        batch=batch,
+        model=model,
     )
     for i in (0, 1, 4, 5):  # rows 4, 5 are trained after the first step, still shaped with pi_old's H
         assert res.rows[i]["advantage"] == pytest.approx(adv[i] + alpha * row_h[i].item(), abs=1e-5)

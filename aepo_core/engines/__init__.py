@@ -30,7 +30,9 @@ def make_engine(cfg: Config, model_path: str | Path, show_progress: bool = False
     from aepo_core.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    return VLLMRolloutEngine(model_path, tokenizer, cfg.rollout.vllm, seed=cfg.rollout.seed)
+    return VLLMRolloutEngine(
+        model_path, tokenizer, cfg.rollout.vllm, seed=cfg.rollout.seed, show_progress=show_progress
+    )
 
 
 def _engine_key(cfg: Config) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from transformers import PreTrainedTokenizerBase
 
@@ -39,8 +39,17 @@ class Completion:
     finish_reason: Literal["stop", "length"]
 
 
+@runtime_checkable
 class RolloutEngine(Protocol):
-    tokenizer: PreTrainedTokenizerBase
+    """Everything the stages, the evaluation and the shared-engine cache use of an engine.
+
+    Both engines (:class:`aepo_core.engines.hf.HFRolloutEngine`,
+    :class:`aepo_core.engines.vllm.VLLMRolloutEngine`) implement every member; tests/test_engine.py
+    checks that, and that no caller uses a member declared nowhere here.
+    """
+
+    tokenizer: PreTrainedTokenizerBase  # the policy's tokenizer: prompts are encoded with it
+    show_progress: bool  # show a progress bar while generating (the rollout stage sets it per call)
 
     def generate(self, requests: list[SamplingRequest], seed: int) -> list[Completion]:
         """All completions, ordered by request then sample index (request i's n rows are contiguous)."""
@@ -50,4 +59,6 @@ class RolloutEngine(Protocol):
         """Switch to the policy saved in `folder` (an HF checkpoint of the same architecture)."""
         ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the model (and its device memory); the engine is not used afterwards."""
+        ...

@@ -39,9 +39,17 @@ def _on_cpu() -> bool:
 
 
 class VLLMRolloutEngine:
-    def __init__(self, model_path: str | Path, tokenizer: PreTrainedTokenizerBase, cfg: VLLMConfig, seed: int = 0) -> None:
+    def __init__(
+        self,
+        model_path: str | Path,
+        tokenizer: PreTrainedTokenizerBase,
+        cfg: VLLMConfig,
+        seed: int = 0,
+        show_progress: bool = False,
+    ) -> None:
         _import_vllm()
         self.tokenizer = tokenizer
+        self.show_progress = show_progress
         self.cfg = cfg
         self.seed = seed
         self.model_path = str(model_path)
@@ -94,7 +102,7 @@ class VLLMRolloutEngine:
             )
             for i, r in enumerate(requests)
         ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=self.show_progress)
         completions = []
         for i, (req, out) in enumerate(zip(requests, outputs, strict=True)):
             samples = sorted(out.outputs, key=lambda o: o.index)
