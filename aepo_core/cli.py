@@ -90,7 +90,7 @@ def build_base(
     force: Annotated[bool, typer.Option(help="Rebuild even if a cached copy exists.")] = False,
 ) -> None:
     """Build (or find in the cache) the embedded base policy: tokenizer + tiny Qwen2 after warm-up."""
-    from aepo_core.base_policy import ensure_base_policy
+    from aepo_core.task.base_policy import ensure_base_policy
 
     cfg = _config(config, overrides)
     folder = ensure_base_policy(cfg.data.synthetic, cfg.model.cache_dir, force=force, log=typer.echo)
@@ -108,8 +108,8 @@ def evaluate_cmd(
 ) -> None:
     """Evaluate a policy on the held-out split: accuracy (avg@n), pass@k, entropy, at stated settings."""
     from aepo_core.errors import UserError
-    from aepo_core.evaluation import evaluate_model, write_evaluation
-    from aepo_core.preflight import resolve_base
+    from aepo_core.pipeline.evaluation import evaluate_model, write_evaluation
+    from aepo_core.pipeline.preflight import resolve_base
 
     cfg = _config(config, overrides)
     if model is not None and not (model / "config.json").is_file():
@@ -149,14 +149,14 @@ def _quiet_prefect() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-stage "Loading weights" bars drown the iteration lines
-    from aepo_core.processes import start_prefect_server
+    from aepo_core.pipeline.processes import start_prefect_server
 
     start_prefect_server()  # Prefect's temporary server, ended by a watchdog if this process is killed
 
 
 def _refuse_if_busy(run_dir: Path | str) -> None:
     """One line, before Prefect starts, when another process is writing the run directory."""
-    from aepo_core.rundir import RunDir
+    from aepo_core.pipeline.rundir import RunDir
 
     holder = RunDir(run_dir).writer_holder()
     if holder:
@@ -174,11 +174,11 @@ def run_cmd(
 ) -> None:
     """Train with AEPO (or a baseline) as a Prefect flow; resumes an existing run directory."""
     cfg = _config(config, overrides)  # fail fast on a bad config, before Prefect starts
-    from aepo_core.stages import run_root
+    from aepo_core.pipeline.stages import run_root
 
     _refuse_if_busy(run_root(cfg, run_dir))
     _quiet_prefect()
-    from aepo_core.stages import check_start
+    from aepo_core.pipeline.stages import check_start
     from flows.train import train
 
     extra = list(overrides or [])
@@ -209,8 +209,8 @@ def rerun_stage_cmd(
 ) -> None:
     """Recompute one stage from the artifacts before it (overrides change the run's config first)."""
     from aepo_core.config import ConfigError
-    from aepo_core.rundir import RunDirBusy, StageNotReady
-    from aepo_core.stages import prepare_rerun
+    from aepo_core.pipeline.rundir import RunDirBusy, StageNotReady
+    from aepo_core.pipeline.stages import prepare_rerun
 
     try:  # refuse a bad request here, with a one-line message; errors while it runs keep their traceback
         prepare_rerun(run_dir, iteration, stage, list(overrides or []), apply=False)
@@ -225,14 +225,14 @@ def rerun_stage_cmd(
 
 @app.command("sweep")
 def sweep_cmd(
-    plan: Annotated[Path, typer.Option(help="YAML plan: `arms`, optional `seeds` and `overrides` (aepo_core/sweeps.py).")],
+    plan: Annotated[Path, typer.Option(help="YAML plan: `arms`, optional `seeds` and `overrides` (aepo_core/pipeline/sweeps.py).")],
     config: ConfigOpt = None,
     overrides: Overrides = None,
     iterations: Annotated[int | None, typer.Option(help="Iterations per run.")] = None,
     arm: Annotated[list[str] | None, typer.Option("--arm", help="Train only this arm (repeatable).")] = None,
 ) -> None:
     """Train a grid of runs (arms x seeds) one after another, then compare them (table + plots)."""
-    from aepo_core.sweeps import PlanError, read_plan, sweep_runs
+    from aepo_core.pipeline.sweeps import PlanError, read_plan, sweep_runs
 
     try:
         spec = read_plan(plan)
@@ -261,7 +261,7 @@ def compare_cmd(
     out: Annotated[Path, typer.Option(help="Folder for the comparison plots.")] = Path("comparison"),
 ) -> None:
     """Compare MLflow runs: a summary table and entropy/temperature/reward/accuracy plots."""
-    from aepo_core.compare import compare_runs, format_source_table, format_table
+    from aepo_core.pipeline.compare import compare_runs, format_source_table, format_table
 
     if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
         tracking_uri = f"sqlite:///{Path(tracking_uri[len('sqlite:///'):]).resolve()}"

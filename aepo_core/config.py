@@ -59,7 +59,7 @@ class DataConfig(_Section):
     verifier: Literal["synthetic", "math"] = "synthetic"
     # What the math verifier reads as a response's final answer: its last complete \boxed{}/\fbox{}
     # ("boxed"), or with "boxed_or_last_number" also, in a response without any box, one number stated
-    # as the answer ("the answer is 6", or a last line that is one number). aepo_core/verifiers.py.
+    # as the answer ("the answer is 6", or a last line that is one number). aepo_core/io/verifiers.py.
     math_answer: Literal["boxed", "boxed_or_last_number"] = "boxed"
     # Text appended to each user prompt before the chat template (e.g. the math format instruction).
     prompt_suffix: str = ""
@@ -84,7 +84,7 @@ class RolloutConfig(_Section):
     prompts_per_batch: int = Field(32, ge=1)
     max_new_tokens: int = Field(48, ge=1)
     # > 0: training needs log-probabilities (greedy rows have none); policy rows are trained at this
-    # temperature (aepo_core.update.scoring_temperatures)
+    # temperature (aepo_core.core.update.scoring_temperatures)
     temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int = 0
@@ -104,7 +104,7 @@ class RolloutConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    # one class each in aepo_core/algorithms.py (the registry)
+    # one class each in aepo_core/core/algorithms.py (the registry)
     name: Literal["grpo", "aepo", "entropy_reg", "entropy_adv", "adaptive_entropy", "clip_cov", "kl_cov"] = "aepo"
     # --- AEPO (aepo-algorithm.md) ---
     # H* in the units of entropy_estimator. The paper's targets are 0.25-1.0 (nll, 7B math models);

@@ -2,7 +2,7 @@
 
 - `make_run`: a throwaway run directory of the embedded default plus overrides, created by
   `stages.init_run` exactly as `aepo run` would create it.
-- `run_iteration`: one training iteration, the stage functions of `aepo_core.stages` called directly
+- `run_iteration`: one training iteration, the stage functions of `aepo_core.pipeline.stages` called directly
   in this process (no Prefect task, no MLflow tracking), without the evaluate stage; each stage timed
   with `time.perf_counter` around its call, so a stage's seconds include reading its inputs and
   publishing its outputs (parquet files, the policy checkpoint and optimiser state for update).
@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from aepo_core import stages
 from aepo_core.config import load_config
-from aepo_core.rundir import RunDir
+from aepo_core.pipeline import stages
+from aepo_core.pipeline.rundir import RunDir
 
 # Evaluation is a separate cost (every evaluation.every iterations and at the end of a run); the
 # benchmarks measure a training iteration, so this stage is never run, due or not.

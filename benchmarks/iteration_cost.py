@@ -9,7 +9,7 @@ Two throwaway runs in a temporary folder differ only in algorithm.name (aepo, gr
 iteration 0 samples the same prompts; later iterations diverge as the policies do.
 
 What is timed. One iteration is the training stages prepare, rollout, reward, update, entropy, each
-the plain stage function of aepo_core.stages called in this process (common.run_iteration: no
+the plain stage function of aepo_core.pipeline.stages called in this process (common.run_iteration: no
 Prefect, no MLflow, no evaluate stage), timed around the call: it includes reading inputs and
 publishing outputs (parquet files, the policy checkpoint and optimiser state). Both runs train side by
 side in one process: for each iteration i, GRPO's iteration i and AEPO's iteration i, in alternating
@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from common import IterationResult, make_run, print_table, run_iteration, setup_process, spread, write_json
 
-from aepo_core.engines import release_shared_engine
+from aepo_core.io.engines import release_shared_engine
 
 SIDES = ("grpo", "aepo")  # the ratio is aepo / grpo
 TARGET_RATIO = 1.10

@@ -7,7 +7,7 @@ temporary folder, in its own process, for --iterations iterations:
                 (started first, with a temporary PREFECT_HOME; its start-up is reported apart)
     ephemeral   the real `aepo run` with no PREFECT_API_URL: Prefect starts a temporary server
                 (fresh temporary PREFECT_HOME)
-    reference   the floor: the same stage functions (aepo_core/stages.py) called in a plain loop,
+    reference   the floor: the same stage functions (aepo_core/pipeline/stages.py) called in a plain loop,
                 no Prefect, no MLflow, no skip checks
 
 Every iteration's wall time is split into three layers, each reported as a share of it:
@@ -64,8 +64,8 @@ import urllib.request
 from importlib import metadata
 from pathlib import Path
 
-from aepo_core.rundir import MANIFEST
-from aepo_core.stages import STAGES
+from aepo_core.pipeline.rundir import MANIFEST
+from aepo_core.pipeline.stages import STAGES
 
 MODES = ("server", "ephemeral", "reference")
 
@@ -189,8 +189,8 @@ def reference_worker(run_dir: str, iterations: int, overrides: list[str], thread
     import torch
     from transformers.utils import logging as hf_logging
 
-    from aepo_core import stages
-    from aepo_core.engines import release_shared_engine
+    from aepo_core.io.engines import release_shared_engine
+    from aepo_core.pipeline import stages
 
     if threads:
         torch.set_num_threads(threads)
@@ -326,7 +326,7 @@ def main() -> None:
         raise SystemExit("--iterations must be at least 2 (iteration 0 is left out)")
 
     from aepo_core.config import load_config
-    from aepo_core.models import resolve_model_path
+    from aepo_core.pipeline.sources import resolve_model_path
 
     overrides = [f"rollout.prompts_per_batch={args.prompts}"]
     if not args.include_eval:  # the flow still evaluates at the last iteration: make that cheap (it is taken out)

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from aepo_core.config import load_config
-from aepo_core.datasets import load_prompt_table
-from aepo_core.engines.base import SamplingRequest
-from aepo_core.engines.hf import HFRolloutEngine
-from aepo_core.models import load_policy, load_tokenizer, resolve_model_path
-from aepo_core.prompts import encode_prompts
+from aepo_core.io.engines.base import SamplingRequest
+from aepo_core.io.engines.hf import HFRolloutEngine
+from aepo_core.io.models import load_policy, load_tokenizer
+from aepo_core.io.prompts import encode_prompts
+from aepo_core.pipeline.sources import load_prompt_table, resolve_model_path
 
 
 def generated_tokens(sequences: torch.Tensor, eos_id: int, pad_id: int) -> int:
@@ -93,7 +93,7 @@ def main() -> None:
     if importlib.util.find_spec("vllm") is not None and not args.no_vllm:
         import os
 
-        from aepo_core.engines import make_engine
+        from aepo_core.io.engines import make_engine
 
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         vcfg = load_config(None, [f"model.path={path}", "rollout.engine=vllm", f"rollout.vllm.dtype={args.vllm_dtype}",

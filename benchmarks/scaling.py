@@ -54,10 +54,10 @@ from common import (
 )
 from transformers import AutoTokenizer
 
-from aepo_core.base_policy import BaseRecipe, build_model
 from aepo_core.config import load_config
-from aepo_core.engines import release_shared_engine
-from aepo_core.models import resolve_model_path
+from aepo_core.io.engines import release_shared_engine
+from aepo_core.pipeline.sources import resolve_model_path
+from aepo_core.task.base_policy import BaseRecipe, build_model
 
 # name -> BaseRecipe fields changed from the embedded base recipe (hidden 256, 4 layers, 4 heads,
 # 2 KV heads, intermediate 768: 3.2 M parameters with the embedded vocabulary).

@@ -29,11 +29,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from aepo_core import stages
 from aepo_core.config import load_config
-from aepo_core.engines import release_shared_engine
-from aepo_core.models import load_policy, load_tokenizer
-from aepo_core.update import make_optimizer, update_step
+from aepo_core.core.update import make_optimizer, update_step
+from aepo_core.io.engines import release_shared_engine
+from aepo_core.io.models import load_policy, load_tokenizer
+from aepo_core.pipeline import stages
 
 VARIANTS = {
     # name: (algorithm, trainer.dtype, recompute_old_logprobs)

@@ -12,7 +12,7 @@ same response tokens; tokens/s is response tokens in the batch / seconds of one 
 
 The step. One optimiser step over the whole batch, from the pristine base policy each repeat (the copy
 and the optimiser are made outside the timed region; generation and scoring are never timed):
-  - ours: `aepo_core.update.update_step` with algorithm "grpo" and the config defaults
+  - ours: `aepo_core.core.update.update_step` with algorithm "grpo" and the config defaults
     (trainer.dtype=float32, one mini-batch, one micro-batch, AdamW from `make_optimizer`). Its timed
     region includes what update_step does: the advantages, the training forward/backward (one
     on-policy mini-batch: pi_old's log-probs are the training pass's own, no extra forward), grad-norm
@@ -80,17 +80,17 @@ from pathlib import Path
 import torch
 from common import peak_rss  # benchmarks/common.py (the script's folder is on sys.path)
 
-from aepo_core.advantages import group_advantages
-from aepo_core.aepo import ControllerState
-from aepo_core.batch import SequenceBatch
 from aepo_core.config import Config, load_config
-from aepo_core.datasets import load_prompt_table
-from aepo_core.engines.base import SamplingRequest
-from aepo_core.engines.hf import HFRolloutEngine
-from aepo_core.models import load_policy, load_tokenizer, resolve_model_path
-from aepo_core.prompts import encode_prompts
-from aepo_core.update import make_optimizer, update_step
-from aepo_core.verifiers import make_verifier
+from aepo_core.core.advantages import group_advantages
+from aepo_core.core.aepo import ControllerState
+from aepo_core.core.batch import SequenceBatch
+from aepo_core.core.update import make_optimizer, update_step
+from aepo_core.io.engines.base import SamplingRequest
+from aepo_core.io.engines.hf import HFRolloutEngine
+from aepo_core.io.models import load_policy, load_tokenizer
+from aepo_core.io.prompts import encode_prompts
+from aepo_core.io.verifiers import make_verifier
+from aepo_core.pipeline.sources import load_prompt_table, resolve_model_path
 
 # the project's config for this comparison: plain GRPO, float32 on the CPU (TRL runs with use_cpu, bf16=False)
 OVERRIDES = ["algorithm.name=grpo", "trainer.dtype=float32", "trainer.device=cpu"]

@@ -10,8 +10,8 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from aepo_core.config import load_config
-from aepo_core.evaluation import write_evaluation
-from aepo_core.rundir import RunDir
+from aepo_core.pipeline.evaluation import write_evaluation
+from aepo_core.pipeline.rundir import RunDir
 
 
 def _latest_policy(run: RunDir) -> tuple[Path, int]:

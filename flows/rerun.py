@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from aepo_core.stages import prepare_rerun, stale_stages
-from aepo_core.tracking import Tracker
+from aepo_core.pipeline.stages import prepare_rerun, stale_stages
+from aepo_core.pipeline.tracking import Tracker
 from flows.train import train
 from tasks import STAGE_TASKS
 

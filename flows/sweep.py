@@ -2,7 +2,7 @@
 
 An arm is a name and a list of overrides on top of one base config, e.g.
 `{"grpo": ["algorithm.name=grpo"], "aepo-0.10": ["algorithm.target_entropy=0.1"]}`, or
-`{"grpo": {"overrides": [...], "seeds": [0, 1]}}` for its own seeds (see aepo_core/sweeps.py); every
+`{"grpo": {"overrides": [...], "seeds": [0, 1]}}` for its own seeds (see aepo_core/pipeline/sweeps.py); every
 arm runs once per seed as run `<arm>-s<seed>`, its own MLflow run in the config's experiment. Runs are
 trained one after another; a finished run is skipped and a half-finished one resumes, so rerunning the
 sweep continues it. Config files can be swept too (`configs`).
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from prefect import flow
 
-from aepo_core.compare import compare_runs, format_table
-from aepo_core.sweeps import sweep_runs
+from aepo_core.pipeline.compare import compare_runs, format_table
+from aepo_core.pipeline.sweeps import sweep_runs
 from flows.train import train
 
 

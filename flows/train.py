@@ -12,13 +12,13 @@ import time
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from aepo_core.algorithms import make_algorithm
-from aepo_core.compare import plot_histories, summarise
 from aepo_core.config import Config
-from aepo_core.engines import release_shared_engine
-from aepo_core.rundir import RunDir
-from aepo_core.stages import is_stage_complete, open_run, stages_of
-from aepo_core.tracking import Tracker, run_history
+from aepo_core.core.algorithms import make_algorithm
+from aepo_core.io.engines import release_shared_engine
+from aepo_core.pipeline.compare import plot_histories, summarise
+from aepo_core.pipeline.rundir import RunDir
+from aepo_core.pipeline.stages import is_stage_complete, open_run, stages_of
+from aepo_core.pipeline.tracking import Tracker, run_history
 from tasks import STAGE_TASKS
 
 

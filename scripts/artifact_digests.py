@@ -52,9 +52,9 @@ def _leaves(node, prefix=""):
 
 
 def digests(algorithm: str, root: Path) -> dict[str, str]:
-    from aepo_core import stages
     from aepo_core.config import load_config
-    from aepo_core.engines import release_shared_engine
+    from aepo_core.io.engines import release_shared_engine
+    from aepo_core.pipeline import stages
 
     cfg = load_config(None, [*OVERRIDES, f"algorithm.name={algorithm}", f"run.runs_root={root}"])
     run = stages.init_run(cfg, log=None)

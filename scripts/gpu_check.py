@@ -34,10 +34,10 @@ def main() -> None:
 
     import random
 
-    from aepo_core.base_policy import BaseRecipe, build_model
-    from aepo_core.models import save_policy
-    from aepo_core.synthetic import generate_problems, worked_trace
-    from aepo_core.tokenizer import build_tokenizer
+    from aepo_core.io.models import save_policy
+    from aepo_core.task.base_policy import BaseRecipe, build_model
+    from aepo_core.task.synthetic import generate_problems, worked_trace
+    from aepo_core.task.tokenizer import build_tokenizer
     from flows.train import train
 
     rng = random.Random(0)

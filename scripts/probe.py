@@ -42,7 +42,7 @@ def check(name: str, ok: bool, detail: str = "") -> None:
 
 # ------------------------------------------------------------------------------------------ rewards
 def probe_rewards() -> None:
-    from aepo_core.verifiers import make_verifier
+    from aepo_core.io.verifiers import make_verifier
 
     cases = [
         # (response, gold, expected reward, expected verdict or None)
@@ -73,7 +73,7 @@ def probe_rewards() -> None:
 # ------------------------------------------------------------------------------------------ data
 def probe_data(tmp: Path) -> None:
     from aepo_core.config import load_config
-    from aepo_core.datasets import load_prompt_table
+    from aepo_core.pipeline.sources import load_prompt_table
 
     def table(path: Path, *extra: str):
         return load_prompt_table(load_config(None, [f"data.train={path}", "data.verifier=math", *extra]).data, "train")
@@ -268,8 +268,8 @@ def main() -> int:
         if "config" in parts:
             probe_config()
         if parts & {"cli", "kill"}:
-            from aepo_core.base_policy import ensure_base_policy
             from aepo_core.config import SyntheticTaskConfig
+            from aepo_core.task.base_policy import ensure_base_policy
 
             base = ensure_base_policy(SyntheticTaskConfig(), log=None)
             if "cli" in parts:

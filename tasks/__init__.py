@@ -1,4 +1,4 @@
-"""One thin Prefect task per pipeline stage; the work is in `aepo_core.stages`."""
+"""One thin Prefect task per pipeline stage; the work is in `aepo_core.pipeline.stages`."""
 
 from tasks.stages import STAGE_TASKS
 

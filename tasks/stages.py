@@ -9,8 +9,8 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from aepo_core import stages
-from aepo_core.rundir import RunDir
+from aepo_core.pipeline import stages
+from aepo_core.pipeline.rundir import RunDir
 
 
 def _stage_task(stage: stages.Stage):

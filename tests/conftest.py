@@ -20,9 +20,9 @@ import pytest
 import torch
 import transformers
 
-from aepo_core import synthetic
-from aepo_core.base_policy import BaseRecipe, build_model
-from aepo_core.tokenizer import build_tokenizer
+from aepo_core.task import synthetic
+from aepo_core.task.base_policy import BaseRecipe, build_model
+from aepo_core.task.tokenizer import build_tokenizer
 
 VOCAB = 32  # tiny_qwen's vocabulary without a tokenizer
 
@@ -39,7 +39,7 @@ def tiny_qwen(
 
     Without a tokenizer: a bare Qwen2 of vocabulary :data:`VOCAB` (4 heads, 2 KV heads, 64
     positions); ``config`` adds Qwen2Config settings (e.g. ``attention_dropout=0.1``). With one: the
-    project's own builder (:func:`aepo_core.base_policy.build_model`) at these sizes, so the
+    project's own builder (:func:`aepo_core.task.base_policy.build_model`) at these sizes, so the
     vocabulary, special token ids and tied embeddings are those of the real base policy.
     """
     if tokenizer is not None:
@@ -80,8 +80,8 @@ def tiny_model(tokenizer):
 @pytest.fixture(scope="session")
 def base_policy_dir(tmp_path_factory) -> Path:
     """The real embedded base policy (a few minutes to build the first time)."""
-    from aepo_core.base_policy import ensure_base_policy
     from aepo_core.config import SyntheticTaskConfig
+    from aepo_core.task.base_policy import ensure_base_policy
 
     cache = os.environ.get("AEPO_CACHE") or tmp_path_factory.mktemp("aepo-cache")
     return ensure_base_policy(SyntheticTaskConfig(), cache_dir=cache, log=None)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from aepo_core.advantages import broadcast_to_tokens, group_advantages
+from aepo_core.core.advantages import broadcast_to_tokens, group_advantages
 
 
 def test_group_scaling_hand_values_and_all_equal_group():

@@ -5,7 +5,8 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from aepo_core.aepo import (
+from aepo_core.config import AlgorithmConfig
+from aepo_core.core.aepo import (
     ControllerState,
     assemble_batch,
     choose_temperature,
@@ -13,9 +14,8 @@ from aepo_core.aepo import (
     reinforce_count,
     select_positive_samples,
 )
-from aepo_core.batch import SequenceBatch
-from aepo_core.config import AlgorithmConfig
-from aepo_core.losses import clipped_token_loss, loss_normaliser, loss_sum
+from aepo_core.core.batch import SequenceBatch
+from aepo_core.core.losses import clipped_token_loss, loss_normaliser, loss_sum
 
 
 def test_bang_bang_temperature():

@@ -5,9 +5,9 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from aepo_core.base_policy import ensure_base_policy
 from aepo_core.config import SyntheticTaskConfig, load_config
-from aepo_core.evaluation import evaluate_model
+from aepo_core.pipeline.evaluation import evaluate_model
+from aepo_core.task.base_policy import ensure_base_policy
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +26,8 @@ def test_base_policy_is_a_standard_hf_folder(base_policy_dir):
 
 def test_cached_build_is_reused_not_rebuilt(base_policy_dir, monkeypatch):
     """Behaviour, not speed: a second ensure_base_policy finds the folder and never calls the builder."""
-    import aepo_core.base_policy as bp
-    from aepo_core.rundir import folder_digest
+    import aepo_core.task.base_policy as bp
+    from aepo_core.pipeline.rundir import folder_digest
 
     before = folder_digest(base_policy_dir), {p: p.stat().st_mtime_ns for p in base_policy_dir.iterdir()}
     calls = []

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from aepo_core.baselines import (
+from aepo_core.core.baselines import (
     entropy_bonus_term,
     entropy_shaped_advantages,
     nll_entropy_surrogate,
@@ -62,7 +62,7 @@ def test_nll_surrogate_value_is_nll_and_expected_gradient_is_entropy_gradient():
 
 # ------------------------------------------------------------------------------ Clip-Cov / KL-Cov
 def test_token_covariance_by_hand():
-    from aepo_core.baselines import token_covariance
+    from aepo_core.core.baselines import token_covariance
 
     # masked tokens: logp -1, -2, -3 (mean -2), A 2, 0, 1 (mean 1); the padding token is ignored
     logp = torch.tensor([[-1.0, -2.0], [-3.0, -9.0]])
@@ -74,7 +74,7 @@ def test_token_covariance_by_hand():
 
 
 def test_clip_cov_selects_randomly_inside_the_window_only():
-    from aepo_core.baselines import clip_cov_selection
+    from aepo_core.core.baselines import clip_cov_selection
 
     cov = torch.tensor([[0.5, 2.0, 3.0, 6.0], [1.0, 4.0, 2.5, 1.5]])
     mask = torch.ones(2, 4)
@@ -95,7 +95,7 @@ def test_clip_cov_selects_randomly_inside_the_window_only():
 
 
 def test_kl_cov_selects_the_top_fraction_and_penalises_the_log_ratio():
-    from aepo_core.baselines import kl_cov_penalty, kl_cov_selection
+    from aepo_core.core.baselines import kl_cov_penalty, kl_cov_selection
 
     cov = torch.tensor([[0.1, 3.0, -2.0], [5.0, 0.2, 9.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # 9.0 is padding: never selected

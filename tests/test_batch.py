@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from aepo_core.batch import SequenceBatch
+from aepo_core.core.batch import SequenceBatch
 
 
 def _batch():
@@ -59,7 +59,7 @@ def test_trimmed_drops_all_padding_columns():
 def test_every_field_declares_how_it_travels_with_its_rows():
     import dataclasses
 
-    from aepo_core.batch import batch_fields
+    from aepo_core.core.batch import batch_fields
 
     names = [f.name for f in dataclasses.fields(SequenceBatch)]
     assert [f.name for f in batch_fields(SequenceBatch)] == names  # none left out
@@ -75,7 +75,7 @@ def test_every_field_declares_how_it_travels_with_its_rows():
 def test_a_new_field_of_each_kind_is_carried_by_every_row_operation():
     import dataclasses
 
-    from aepo_core.batch import row_field, row_list_field, scalar_field, token_field
+    from aepo_core.core.batch import row_field, row_list_field, scalar_field, token_field
 
     @dataclasses.dataclass
     class Tagged(SequenceBatch):

@@ -1,6 +1,6 @@
 import pytest
 
-from aepo_core.compare import (
+from aepo_core.pipeline.compare import (
     entropy_fall,
     format_source_table,
     format_table,
@@ -124,7 +124,7 @@ def test_entropy_fall_compares_ten_iteration_windows():
 
 
 def test_ablations_are_crosses_not_part_of_the_line(tmp_path):
-    from aepo_core.compare import aepo_variant, split_aepo_line
+    from aepo_core.pipeline.compare import aepo_variant, split_aepo_line
 
     base = {"algorithm.name": "aepo", "algorithm.t_high": "1.2", "rollout.seed": "0", "algorithm.target_entropy": "0.1"}
     same = {**base, "rollout.seed": "1", "algorithm.target_entropy": "0.2", "run.name": "x"}
@@ -148,7 +148,7 @@ def test_ablations_are_crosses_not_part_of_the_line(tmp_path):
 
 
 def test_running_mean_hand_values():
-    from aepo_core.compare import running_mean
+    from aepo_core.pipeline.compare import running_mean
 
     assert running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert running_mean([2.0], 5) == [2.0]

@@ -5,9 +5,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from aepo_core.config import DataConfig
-from aepo_core.datasets import COLUMNS, DatasetError, load_prompt_table
-from aepo_core.synthetic import make_splits, parse_terms, worked_trace
-from aepo_core.verifiers import SyntheticVerifier
+from aepo_core.io.datasets import COLUMNS, DatasetError
+from aepo_core.io.verifiers import SyntheticVerifier
+from aepo_core.pipeline.sources import load_prompt_table
+from aepo_core.task.synthetic import make_splits, parse_terms, worked_trace
 
 
 def test_synthetic_splits_are_seeded_disjoint_and_verifiable():
@@ -94,7 +95,7 @@ def test_the_real_model_config_reads_both_math_layouts():
     from pathlib import Path
 
     from aepo_core.config import load_config
-    from aepo_core.verifiers import MathVerifier
+    from aepo_core.io.verifiers import MathVerifier
 
     repo = Path(__file__).resolve().parents[1]
     cfg = load_config(repo / "data/configs/qwen2.5-math-1.5b-gpu.yaml")

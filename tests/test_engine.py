@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from aepo_core.batch import SequenceBatch
-from aepo_core.engines.base import SamplingRequest
-from aepo_core.engines.hf import HFRolloutEngine, sample_tokens
-from aepo_core.entropy import shifted_logprobs_and_entropy
-from aepo_core.prompts import chat_prompt_ids
+from aepo_core.core.batch import SequenceBatch
+from aepo_core.core.entropy import shifted_logprobs_and_entropy
+from aepo_core.io.engines.base import SamplingRequest
+from aepo_core.io.engines.hf import HFRolloutEngine, sample_tokens
+from aepo_core.io.prompts import chat_prompt_ids
 
 
 def _requests(tokenizer, temps, n=4, max_new=12, top_p=1.0):
@@ -96,12 +96,12 @@ def test_vllm_engine_without_vllm_says_how_to_get_it(tmp_path):
     import pytest
 
     from aepo_core.config import load_config
-    from aepo_core.engines import make_engine
+    from aepo_core.io.engines import make_engine
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vLLM is installed here; tests/test_vllm.py covers the engine")
     tokenizer_dir = tmp_path / "tok"
-    from aepo_core.tokenizer import build_tokenizer
+    from aepo_core.task.tokenizer import build_tokenizer
 
     build_tokenizer(["Add: 1 2"], vocab_size=270).save_pretrained(tokenizer_dir)
     with pytest.raises(ImportError, match="needs vLLM"):
@@ -110,11 +110,11 @@ def test_vllm_engine_without_vllm_says_how_to_get_it(tmp_path):
 
 # ------------------------------------------------------------------ the engine protocol
 
-ENGINE_CLASSES = [("aepo_core.engines.hf", "HFRolloutEngine"), ("aepo_core.engines.vllm", "VLLMRolloutEngine")]
+ENGINE_CLASSES = [("aepo_core.io.engines.hf", "HFRolloutEngine"), ("aepo_core.io.engines.vllm", "VLLMRolloutEngine")]
 
 
 def _protocol_members():
-    from aepo_core.engines.base import RolloutEngine
+    from aepo_core.io.engines.base import RolloutEngine
 
     attributes = set(RolloutEngine.__annotations__)
     methods = {n for n, v in vars(RolloutEngine).items() if callable(v) and not n.startswith("_")}
@@ -142,7 +142,7 @@ def test_both_engines_have_every_member_the_protocol_declares(module, name):
     import inspect
     import sys
 
-    from aepo_core.engines.base import RolloutEngine
+    from aepo_core.io.engines.base import RolloutEngine
 
     had_vllm = "vllm" in sys.modules
     cls = getattr(importlib.import_module(module), name)
@@ -159,7 +159,7 @@ def test_both_engines_have_every_member_the_protocol_declares(module, name):
 
 
 def test_hf_engine_instance_is_a_rollout_engine(tiny_model, tokenizer):
-    from aepo_core.engines.base import RolloutEngine
+    from aepo_core.io.engines.base import RolloutEngine
 
     engine = HFRolloutEngine(tiny_model, tokenizer)
     assert isinstance(engine, RolloutEngine)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from aepo_core.entropy import (
+from aepo_core.core.entropy import (
     exact_entropy,
     nll_entropy,
     shifted_logprobs_and_entropy,

@@ -4,8 +4,9 @@ import math
 import pyarrow as pa
 import pytest
 
-from aepo_core.engines.base import Completion
-from aepo_core.evaluation import (
+from aepo_core.io.engines.base import Completion
+from aepo_core.io.verifiers import SyntheticVerifier
+from aepo_core.pipeline.evaluation import (
     EvalSettings,
     accuracy_and_pass_at_k,
     evaluate,
@@ -15,7 +16,6 @@ from aepo_core.evaluation import (
     source_metric_names,
     write_source_names,
 )
-from aepo_core.verifiers import SyntheticVerifier
 
 
 def test_pass_at_k_hand_values():

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from aepo_core.losses import (
+from aepo_core.core.losses import (
     aggregate,
     clipped_token_loss,
     kl_k3,

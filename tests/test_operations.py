@@ -7,7 +7,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from aepo_core.rundir import MANIFEST, RunDir, StageNotReady
+from aepo_core.pipeline.rundir import MANIFEST, RunDir, StageNotReady
 
 pytestmark = pytest.mark.slow
 
@@ -146,7 +146,7 @@ def test_compare_two_runs(runs, tmp_path):
     for name in ("entropy", "temperature", "reward", "eval_accuracy"):
         assert (tmp_path / "cmp" / f"{name}.png").is_file()
     # what the comparison draws: the same plots, described instead of read back from the PNGs
-    from aepo_core.compare import PLOTS, compare_runs
+    from aepo_core.pipeline.compare import PLOTS, compare_runs
 
     figures = {}
     rows, _ = compare_runs(aepo["tracking_uri"], tmp_path / "described", figures=figures)
@@ -221,8 +221,9 @@ def test_a_full_disk_during_the_update_save_is_one_line_and_resume_is_bit_identi
     import errno
     import shutil
 
-    from aepo_core import atomic, stages
+    from aepo_core import atomic
     from aepo_core.atomic import DiskFull
+    from aepo_core.pipeline import stages
 
     _, _, grpo = runs
     run = RunDir(grpo["run_dir"])

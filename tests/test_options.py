@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from aepo_core import stages
 from aepo_core.config import ConfigError, load_config
-from aepo_core.stages import STAGES
+from aepo_core.pipeline import stages
+from aepo_core.pipeline.stages import STAGES
 
 pytestmark = pytest.mark.slow
 
@@ -103,9 +103,9 @@ def test_every_option_trains_one_iteration(name, base_policy_dir, tmp_path):
 
 def _engine_logprobs_equal_the_updates(run, cfg):
     """Sampled at T = 0.5: the engine's log-probs are the update's old log-probs (issue 12, case 7)."""
-    from aepo_core.batch import SequenceBatch
-    from aepo_core.models import load_policy
-    from aepo_core.update import compute_logprobs, scoring_temperatures
+    from aepo_core.core.batch import SequenceBatch
+    from aepo_core.core.update import compute_logprobs, scoring_temperatures
+    from aepo_core.io.models import load_policy
 
     rows = pq.read_table(run.stage_dir(0, "rollout") / "rollouts.parquet")
     policy = rows.filter(pc.equal(rows["batch"], "policy"))
@@ -159,7 +159,7 @@ def test_kl_reference_is_the_frozen_starting_policy(base_policy_dir, tmp_path):
     ref = stages.reference_policy(stages.policy_dir(run, 0), device)
     assert ref is stages.reference_policy(stages.policy_dir(run, 0), device)  # loaded once
     assert not ref.training and not any(p.requires_grad for p in ref.parameters())
-    from aepo_core.models import load_policy
+    from aepo_core.io.models import load_policy
 
     base = load_policy(stages.policy_dir(run, 0))
     for (name, a), b in zip(ref.state_dict().items(), base.state_dict().values(), strict=True):

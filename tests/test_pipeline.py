@@ -17,10 +17,10 @@ import pytest
 import torch
 from tiny_run import K, N, P
 
-from aepo_core.advantages import group_advantages
-from aepo_core.rundir import MANIFEST, RunDir
-from aepo_core.stages import STAGES
-from aepo_core.verifiers import SyntheticVerifier
+from aepo_core.core.advantages import group_advantages
+from aepo_core.io.verifiers import SyntheticVerifier
+from aepo_core.pipeline.rundir import MANIFEST, RunDir
+from aepo_core.pipeline.stages import STAGES
 
 pytestmark = pytest.mark.slow
 

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from aepo_core import atomic, rundir
+from aepo_core import atomic
 from aepo_core.atomic import DiskFull, atomic_dir
 from aepo_core.config import load_config, save_config
-from aepo_core.rundir import MANIFEST, DamagedStage, RunDir, RunDirBusy
+from aepo_core.pipeline import rundir
+from aepo_core.pipeline.rundir import MANIFEST, DamagedStage, RunDir, RunDirBusy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,7 +82,7 @@ def test_each_file_is_digested_once_per_process(tmp_path, monkeypatch):
 
 
 def test_is_stage_complete_reports_and_refuses_a_damaged_stage(tmp_path):
-    from aepo_core import stages
+    from aepo_core.pipeline import stages
 
     cfg = load_config(None, ["run.iterations=1"])
     run = RunDir(tmp_path)
@@ -98,7 +99,7 @@ def test_is_stage_complete_reports_and_refuses_a_damaged_stage(tmp_path):
 
 
 def test_a_changed_starting_policy_is_refused_naming_it(tmp_path):
-    from aepo_core import stages
+    from aepo_core.pipeline import stages
 
     base = tmp_path / "base"
     base.mkdir()
@@ -113,7 +114,7 @@ def test_a_changed_starting_policy_is_refused_naming_it(tmp_path):
 
 
 def test_a_full_disk_while_creating_a_run_leaves_no_run_directory(tmp_path, monkeypatch, base_policy_dir):
-    from aepo_core import stages
+    from aepo_core.pipeline import stages
 
     cfg = load_config(None, [f"model.path={base_policy_dir}", f"run.runs_root={tmp_path}",
                              "data.synthetic.n_train=20", "data.synthetic.n_eval=5"])
@@ -126,7 +127,7 @@ def test_a_full_disk_while_creating_a_run_leaves_no_run_directory(tmp_path, monk
 # ------------------------------------------------------------------------------ 14: one writer
 _HOLDER = """
 import sys, time
-from aepo_core.rundir import RunDir
+from aepo_core.pipeline.rundir import RunDir
 RunDir(sys.argv[1]).acquire_writer()
 print("held", flush=True)
 time.sleep(120)
@@ -250,7 +251,7 @@ def _points(uri, run_id, key="reward/reward_mean"):
 
 
 def test_a_deleted_mlflow_db_is_rebuilt_from_the_manifests(tmp_path):
-    from aepo_core.tracking import Tracker
+    from aepo_core.pipeline.tracking import Tracker
 
     run, cfg = _tracked_run(tmp_path / "runs" / "r")
     tracker = Tracker(run, cfg)
@@ -263,7 +264,7 @@ def test_a_deleted_mlflow_db_is_rebuilt_from_the_manifests(tmp_path):
     (tmp_path / "runs" / "mlflow.db").unlink()
 
     # the next process (a resume) finds its MLflow run gone and rebuilds it
-    reopen = ("import sys; from aepo_core.rundir import RunDir; from aepo_core.tracking import Tracker; "
+    reopen = ("import sys; from aepo_core.pipeline.rundir import RunDir; from aepo_core.pipeline.tracking import Tracker; "
               "run = RunDir(sys.argv[1]); t = Tracker(run, run.config()); print(t.open()); t.finish()")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, "-c", reopen, str(run.root)], env=env, capture_output=True, text=True, timeout=120)
@@ -297,7 +298,7 @@ c.execute("COMMIT")
 
 
 def test_a_locked_mlflow_store_is_waited_on_then_refused_with_its_name(tmp_path, monkeypatch):
-    from aepo_core.tracking import Tracker, TrackingStoreLocked
+    from aepo_core.pipeline.tracking import Tracker, TrackingStoreLocked
 
     run, cfg = _tracked_run(tmp_path / "runs" / "r")
     tracker = Tracker(run, cfg)

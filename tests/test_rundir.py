@@ -3,8 +3,8 @@ import json
 import pytest
 
 from aepo_core.config import load_config
-from aepo_core.rundir import MANIFEST, RunDir, StageNotReady
-from aepo_core.stages import PIPELINE, stage_config_digest
+from aepo_core.pipeline.rundir import MANIFEST, RunDir, StageNotReady
+from aepo_core.pipeline.stages import PIPELINE, stage_config_digest
 
 
 def test_publish_is_atomic_and_writes_the_manifest_last(tmp_path):
@@ -43,8 +43,13 @@ def test_digest_changes_with_content_and_missing_stage_is_named(tmp_path):
     assert digests[0] != digests[1] and digests[0] == digests[2]
     with pytest.raises(StageNotReady, match="iter_0001/rollout"):
         run.digest(1, "rollout")
+    with pytest.raises(ValueError, match="bad stage name"):
+        run.stage_dir(0, "../rollouts")  # which stages exist is the pipeline's: stages.upstream refuses "rollouts"
+    from aepo_core.config import load_config
+    from aepo_core.pipeline.stages import upstream
+
     with pytest.raises(ValueError, match="unknown stage 'rollouts'"):
-        run.stage_dir(0, "rollouts")
+        upstream(run, load_config(None, []), 0, "rollouts")
 
 
 def test_unreadable_manifest_counts_as_not_done(tmp_path):

@@ -8,9 +8,9 @@ import pytest
 import torch
 from pydantic import BaseModel
 
-from aepo_core import stages
 from aepo_core.config import load_config
-from aepo_core.rundir import RunDir
+from aepo_core.pipeline import stages
+from aepo_core.pipeline.rundir import RunDir
 
 pytestmark = pytest.mark.slow
 

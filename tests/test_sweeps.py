@@ -1,6 +1,6 @@
 import pytest
 
-from aepo_core.sweeps import PlanError, read_plan, sweep_runs
+from aepo_core.pipeline.sweeps import PlanError, read_plan, sweep_runs
 
 
 def test_runs_per_arm_and_seed_with_shared_overrides_first(tmp_path):

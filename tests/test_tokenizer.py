@@ -1,5 +1,5 @@
-from aepo_core.prompts import chat_prompt_ids
-from aepo_core.tokenizer import IM_END
+from aepo_core.io.prompts import chat_prompt_ids
+from aepo_core.task.tokenizer import IM_END
 
 
 def test_round_trip_and_single_digit_tokens(tokenizer):

@@ -5,13 +5,13 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_qwen
 
-from aepo_core.aepo import ControllerState
-from aepo_core.algorithms import make_algorithm
-from aepo_core.batch import SequenceBatch
 from aepo_core.config import AlgorithmConfig, TrainerConfig
-from aepo_core.entropy import exact_entropy, nll_entropy, shifted_logprobs_and_entropy
-from aepo_core.losses import masked_mean
-from aepo_core.update import (
+from aepo_core.core.aepo import ControllerState
+from aepo_core.core.algorithms import make_algorithm
+from aepo_core.core.batch import SequenceBatch
+from aepo_core.core.entropy import exact_entropy, nll_entropy, shifted_logprobs_and_entropy
+from aepo_core.core.losses import masked_mean
+from aepo_core.core.update import (
     autocast_dtype,
     compute_logprobs,
     is_checkpointing,
@@ -48,7 +48,7 @@ def _one_thread():
 def _float32_by_default(monkeypatch):
     # these tests compare gradients and metrics to hand computations at 1e-6: trainer.dtype "auto"
     # must mean float32 here even on CPUs where it would pick bfloat16
-    import aepo_core.update as update
+    import aepo_core.core.update as update
 
     monkeypatch.setattr(update, "cpu_has_native_bf16", lambda: False)
 
@@ -95,7 +95,7 @@ def test_split_in_order():
 
 
 def test_autocast_dtype_choice(monkeypatch):
-    import aepo_core.update as update
+    import aepo_core.core.update as update
 
     monkeypatch.setattr(update, "cpu_has_native_bf16", lambda: False)
     assert autocast_dtype(torch.device("cpu"), "auto") is None
@@ -481,7 +481,7 @@ def test_step_does_not_depend_on_the_micro_batch_partition(algo):
 
 def test_uneven_micro_batches_by_hand():
     """The normaliser counts add up over a partition, whatever it is (hand values)."""
-    from aepo_core.losses import loss_normaliser, loss_sum
+    from aepo_core.core.losses import loss_normaliser, loss_sum
 
     batch = make_batch(UNEVEN_RESPONSES, [1, 0, 1, 0], seed=5)
     mask = batch.response_mask  # 2, 2, 12, 12 response tokens
@@ -500,7 +500,7 @@ def test_uneven_micro_batches_by_hand():
 
 def test_policy_rows_are_scored_at_their_sampling_temperature():
     """Issue 12 case 7: rows sampled at T = 0.5 get old log-probs, ratio and clip at T = 0.5."""
-    from aepo_core.update import scoring_temperatures
+    from aepo_core.core.update import scoring_temperatures
 
     model = tiny_qwen()
     batch = make_batch(POLICY_RESPONSES, POLICY_REWARDS, temperature=0.5, seed=1)
@@ -526,8 +526,8 @@ def test_policy_rows_are_scored_at_their_sampling_temperature():
 
 
 def test_scoring_temperatures_rule():
-    from aepo_core.aepo import assemble_batch
-    from aepo_core.update import scoring_temperatures
+    from aepo_core.core.aepo import assemble_batch
+    from aepo_core.core.update import scoring_temperatures
 
     policy = make_batch(POLICY_RESPONSES, POLICY_REWARDS, temperature=0.7, seed=1)
     policy = policy.with_fields(advantages=torch.zeros_like(policy.response_mask, dtype=torch.float32))
@@ -619,7 +619,7 @@ def test_entropy_reg_bonus_changes_the_gradient(estimator):
 def test_single_mini_batch_skips_the_old_logprob_pass_without_changing_the_step(micro, monkeypatch):
     # one mini-batch is exactly on-policy: reusing the training pass's detached log-probs as pi_old
     # must give the same gradient and metrics as the separate no-grad pass
-    import aepo_core.update as update
+    import aepo_core.core.update as update
 
     algo = AlgorithmConfig(name="aepo", reinforce_sample_num=8)
     trainer = TrainerConfig(grad_clip=1e9, micro_batch_size=micro)

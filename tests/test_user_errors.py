@@ -16,9 +16,9 @@ import pytest
 
 from aepo_core.config import load_config, save_config
 from aepo_core.errors import UserError
-from aepo_core.models import write_policy
-from aepo_core.prompts import chat_prompt_ids
-from aepo_core.stages import init_run
+from aepo_core.io.models import write_policy
+from aepo_core.io.prompts import chat_prompt_ids
+from aepo_core.pipeline.stages import init_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -216,7 +216,7 @@ def test_a_file_dataset_without_eval_is_refused_before_anything_is_written(tmp_p
 
 @pytest.mark.parametrize("existed", [False, True])
 def test_a_start_that_fails_while_writing_leaves_nothing_behind(existed, tmp_path, tiny_policy, monkeypatch):
-    import aepo_core.stages as stages
+    import aepo_core.pipeline.stages as stages
 
     data = _jsonl(tmp_path / "d.jsonl", _rows(4))
     root = tmp_path / "r"
@@ -230,7 +230,9 @@ def test_a_start_that_fails_while_writing_leaves_nothing_behind(existed, tmp_pat
     monkeypatch.setattr(stages, "save_config", disk_full)
     cfg = load_config(None, [f"model.path={tiny_policy}", f"data.train={data}", f"data.eval={data}",
                              "rollout.prompts_per_batch=4"])
-    with pytest.raises(OSError):
+    from aepo_core.atomic import DiskFull
+
+    with pytest.raises(DiskFull, match="no space left on device"):  # the full disk, said in one line
         init_run(cfg, root, log=None)
     if existed:  # the user's folder keeps what it held, and only that
         assert sorted(p.name for p in root.iterdir()) == ["notes.txt"]

@@ -2,7 +2,7 @@ import time
 
 import pytest
 
-from aepo_core.verifiers import (
+from aepo_core.io.verifiers import (
     MathVerifier,
     SyntheticVerifier,
     final_answer,
@@ -219,8 +219,8 @@ def test_reward_stage_reports_bad_golds(tmp_path):
     import pyarrow.parquet as pq
 
     from aepo_core.config import load_config, save_config
-    from aepo_core.rundir import RunDir
-    from aepo_core.stages import reward
+    from aepo_core.pipeline.rundir import RunDir
+    from aepo_core.pipeline.stages import reward
 
     run = RunDir(tmp_path / "run")
     run.root.mkdir()

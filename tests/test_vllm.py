@@ -11,13 +11,13 @@ import torch
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 vllm = pytest.importorskip("vllm")
 
-from aepo_core.batch import SequenceBatch  # noqa: E402
 from aepo_core.config import load_config  # noqa: E402
-from aepo_core.engines import make_engine  # noqa: E402
-from aepo_core.engines.base import SamplingRequest  # noqa: E402
-from aepo_core.entropy import shifted_logprobs_and_entropy  # noqa: E402
-from aepo_core.models import load_policy  # noqa: E402
-from aepo_core.prompts import chat_prompt_ids  # noqa: E402
+from aepo_core.core.batch import SequenceBatch  # noqa: E402
+from aepo_core.core.entropy import shifted_logprobs_and_entropy  # noqa: E402
+from aepo_core.io.engines import make_engine  # noqa: E402
+from aepo_core.io.engines.base import SamplingRequest  # noqa: E402
+from aepo_core.io.models import load_policy  # noqa: E402
+from aepo_core.io.prompts import chat_prompt_ids  # noqa: E402
 
 pytestmark = pytest.mark.slow
 VLLM_OVERRIDES = ["rollout.engine=vllm", "rollout.vllm.dtype=float32", "rollout.vllm.gpu_memory_utilization=0.1"]
@@ -71,7 +71,7 @@ def test_per_request_temperatures_are_honoured(engine):
 
 
 def test_weight_reload_changes_the_outputs(engine, base_policy_dir, tmp_path):
-    from aepo_core.models import load_tokenizer, save_policy
+    from aepo_core.io.models import load_tokenizer, save_policy
 
     greedy = _requests(engine, [0.0, 0.0, 0.0], n=1)
     before = [c.token_ids for c in engine.generate(greedy, seed=0)]
@@ -103,8 +103,8 @@ def test_a_large_mixed_temperature_batch(engine):
 def test_two_pipeline_iterations_with_the_vllm_engine(base_policy_dir, tmp_path, tiny_overrides, prefect_harness, engine):
     import pyarrow.parquet as pq
 
-    from aepo_core.rundir import RunDir
-    from aepo_core.stages import STAGES
+    from aepo_core.pipeline.rundir import RunDir
+    from aepo_core.pipeline.stages import STAGES
     from flows.train import train
 
     engine.close()  # one in-process vLLM engine at a time; the flow starts its own

@@ -1,7 +1,7 @@
 """Prompt datasets -> the normalised table every stage reads: id, prompt, answer, source (all strings).
 
-Sources: the embedded synthetic task, or a user's local parquet / jsonl / json / csv file (nothing is
-downloaded): parquet and csv through the `datasets` library (csv with every column read as text), json
+Sources: a user's local parquet / jsonl / json / csv file (nothing is downloaded; the embedded
+synthetic task's table is aepo_core.task.synthetic's, and aepo_core.pipeline.sources picks one): parquet and csv through the `datasets` library (csv with every column read as text), json
 and jsonl with the standard library so that numbers keep the digits the file holds. Answers, ids and
 sources are the exact text of the file, whatever its format. Column names are configurable; a dotted name reaches into a
 nested column (DAPO-Math-17k keeps its gold answer in `reward_model.ground_truth`), and a prompt stored
@@ -15,7 +15,6 @@ from typing import Any
 
 import pyarrow as pa
 
-from aepo_core import synthetic
 from aepo_core.config import DataConfig
 from aepo_core.errors import UserError
 
@@ -26,22 +25,6 @@ _FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "c
 
 class DatasetError(UserError):
     """A user dataset cannot be read or lacks a configured column; the message names file, row, key."""
-
-
-def synthetic_table(data: DataConfig, split: str) -> pa.Table:
-    t = data.synthetic
-    train, held_out = synthetic.make_splits(t.seed, t.n_train, t.n_eval, t.min_terms, t.max_terms, t.max_value)
-    problems = train if split == "train" else held_out
-    return pa.table(
-        {
-            "id": [p.id for p in problems],
-            "prompt": [p.prompt for p in problems],
-            "answer": [p.answer for p in problems],
-            # the number of terms is the task's difficulty: the evaluation breaks accuracy down by it
-            "source": [f"synthetic-{len(p.terms)}-terms" for p in problems],
-        },
-        schema=SCHEMA,
-    )
 
 
 def _get(record: dict[str, Any], dotted: str) -> Any:
@@ -241,17 +224,14 @@ def load_file_table(path: str | Path, data: DataConfig) -> pa.Table:
     return pa.table(out, schema=SCHEMA)
 
 
-def load_prompt_table(data: DataConfig, split: str) -> pa.Table:
-    """The normalised table of a split ("train" or "eval")."""
+def load_file_split(data: DataConfig, split: str) -> pa.Table:
+    """The normalised table of a split ("train" or "eval") read from the user's file (data.train or
+    data.eval, with the eval split's own column names when set)."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     source = data.train if split == "train" else data.eval
-    if split == "eval" and source is None:
-        if data.train != "synthetic":
-            raise DatasetError("data.eval is not set: give a held-out file for evaluation")
-        source = "synthetic"
-    if source == "synthetic":
-        return synthetic_table(data, split)
+    if source is None:
+        raise DatasetError("data.eval is not set: give a held-out file for evaluation")
     if split == "eval":
         data = data.model_copy(
             update={

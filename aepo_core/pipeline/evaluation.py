@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from aepo_core.engines.base import RolloutEngine, SamplingRequest
-from aepo_core.verifiers import Verifier
+from aepo_core.io.engines.base import RolloutEngine, SamplingRequest
+from aepo_core.io.verifiers import Verifier
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -197,10 +197,10 @@ def evaluate_model(
     """Evaluate the policy in `model_path` on `table` (default: the held-out split of `cfg`,
     its first evaluation.num_prompts rows) with the configured verifier and settings, on `engine`
     (already holding that policy) or on a new engine of the configured kind."""
-    from aepo_core.datasets import load_prompt_table
-    from aepo_core.engines import make_engine
-    from aepo_core.prompts import encode_prompts
-    from aepo_core.verifiers import make_verifier
+    from aepo_core.io.engines import make_engine
+    from aepo_core.io.prompts import encode_prompts
+    from aepo_core.io.verifiers import make_verifier
+    from aepo_core.pipeline.sources import load_prompt_table
 
     if table is None:
         table = load_prompt_table(cfg.data, "eval")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from aepo_core.engines.base import Completion, SamplingRequest
+from aepo_core.io.engines.base import Completion, SamplingRequest
 
 
 def sample_tokens(

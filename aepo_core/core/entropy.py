@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aepo_core.losses import masked_mean
+from aepo_core.core.losses import masked_mean
 
 
 def token_logprobs_and_entropy(

@@ -7,7 +7,7 @@ The pipeline asks the object, never the name (verl's ``core_algos`` registries a
 
 - rollout: ``algo.regulariser_temperature(decision)`` -- sample a regulariser batch at that
   temperature (None: no regulariser batch);
-- update (:func:`aepo_core.update.update_step`, the generic loop): ``prepare_batch`` (advantages,
+- update (:func:`aepo_core.core.update.update_step`, the generic loop): ``prepare_batch`` (advantages,
   and for AEPO the positives, k and the assembled batch), ``needs_old_entropy`` and
   ``shape_advantages`` (per-token advantage shaping), ``token_loss`` (the per-token policy loss:
   PPO's clip, or Clip-Cov / KL-Cov), ``bonus_coef`` (an entropy bonus term);
@@ -27,15 +27,16 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from aepo_core.advantages import broadcast_to_tokens, group_advantages
-from aepo_core.aepo import (
+from aepo_core.config import AlgorithmConfig
+from aepo_core.core.advantages import broadcast_to_tokens, group_advantages
+from aepo_core.core.aepo import (
     ControllerState,
     assemble_batch,
     choose_temperature,
     reinforce_count,
     select_positive_samples,
 )
-from aepo_core.baselines import (
+from aepo_core.core.baselines import (
     clip_cov_selection,
     entropy_shaped_advantages,
     kl_cov_penalty,
@@ -43,9 +44,8 @@ from aepo_core.baselines import (
     token_covariance,
     update_entropy_coef,
 )
-from aepo_core.batch import SequenceBatch
-from aepo_core.config import AlgorithmConfig
-from aepo_core.losses import clipped_token_loss
+from aepo_core.core.batch import SequenceBatch
+from aepo_core.core.losses import clipped_token_loss
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from aepo_core.batch import ROLE_POLICY, ROLE_REINFORCE, SequenceBatch
 from aepo_core.config import AlgorithmConfig
+from aepo_core.core.batch import ROLE_POLICY, ROLE_REINFORCE, SequenceBatch
 
 Combine = Literal["replace", "add"]
 

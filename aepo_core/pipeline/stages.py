@@ -24,18 +24,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from aepo_core.algorithms import Decision, decision_from_json, decision_to_json, make_algorithm
 from aepo_core.atomic import disk_full_error
-from aepo_core.batch import SequenceBatch
 from aepo_core.config import Config, load_config, save_config
-from aepo_core.engines import SamplingRequest, shared_engine
+from aepo_core.core.algorithms import Decision, decision_from_json, decision_to_json, make_algorithm
+from aepo_core.core.batch import SequenceBatch
+from aepo_core.core.update import make_optimizer, update_step
 from aepo_core.errors import UserError
-from aepo_core.evaluation import evaluate_model, write_source_names
-from aepo_core.models import load_policy, load_tokenizer, resolve_device, write_policy
-from aepo_core.prompts import encode_prompts
-from aepo_core.rundir import DamagedStage, RunDir, StageNotReady, file_digest, folder_digest
-from aepo_core.update import make_optimizer, update_step
-from aepo_core.verifiers import make_verifier
+from aepo_core.io.engines import SamplingRequest, shared_engine
+from aepo_core.io.models import load_policy, load_tokenizer, resolve_device, write_policy
+from aepo_core.io.prompts import encode_prompts
+from aepo_core.io.verifiers import make_verifier
+from aepo_core.pipeline.evaluation import evaluate_model, write_source_names
+from aepo_core.pipeline.rundir import (
+    LOCK_FILE,
+    DamagedStage,
+    RunDir,
+    StageNotReady,
+    file_digest,
+    folder_digest,
+)
 
 POLICY, REGULARISER = "policy", "regulariser"
 
@@ -89,16 +96,17 @@ def init_run(cfg: Config, run_dir: str | Path | None = None, log=print) -> RunDi
     """Create the run directory (config, dataset snapshot, starting policy) or reopen an existing one.
 
     Reopening checks that the stored config equals `cfg` except for `run.iterations`, so a resumed
-    run never silently mixes two configurations. A new run is checked first (aepo_core.preflight:
+    run never silently mixes two configurations. A new run is checked first (aepo_core.pipeline.preflight:
     data, prompt lengths, eval split) and a failed start leaves nothing behind. The caller becomes
     the run directory's one writer (RunDirBusy names another holder) and must `release_writer()`
     when done; leftovers of interrupted saves are removed."""
-    from aepo_core.preflight import check_run_dir
+    from aepo_core.pipeline.preflight import check_run_dir
 
     root = run_root(cfg, run_dir)
     run = RunDir(root)
     check_run_dir(root)
     created = not root.exists()
+    lock_created = not (root / LOCK_FILE).exists()
     run.acquire_writer()
     try:
         for path in run.remove_stale_temporaries():
@@ -109,13 +117,15 @@ def init_run(cfg: Config, run_dir: str | Path | None = None, log=print) -> RunDi
         full = disk_full_error(exc, root, root if created else None) if isinstance(exc, Exception) else None
         if created:  # a failed start leaves nothing behind
             shutil.rmtree(root, ignore_errors=True)
+        elif lock_created and not run.config_path.is_file():  # the user's own folder keeps only its own files
+            (root / LOCK_FILE).unlink(missing_ok=True)
         if full is not None:
             raise full from exc
         raise
 
 
 def _init_run(run: RunDir, cfg: Config, log) -> RunDir:
-    from aepo_core.preflight import check_new_run, load_split_tables, resolve_base
+    from aepo_core.pipeline.preflight import check_new_run, load_split_tables, resolve_base
 
     root = run.root
     if run.config_path.is_file():
@@ -175,7 +185,7 @@ def check_start(
 ) -> None:
     """Everything `open_run` would refuse, checked without writing anything (the CLI calls this
     before the flow starts, so a user's mistake is one line, not a flow failure)."""
-    from aepo_core.preflight import check_new_run, check_run_dir, load_split_tables, resolve_base
+    from aepo_core.pipeline.preflight import check_new_run, check_run_dir, load_split_tables, resolve_base
 
     cfg = start_config(config, run_dir, iterations, overrides)
     run = RunDir(run_root(cfg, run_dir))

@@ -58,14 +58,14 @@ def split_sources(cfg: Config) -> list[str]:
 
 def load_split_tables(cfg: Config) -> dict[str, pa.Table]:
     """The normalised train and eval tables of a new run (DatasetError names the file and row)."""
-    from aepo_core.datasets import load_prompt_table
+    from aepo_core.pipeline.sources import load_prompt_table
 
     return {split: load_prompt_table(cfg.data, split) for split in split_sources(cfg)}
 
 
 def resolve_base(cfg: Config, log=print) -> Path:
     """The starting policy; a missing model.path is the user's error."""
-    from aepo_core.models import resolve_model_path
+    from aepo_core.pipeline.sources import resolve_model_path
 
     try:
         return resolve_model_path(cfg, log=log)
@@ -96,7 +96,7 @@ def context_length(cfg: Config, base: Path) -> tuple[int, str] | None:
 def approx_prompt_lengths(tokenizer, prompts: list[str], suffix: str) -> list[int]:
     """Token counts of the prompts as the policy sees them (chat template + suffix), from one fast
     batch encode plus the template's overhead: exact up to a few merges at the seams."""
-    from aepo_core.prompts import chat_prompt_ids
+    from aepo_core.io.prompts import chat_prompt_ids
 
     if not prompts:
         return []
@@ -106,8 +106,8 @@ def approx_prompt_lengths(tokenizer, prompts: list[str], suffix: str) -> list[in
 
 
 def check_prompt_lengths(cfg: Config, tables: dict[str, pa.Table], base: Path) -> None:
-    from aepo_core.models import load_tokenizer
-    from aepo_core.prompts import chat_prompt_ids
+    from aepo_core.io.models import load_tokenizer
+    from aepo_core.io.prompts import chat_prompt_ids
 
     limit = context_length(cfg, base)
     if limit is None:

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aepo_core.algorithms import make_algorithm
 from aepo_core.config import Config
+from aepo_core.core.algorithms import make_algorithm
 from aepo_core.errors import EnvironmentFault
-from aepo_core.rundir import RunDir
-from aepo_core.stages import STAGES
+from aepo_core.pipeline.rundir import RunDir
+from aepo_core.pipeline.stages import STAGES
 
 _PREFIX = {"prepare": "prepare/", "rollout": "rollout/", "reward": "reward/", "update": "", "entropy": "controller/", "evaluate": "eval/"}
 

@@ -43,8 +43,8 @@ class Completion:
 class RolloutEngine(Protocol):
     """Everything the stages, the evaluation and the shared-engine cache use of an engine.
 
-    Both engines (:class:`aepo_core.engines.hf.HFRolloutEngine`,
-    :class:`aepo_core.engines.vllm.VLLMRolloutEngine`) implement every member; tests/test_engine.py
+    Both engines (:class:`aepo_core.io.engines.hf.HFRolloutEngine`,
+    :class:`aepo_core.io.engines.vllm.VLLMRolloutEngine`) implement every member; tests/test_engine.py
     checks that, and that no caller uses a member declared nowhere here.
     """
 

@@ -7,13 +7,18 @@ Every permutation of the terms is a correct worked trace, so a prompt has many v
 policy's entropy measures real exploration, not only arithmetic noise. Harder prompts (more terms)
 need more carry steps, which spreads the per-prompt accuracy of a partly trained policy: GRPO groups
 are then mixed, and the advantage has something to work with. The reward comes from the verifier in
-`aepo_core.verifiers`, which reads the final answer and compares its value, never a reference string.
+`aepo_core.io.verifiers`, which reads the final answer and compares its value, never a reference string.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+
+import pyarrow as pa
+
+from aepo_core.config import SyntheticTaskConfig
+from aepo_core.io.datasets import SCHEMA
 
 PROMPT_PREFIX = "Add: "
 
@@ -89,3 +94,19 @@ def parse_terms(prompt: str) -> tuple[int, ...] | None:
         return tuple(int(t) for t in prompt[len(PROMPT_PREFIX):].split())
     except ValueError:
         return None
+
+
+def synthetic_table(t: SyntheticTaskConfig, split: str) -> pa.Table:
+    """The embedded task's split ("train" or the held-out "eval") as the normalised prompt table."""
+    train, held_out = make_splits(t.seed, t.n_train, t.n_eval, t.min_terms, t.max_terms, t.max_value)
+    problems = train if split == "train" else held_out
+    return pa.table(
+        {
+            "id": [p.id for p in problems],
+            "prompt": [p.prompt for p in problems],
+            "answer": [p.answer for p in problems],
+            # the number of terms is the task's difficulty: the evaluation breaks accuracy down by it
+            "source": [f"synthetic-{len(p.terms)}-terms" for p in problems],
+        },
+        schema=SCHEMA,
+    )

@@ -26,14 +26,14 @@ T = 1.
 
 Loss normaliser (micro-batch invariant): ``algorithm.loss_agg`` is over the whole MINI-batch. Its
 normaliser -- token_mean: the mini-batch's response-token count; seq_mean_token_mean: its rows with
-tokens; constant: its rows times loss_constant (:func:`aepo_core.losses.loss_normaliser`) -- is
+tokens; constant: its rows times loss_constant (:func:`aepo_core.core.losses.loss_normaliser`) -- is
 counted before the first forward pass, and every micro-batch's loss SUM is divided by it, so the
 accumulated gradient is the same for any micro-batch partition (verl issue 5625 fixed the 1 / n_micro
 weighting the same way). The counts add up over rows, so a distributed step all-reduces them. The
 metrics are token-weighted over the whole batch (entropy, clip fractions, ratios) or one value per
 mini-batch averaged over mini-batches (losses).
 
-Combining the two row kinds (``algorithm.combine``, :func:`aepo_core.losses.role_losses`):
+Combining the two row kinds (``algorithm.combine``, :func:`aepo_core.core.losses.role_losses`):
   - replace (reference code): GRPO and REINFORCE rows share the mini-batch's normaliser, e.g.
     loss = sum over all response tokens of the mini-batch / their count;
   - add (paper): loss = J_GRPO + alpha * J_REINFORCE, the GRPO rows aggregated over the GRPO rows'
@@ -64,13 +64,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from aepo_core.aepo import ControllerState
-from aepo_core.algorithms import Algorithm, Decision, make_algorithm
-from aepo_core.baselines import entropy_bonus_term, nll_entropy_surrogate
-from aepo_core.batch import ROLE_REINFORCE, SequenceBatch
 from aepo_core.config import AlgorithmConfig, TrainerConfig
-from aepo_core.entropy import exact_entropy, nll_entropy, shifted_logprobs_and_entropy
-from aepo_core.losses import (
+from aepo_core.core.aepo import ControllerState
+from aepo_core.core.algorithms import Algorithm, Decision, make_algorithm
+from aepo_core.core.baselines import entropy_bonus_term, nll_entropy_surrogate
+from aepo_core.core.batch import ROLE_REINFORCE, SequenceBatch
+from aepo_core.core.entropy import exact_entropy, nll_entropy, shifted_logprobs_and_entropy
+from aepo_core.core.losses import (
     kl_k3,
     loss_normaliser,
     loss_sum,
@@ -412,7 +412,7 @@ def update_step(
             group_size consecutive rows, with 0/1 rewards.
         regulariser_batch: [M, L'] rows sampled at the decision's temperature, with rewards, in
             groups of regulariser_group_size (default group_size), or None.
-        algorithm: the algorithm object (:mod:`aepo_core.algorithms`), or its config section.
+        algorithm: the algorithm object (:mod:`aepo_core.core.algorithms`), or its config section.
         trainer_cfg: the trainer section.
         decision: the controller's decision for this iteration (or a controller state, decided here
             by ``algorithm.decide``: a convenience for scripts and tests).

@@ -8,23 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from aepo_core.atomic import atomic_dir
-from aepo_core.config import Config, TrainerConfig
+from aepo_core.config import TrainerConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_model_path(cfg: Config, log=print) -> Path:
-    """cfg.model.path, or the embedded base policy (built on first use) when it is None."""
-    if cfg.model.path:
-        path = Path(cfg.model.path)
-        if path.exists() and not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model.path {path} is not an HF model folder (no config.json)")
-        if not path.exists() and not is_hub_id(cfg.model.path):
-            raise FileNotFoundError(f"model.path {path} does not exist (give an HF model folder or a hub id)")
-        return path
-    from aepo_core.base_policy import ensure_base_policy
-
-    return ensure_base_policy(cfg.data.synthetic, cfg.model.cache_dir, log=log)
 
 
 def resolve_device(trainer_cfg: TrainerConfig) -> torch.device:

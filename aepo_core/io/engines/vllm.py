@@ -19,7 +19,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from aepo_core.config import VLLMConfig
-from aepo_core.engines.base import Completion, SamplingRequest
+from aepo_core.io.engines.base import Completion, SamplingRequest
 
 
 def _import_vllm():

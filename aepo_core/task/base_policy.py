@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from aepo_core import synthetic
 from aepo_core.atomic import atomic_dir
 from aepo_core.config import SyntheticTaskConfig
-from aepo_core.models import write_policy
-from aepo_core.prompts import chat_prompt_ids
-from aepo_core.tokenizer import IM_END, build_tokenizer
+from aepo_core.io.models import write_policy
+from aepo_core.io.prompts import chat_prompt_ids
+from aepo_core.task import synthetic
+from aepo_core.task.tokenizer import IM_END, build_tokenizer
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from aepo_core.config import Config
-from aepo_core.engines.base import Completion, RolloutEngine, SamplingRequest
+from aepo_core.io.engines.base import Completion, RolloutEngine, SamplingRequest
 
 __all__ = ["Completion", "RolloutEngine", "SamplingRequest", "make_engine", "shared_engine", "release_shared_engine"]
 
@@ -17,8 +17,8 @@ _shared: dict = {}
 def make_engine(cfg: Config, model_path: str | Path, show_progress: bool = False) -> RolloutEngine:
     """The engine named by cfg.rollout.engine, loaded with the policy in `model_path`."""
     if cfg.rollout.engine == "hf":
-        from aepo_core.engines.hf import HFRolloutEngine
-        from aepo_core.models import load_policy, load_tokenizer, resolve_device
+        from aepo_core.io.engines.hf import HFRolloutEngine
+        from aepo_core.io.models import load_policy, load_tokenizer, resolve_device
 
         # same device as the update step (trainer.device; "auto": cuda when present)
         model = load_policy(
@@ -26,8 +26,8 @@ def make_engine(cfg: Config, model_path: str | Path, show_progress: bool = False
         )
         tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
         return HFRolloutEngine(model, tokenizer, batch_size=cfg.rollout.batch_size, show_progress=show_progress)
-    from aepo_core.engines.vllm import VLLMRolloutEngine
-    from aepo_core.models import load_tokenizer
+    from aepo_core.io.engines.vllm import VLLMRolloutEngine
+    from aepo_core.io.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     return VLLMRolloutEngine(
