@@ -87,6 +87,16 @@ def base_policy_dir(tmp_path_factory) -> Path:
     return ensure_base_policy(SyntheticTaskConfig(), cache_dir=cache, log=None)
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny models gain nothing from intra-op threads, and on a busy
+    2-core machine the thread pool's spin-waiting made each matmul ~100x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -15,8 +15,6 @@ from aepo_core.config import ConfigError, load_config
 from aepo_core.pipeline import stages
 from aepo_core.pipeline.stages import STAGES
 
-pytestmark = pytest.mark.slow
-
 OPTIONS = {
     "grpo": ["algorithm.name=grpo"],
     "aepo": ["algorithm.name=aepo"],
@@ -65,12 +63,7 @@ def _overrides(base_policy_dir, root, extra):
     ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.mark.parametrize("name", list(OPTIONS))
@@ -164,3 +157,18 @@ def test_kl_reference_is_the_frozen_starting_policy(base_policy_dir, tmp_path):
     base = load_policy(stages.policy_dir(run, 0))
     for (name, a), b in zip(ref.state_dict().items(), base.state_dict().values(), strict=True):
         assert torch.equal(a, b), name  # never trained
+
+
+def test_settings_this_machine_cannot_run_are_refused_at_start(tmp_path, monkeypatch):
+    from aepo_core.errors import UserError
+    from aepo_core.pipeline.stages import check_start
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="trainer.device=cuda"):
+        check_start(None, tmp_path / "r", overrides=["trainer.device=cuda"])
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(UserError, match="rollout.engine=vllm"):
+            check_start(None, tmp_path / "r", overrides=["rollout.engine=vllm"])
+    assert not (tmp_path / "r").exists()

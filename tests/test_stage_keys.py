@@ -5,7 +5,6 @@ an undeclared key would silently keep a result computed under another value."""
 from __future__ import annotations
 
 import pytest
-import torch
 from pydantic import BaseModel
 
 from aepo_core.config import load_config
@@ -39,8 +38,7 @@ def _declared(key: str, declared: tuple[str, ...]) -> bool:
 
 
 @pytest.mark.parametrize("algorithm", ["aepo", "grpo", "kl_cov", "adaptive_entropy"])
-def test_every_stage_reads_only_declared_keys(algorithm, base_policy_dir, tmp_path, monkeypatch):
-    torch.set_num_threads(1)
+def test_every_stage_reads_only_declared_keys(algorithm, base_policy_dir, tmp_path, monkeypatch, one_thread):
     cfg = load_config(None, [
         f"model.path={base_policy_dir}", f"run.runs_root={tmp_path}", "run.iterations=2", "data.synthetic.n_train=32",
         "data.synthetic.n_eval=4", "rollout.prompts_per_batch=2", "rollout.n=2", "rollout.max_new_tokens=16",

@@ -34,14 +34,7 @@ def next_state(cfg, state, res):
     return algo.next_state(state, algo.decide(state), res.metrics)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # a 32-wide model gains nothing from intra-op threads, and on a busy 2-core machine the thread
-    # pool's spin-waiting made each matmul ~100x slower
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

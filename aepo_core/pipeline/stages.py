@@ -185,11 +185,18 @@ def check_start(
 ) -> None:
     """Everything `open_run` would refuse, checked without writing anything (the CLI calls this
     before the flow starts, so a user's mistake is one line, not a flow failure)."""
-    from aepo_core.pipeline.preflight import check_new_run, check_run_dir, load_split_tables, resolve_base
+    from aepo_core.pipeline.preflight import (
+        check_machine,
+        check_new_run,
+        check_run_dir,
+        load_split_tables,
+        resolve_base,
+    )
 
     cfg = start_config(config, run_dir, iterations, overrides)
     run = RunDir(run_root(cfg, run_dir))
     check_run_dir(run.root)
+    check_machine(cfg)
     if run.config_path.is_file():
         _check_same_config(run, cfg)
         return
