@@ -336,6 +336,10 @@ def _normalisers(batch: SequenceBatch, is_reinforce: Tensor, micro: list[range],
     return _Normalisers(grpo, reinf, loss_normaliser(mask, cfg.loss_agg, cfg.loss_constant))
 
 
+# what clipped_token_loss returns; anything else a token loss returns is a flag to report as a fraction
+_PPO_INDICATORS = ("ratio", "clipped_low", "clipped_high", "dual_clipped")
+
+
 class _StepMeter:
     """Everything the step measures: token-weighted means over the whole batch, one loss value per
     mini-batch (averaged over mini-batches), the ratio extremes and the REINFORCE rows' ratios."""
@@ -366,8 +370,9 @@ class _StepMeter:
             self.means.add("entropy/exact_policy_rows", exact_entropy(entropy.detach(), policy_mask).item(), policy_tokens)
         if bool(reinforce_rows.any()):
             self.reinforce_ratios.append(ind["ratio"].detach()[(mask * reinf).bool()].float())
-        if "cov_selected" in ind:
-            self.means.add("actor/cov_selected_frac", masked_mean(ind["cov_selected"].float(), mask).item(), tokens)
+        for key, flags in ind.items():  # an algorithm's own token flags (Clip-Cov's selection, ...)
+            if key not in _PPO_INDICATORS:
+                self.means.add(f"actor/{key}_frac", masked_mean(flags.float(), mask).item(), tokens)
 
     def mini_batch(self, losses: dict[str, float], has_grpo: bool, has_reinforce: bool, separate: bool) -> None:
         for key, value in losses.items():
