@@ -20,7 +20,10 @@ from aepo_core.io.models import load_policy  # noqa: E402
 from aepo_core.io.prompts import chat_prompt_ids  # noqa: E402
 
 pytestmark = pytest.mark.slow
-VLLM_OVERRIDES = ["rollout.engine=vllm", "rollout.vllm.dtype=float32", "rollout.vllm.gpu_memory_utilization=0.1"]
+# On a CPU, vLLM budgets gpu_memory_utilization x the NUMA node's memory for the whole process (its
+# RSS, torch and the test's imports included) plus the KV cache: 0.1 of a 10.7 GiB node left no room
+# for the KV cache once the process held ~1.2 GiB; 0.25 leaves ~1.5 GiB for it
+VLLM_OVERRIDES = ["rollout.engine=vllm", "rollout.vllm.dtype=float32", "rollout.vllm.gpu_memory_utilization=0.25"]
 PROMPTS = ["Add: 7 5 9 3", "Add: 1 2 3", "Add: 8 8 1 4 2"]
 
 
