@@ -33,7 +33,6 @@ from aepo_core.core.aepo import (
     ControllerState,
     assemble_batch,
     choose_temperature,
-    reinforce_count,
     select_positive_samples,
 )
 from aepo_core.core.baselines import (
@@ -203,8 +202,7 @@ class AEPO(Algorithm):
         else:
             temperature = choose_temperature(state.h_prev, c.target_entropy, c.t_high, c.t_low)
         halve = c.halve_above_target and state.h_prev > c.target_entropy
-        k_cap = reinforce_count(c.reinforce_sample_num, c.reinforce_sample_num, state.h_prev, c.target_entropy,
-                                c.halve_above_target)
+        k_cap = c.reinforce_sample_num // 2 if halve else c.reinforce_sample_num
         return Decision(temperature=temperature, k_cap=k_cap, halve_k=halve, state=state)
 
     def prepare_batch(self, policy_batch, regulariser_batch, decision, group_size, regulariser_group_size=None):

@@ -79,8 +79,6 @@ def aggregate(
     Returns:
         scalar tensor; 0 when no token counts.
     """
-    if mode == "constant" and (constant is None or constant <= 0):
-        raise ValueError("aggregate mode 'constant' needs a positive constant")
     return loss_sum(values, mask, mode) / loss_normaliser(mask, mode, constant)
 
 

@@ -466,7 +466,8 @@ def update_step(
 
     bonus_coef = algo.bonus_coef(decision)
     bonus_exact = bonus_coef > 0 and cfg.entropy_bonus_estimator == "exact"
-    is_reinforce = torch.tensor([r == ROLE_REINFORCE for r in batch.roles], dtype=torch.bool, device=device)
+    row_is_reinforce = [r == ROLE_REINFORCE for r in batch.roles]
+    is_reinforce = torch.tensor(row_is_reinforce, dtype=torch.bool, device=device)
     row_tokens = batch.response_mask.sum(dim=1).tolist()  # one device sync for all rows
     params = [p for p in policy.parameters() if p.requires_grad]
     meter, grad_norms, skipped, row_mini_batch = _StepMeter(), [], 0, [0] * len(batch)
@@ -519,7 +520,7 @@ def update_step(
                         progress(len(rows))
                 span = range(micro[0].start, micro[-1].stop)
                 if any(row_tokens[r] for r in span):
-                    has = {bool(is_reinforce[r]) for r in span if row_tokens[r]}
+                    has = {row_is_reinforce[r] for r in span if row_tokens[r]}
                     meter.mini_batch(losses, False in has, True in has, cfg.combine == "add")
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, trainer_cfg.grad_clip))
                 grad_norms.append(grad_norm)

@@ -100,11 +100,12 @@ def init_run(cfg: Config, run_dir: str | Path | None = None, log=print) -> RunDi
     data, prompt lengths, eval split) and a failed start leaves nothing behind. The caller becomes
     the run directory's one writer (RunDirBusy names another holder) and must `release_writer()`
     when done; leftovers of interrupted saves are removed."""
-    from aepo_core.pipeline.preflight import check_run_dir
+    from aepo_core.pipeline.preflight import check_machine, check_run_dir
 
     root = run_root(cfg, run_dir)
     run = RunDir(root)
     check_run_dir(root)
+    check_machine(cfg)  # here too: a deployment's flow starts without the CLI's check_start
     created = not root.exists()
     lock_created = not (root / LOCK_FILE).exists()
     run.acquire_writer()
