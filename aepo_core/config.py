@@ -34,14 +34,14 @@ class ModelConfig(_Section):
 
 
 class SyntheticTaskConfig(_Section):
-    """The embedded task: add a list of small numbers with a running-sum trace in any order."""
+    """The embedded task: add distinct digits mod 10 with a running-sum trace in any order."""
 
     seed: int = 1234
     n_train: int = 20000
     n_eval: int = 256
-    min_terms: int = 3
-    max_terms: int = 5
-    max_value: int = 9
+    min_terms: int = Field(4, ge=2)
+    max_terms: int = Field(7, ge=2)
+    max_value: int = Field(9, le=9, description="terms are distinct digits 1..max_value")
 
 
 class DataConfig(_Section):

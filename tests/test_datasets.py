@@ -28,10 +28,19 @@ def test_every_order_of_the_trace_is_correct():
 
     rng = random.Random(0)
     terms = (7, 5, 9, 3)
-    traces = {worked_trace(terms, rng) for _ in range(100)}
-    assert len(traces) > 10  # many valid responses per prompt
-    assert all(SyntheticVerifier().judge(t, "24").reward == 1.0 for t in traces)
-    assert parse_terms("Add: 7 5 9 3") == terms and parse_terms("Mul: 1") is None
+    traces = {worked_trace(terms, rng) for _ in range(200)}
+    assert len(traces) == 24  # every order is a response: 4! of them
+    assert all(SyntheticVerifier().judge(t, "4").reward == 1.0 for t in traces)  # 24 mod 10
+    assert worked_trace((7, 5, 9, 3), rng, order_bias=1.0) == "7+5=2+9=1+3=4. Answer: 4"
+    assert parse_terms("Add mod 10: 7 5 9 3") == terms and parse_terms("Mul: 1") is None
+
+
+def test_synthetic_terms_are_distinct_digits():
+    train, held_out = make_splits(3, 500, 50, 4, 7, 9)
+    for p in train + held_out:
+        assert len(set(p.terms)) == len(p.terms) and 4 <= len(p.terms) <= 7 and all(1 <= t <= 9 for t in p.terms)
+    with pytest.raises(ValueError, match="max_terms <= max_value"):
+        make_splits(3, 10, 5, 4, 10, 9)
 
 
 def _write_jsonl(path, rows):

@@ -15,7 +15,7 @@ from aepo_core.config import Config, DataConfig
 from aepo_core.io.datasets import load_file_split
 from aepo_core.io.models import is_hub_id
 from aepo_core.task.base_policy import ensure_base_policy
-from aepo_core.task.synthetic import synthetic_table
+from aepo_core.task.synthetic import choice_metrics, parse_terms, synthetic_table, trace_of_order, uniform_valid_entropy
 
 
 def load_prompt_table(data: DataConfig, split: str) -> pa.Table:
@@ -43,3 +43,28 @@ def resolve_model_path(cfg: Config, log=print) -> Path:
             raise FileNotFoundError(f"model.path {path} does not exist (give an HF model folder or a hub id)")
         return path
     return ensure_base_policy(cfg.data.synthetic, cfg.model.cache_dir, log=log)
+
+
+def task_metrics(data: DataConfig, model, tokenizer, prompts: list[str], prompt_ids: list[list[int]],
+                 response_ids: list[list[int]]) -> dict[str, float]:
+    """What the embedded task knows about sampled rows beyond their reward (empty for user data).
+
+    For the synthetic task: the valid-choice metrics of the rows under `model` (T = 1;
+    :func:`aepo_core.task.synthetic.choice_metrics`) and ``choice/uniform_valid_entropy``, the entropy
+    (nats/token) of a policy that answers right and picks uniformly among the valid next terms on
+    these prompts: the most a correct policy can have, the upper reference of the entropy targets.
+    """
+    if data.train != "synthetic" or not prompts:
+        return {}
+    terms = [parse_terms(p) for p in prompts]
+    if any(t is None for t in terms):  # a user prompt file named "synthetic"? say nothing rather than guess
+        return {}
+    out = choice_metrics(model, tokenizer, prompt_ids, response_ids, terms)
+
+    def tokens(problem) -> int:  # the response's tokens, EOS included (as in the update's mask)
+        return len(tokenizer.encode(trace_of_order(problem.terms), add_special_tokens=False)) + 1
+
+    from aepo_core.task.synthetic import Problem
+
+    out["choice/uniform_valid_entropy"] = uniform_valid_entropy([Problem("", t) for t in terms], tokens)
+    return out

@@ -35,6 +35,7 @@ from aepo_core.io.models import load_policy, load_tokenizer, resolve_device, wri
 from aepo_core.io.prompts import encode_prompts
 from aepo_core.io.verifiers import make_verifier
 from aepo_core.pipeline.evaluation import evaluate_model, write_source_names
+from aepo_core.pipeline.sources import task_metrics
 from aepo_core.pipeline.rundir import (
     LOCK_FILE,
     DamagedStage,
@@ -503,6 +504,14 @@ def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str
 
     batches = role_batches(rollouts, reward_of, tokenizer.pad_token_id)
     decision = controller_decision(run, cfg, iteration)
+    # the task's own view of the policy rows under pi_old (synthetic task: the valid-choice entropy)
+    order = batches[POLICY][0]
+    texts = pq.read_table(run.stage_dir(iteration, "prepare") / "prompts.parquet").column("prompt").to_pylist()
+    policy_rows = rollouts.take(order)
+    choice = task_metrics(
+        cfg.data, policy, tokenizer, [texts[i] for i in policy_rows.column("prompt_index").to_pylist()],
+        policy_rows.column("prompt_token_ids").to_pylist(), policy_rows.column("token_ids").to_pylist(),
+    )
     step_started = time.perf_counter()
     bar = None
     if show_progress:
@@ -537,6 +546,7 @@ def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         pq.write_table(pa.Table.from_pylist(records), tmp / "update_batch.parquet")
         metrics.update(result.metrics)
+        metrics.update(choice)
         metrics["update_seconds"] = seconds
         metrics["rows_trained"] = len(records)
     return metrics
