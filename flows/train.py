@@ -90,8 +90,9 @@ def report(run: RunDir, cfg: Config, tracker: Tracker) -> None:
     """End of a run: plots (run directory + MLflow) and Prefect table and markdown artifacts."""
     history = run_history(run, cfg.run.iterations)
     a = cfg.algorithm
-    target = make_algorithm(a).target()
-    entropy_key = f"entropy/{a.entropy_estimator}"
+    algo = make_algorithm(a)
+    target = algo.target()
+    entropy_key = algo.entropy_metric()  # the reading the controller steers (algorithm.entropy_rows)
     plots = plot_histories({run.root.name: history}, run.root / "plots", {run.root.name: target},
                            {run.root.name: entropy_key})
     for path in plots:
