@@ -274,3 +274,21 @@ def test_mlflow_tag_follows_the_latest_entropy_stage(tmp_path):
     # set when it starts, not again while unchanged, removed when the target is reached again
     assert tracker._client.calls == [("set", REACHABILITY_TAG, "not reached"), ("delete", REACHABILITY_TAG)]
     assert "reachability_tag" not in rec
+
+
+def test_flow_summary_line_repeats_the_warning_and_no_artifact_outside_a_flow(tmp_path, monkeypatch):
+    import flows.train as train
+    from aepo_core.pipeline.rundir import RunDir
+
+    run = RunDir(tmp_path)
+    for i, message in enumerate([None, "target 0.30 not reached: ..."]):
+        with run.publish(i, "entropy", {}, {"reachability": message}):
+            pass
+    assert "WARNING" not in train.summary_line(run, 0, 1.0, [])
+    assert train.summary_line(run, 1, 1.0, []).endswith("| WARNING target 0.30 not reached: ...")
+
+    def refuse(**kwargs):
+        raise AssertionError("no Prefect artifact outside a flow run")
+
+    monkeypatch.setattr(train, "create_markdown_artifact", refuse)
+    train.note_reachability(run, 1)  # a plain call (no flow run context): nothing
