@@ -139,7 +139,8 @@ class AlgorithmConfig(_Section):
     halve_above_target: bool = True
     # Which regulariser rows may become REINFORCE rows. "positives" (paper and reference code): those
     # with A_T > positive_threshold. "all" (a deviation, off by default): every row, the first k in
-    # prompt order, whatever its reward -- reward-agnostic tempered REINFORCE, a pure entropy actuator.
+    # prompt order, whatever its reward -- reward-agnostic tempered REINFORCE, a pure entropy actuator
+    # (aepo/num_positives then counts every tempered row: all are candidates).
     regulariser_samples: Literal["positives", "all"] = "positives"
     combine: Literal["replace", "add"] = "replace"
     alpha: float = Field(1.0, ge=0.0, description="REINFORCE weight when combine == add")
