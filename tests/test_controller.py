@@ -189,7 +189,7 @@ def test_adaptive_run_at_its_maximum_is_reported_after_the_window():
     # steps 5..14 sampled at 1.5 and stayed below: 10 at the clamp after step 14, not before
     assert messages[:14] == [None] * 14
     assert messages[14] == "target 0.30 not reached: entropy 0.18 (nll, policy rows), T at its maximum 1.5 for 10 iterations"
-    # one step above the target moves T off the clamp (1.5 - 0.25 * 0.4 / 0.3... e = -1/3) and ends it
+    # one step above the target (e = (0.3 - 0.4) / 0.3 = -1/3) moves T off the clamp, 1.5 - 0.25 / 3, and ends it
     state = algo.next_state(decision.state, decision, {"entropy/nll_policy_rows": 0.4})
     assert state.adaptive_t == pytest.approx(1.5 - 0.25 / 3) and algo.reachability_message(state) is None
 
