@@ -113,12 +113,35 @@ class AlgorithmConfig(_Section):
     entropy_estimator: Literal["nll", "exact"] = "nll"
     t_high: float = Field(1.2, gt=0.0)
     t_low: float = Field(0.8, gt=0.0)
-    controller: Literal["bang_bang", "fixed"] = "bang_bang"
+    # Which update rows the controller's entropy reading covers. "all": every row of the update batch,
+    # the REINFORCE rows sampled at the controller's temperature included (the reference code);
+    # "policy" (default, a deliberate deviation): only the rows sampled at rollout.temperature. The
+    # tempered rows bias the reading towards the controller's own action: with 32 REINFORCE rows at
+    # T = 1.5 all rows read 0.30 while the policy rows measured 0.17, and bang-bang switched the wrong
+    # way after one step (docs/architecture.md, "Algorithm choices").
+    entropy_rows: Literal["all", "policy"] = "policy"
+    # bang_bang: the paper's reference controller (t_high / t_low); fixed: ablation
+    # (fixed_temperature); adaptive: integral action on T within [adaptive_t_min, adaptive_t_max]
+    # (aepo_core.core.aepo.adaptive_temperature).
+    controller: Literal["bang_bang", "fixed", "adaptive"] = "bang_bang"
     fixed_temperature: float = Field(1.2, gt=0.0, description="used when controller == fixed")
+    adaptive_t_min: float = Field(0.8, gt=0.0, description="adaptive controller: lowest regulariser temperature")
+    adaptive_t_max: float = Field(1.5, gt=0.0, description="adaptive controller: highest regulariser temperature")
+    adaptive_t_init: float = Field(1.0, gt=0.0, description="adaptive controller: temperature before any measurement")
+    # temperature change per iteration per unit of relative error (H* - h) / H*
+    adaptive_gain: float = Field(0.25, ge=0.0, description="adaptive controller: dT per iteration per unit relative error")
+    # Iterations the actuator may sit at a clamp, the error keeping its sign, before the entropy stage
+    # says the target is not reached (aepo_core.core.algorithms.reachability).
+    reach_window: int = Field(10, ge=1)
     reinforce_sample_num: int = Field(8, ge=0, description="K: most REINFORCE rows per step")
     reg_prompt_fraction: float = Field(0.25, gt=0.0, le=1.0)
     positive_threshold: float = 0.05
     halve_above_target: bool = True
+    # Which regulariser rows may become REINFORCE rows. "positives" (paper and reference code): those
+    # with A_T > positive_threshold. "all" (a deviation, off by default): every row, the first k in
+    # prompt order, whatever its reward -- reward-agnostic tempered REINFORCE, a pure entropy actuator
+    # (aepo/num_positives then counts every tempered row: all are candidates).
+    regulariser_samples: Literal["positives", "all"] = "positives"
     combine: Literal["replace", "add"] = "replace"
     alpha: float = Field(1.0, ge=0.0, description="REINFORCE weight when combine == add")
     # --- GRPO part ---
@@ -148,6 +171,11 @@ class AlgorithmConfig(_Section):
     def _check(self) -> AlgorithmConfig:
         if self.t_low > self.t_high:
             raise ValueError(f"t_low ({self.t_low}) must not exceed t_high ({self.t_high})")
+        if not self.adaptive_t_min <= self.adaptive_t_init <= self.adaptive_t_max:
+            raise ValueError(f"adaptive_t_init ({self.adaptive_t_init}) must lie in [adaptive_t_min, adaptive_t_max] "
+                             f"= [{self.adaptive_t_min}, {self.adaptive_t_max}]")
+        if self.controller == "adaptive" and self.target_entropy <= 0:
+            raise ValueError("controller 'adaptive' divides by target_entropy (relative error): set it above 0")
         if self.loss_agg == "constant" and self.loss_constant is None:
             raise ValueError("loss_agg 'constant' needs loss_constant (e.g. the max response length)")
         if self.cov_low >= self.cov_high:

@@ -44,7 +44,36 @@ def summary_line(run: RunDir, iteration: int, seconds: float, skipped: list[str]
     parts.append(f"{seconds:.1f}s")
     if skipped:
         parts.append(f"(done before: {', '.join(skipped)})")
+    unreached = reachability_of(run, iteration)
+    if unreached:  # every iteration while it lasts, not only when it starts
+        parts.append(f"WARNING {unreached}")
     return " | ".join(parts)
+
+
+def reachability_of(run: RunDir, iteration: int) -> str | None:
+    """The entropy stage's unreached-target sentence for `iteration` (None: reached, or no stage)."""
+    man = run.manifest(iteration, "entropy")
+    return man["params"].get("reachability") if man else None
+
+
+def note_reachability(run: RunDir, iteration: int) -> None:
+    """A Prefect markdown artifact when the target becomes unreachable at `iteration` and when it is
+    reached again (keyed per run, so the latest version says how things stand). Only inside a flow
+    run: called from a plain script it does nothing."""
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        return
+    now = reachability_of(run, iteration)
+    before = reachability_of(run, iteration - 1) if iteration > 0 else None
+    if bool(now) == bool(before):
+        return
+    if now:
+        md = f"# Entropy target not reached: `{run.root.name}`\n\nIteration {iteration}: **{now}**.\n"
+    else:
+        md = f"# Entropy target reached again: `{run.root.name}`\n\nIteration {iteration}: the actuator left its clamp.\n"
+    create_markdown_artifact(key=artifact_key(run, "reachability"), markdown=md,
+                             description=f"entropy target reachability of {run.root}")
 
 
 def artifact_key(run: RunDir, what: str) -> str:
@@ -61,8 +90,9 @@ def report(run: RunDir, cfg: Config, tracker: Tracker) -> None:
     """End of a run: plots (run directory + MLflow) and Prefect table and markdown artifacts."""
     history = run_history(run, cfg.run.iterations)
     a = cfg.algorithm
-    target = make_algorithm(a).target()
-    entropy_key = f"entropy/{a.entropy_estimator}"
+    algo = make_algorithm(a)
+    target = algo.target()
+    entropy_key = algo.entropy_metric()  # the reading the controller steers (algorithm.entropy_rows)
     plots = plot_histories({run.root.name: history}, run.root / "plots", {run.root.name: target},
                            {run.root.name: entropy_key})
     for path in plots:
@@ -137,6 +167,8 @@ def _train(run: RunDir, show_progress: bool) -> dict:
                     skipped.append(stage)
                     continue
                 STAGE_TASKS[stage](str(run.root), i, show_progress=show_progress)
+            if "entropy" not in skipped:  # said when the entropy stage decides, not again on a resume
+                note_reachability(run, i)
             tracker.sync(i)
             last = i == cfg.run.iterations - 1
             policy = run.stage_dir(i, "update") / "policy"

@@ -118,7 +118,8 @@ def test_update_batch_follows_the_aepo_rules(trained_run):
         assert manifest["aepo/k"] == k and manifest["aepo/num_positives"] == len(positives)
         controller = json.loads((run.stage_dir(i, "entropy") / "controller.json").read_text())
         h_prev = controller["state"]["h_prev"]
-        assert h_prev == pytest.approx(manifest["entropy/nll"])
+        assert h_prev == pytest.approx(manifest["entropy/nll_policy_rows"])  # entropy_rows "policy"
+        assert controller["measured"]["rows"] == "policy" and controller["measured"]["read"] == "entropy/nll_policy_rows"
         want_t = 1.2 if h_prev <= target else 0.8
         assert controller["next_temperature"] == want_t
 

@@ -115,6 +115,14 @@ def test_prepare_selects_positives_and_halves_above_target():
     # all-equal groups: A_T = 0 everywhere, no positives, plain GRPO batch
     assert (none_pos.num_positives, none_pos.k) == (0, 0)
     assert none_pos.batch.roles == ["policy"] * 8
+    # regulariser_samples "all": every tempered row is a candidate whatever its reward, first k in
+    # prompt order (rows 0, 1, 2 of the 4, row 2 a wrong answer; K = 3 caps k at 3)
+    every = cfg.model_copy(update={"regulariser_samples": "all", "reinforce_sample_num": 3})
+    rows = prepare_update_batch(
+        policy_batch(), make_batch(REG_RESPONSES, [1, 1, 0, 0], 1.2), every, ControllerState(h_prev=0.2), group_size=2
+    )
+    assert (rows.num_positives, rows.k) == (4, 3)
+    assert rows.batch.roles[:3] == ["reinforce"] * 3 and rows.batch.source_index.tolist()[:3] == [0, 1, 2]
 
 
 def test_reinforce_rows_land_in_first_mini_batch_with_ratio_exactly_one():
@@ -139,9 +147,12 @@ def test_reinforce_rows_land_in_first_mini_batch_with_ratio_exactly_one():
     assert [r["temperature"] for r in rows[:2]] == pytest.approx([1.2, 1.2])
     assert [r["source_index"] for r in rows[2:]] == [2, 3, 4, 5, 6, 7]
     assert [r["mini_batch"] for r in rows] == [0, 0, 0, 0, 1, 1, 1, 1]
-    # the controller takes the measured nll entropy, and remembers T, k
+    # the controller takes the measured nll entropy of the policy rows (entropy_rows "policy", the
+    # default), or of every row with "all" (the reference code), and remembers T, k
+    assert m["entropy/nll_policy_rows"] != m["entropy/nll"]  # the 2 tempered rows move the all-rows mean
     state = next_state(algo, ControllerState(), res)
-    assert state.h_prev == m["entropy/nll"]
+    assert state.h_prev == m["entropy/nll_policy_rows"]
+    assert next_state(algo.model_copy(update={"entropy_rows": "all"}), ControllerState(), res).h_prev == m["entropy/nll"]
     assert state.temperature == pytest.approx(1.2)
     assert state.k == 2 and state.step == 1
 

@@ -1,7 +1,8 @@
 """AEPO's regulariser: the temperature controller, the positive samples, and batch assembly.
 
 One step (aepo-algorithm.md):
-  T   = T_high if H_prev <= H* else T_low                     (bang-bang controller)
+  T   = T_high if H_prev <= H* else T_low                     (bang-bang controller; or "adaptive":
+                                                                integral action on T, adaptive_temperature)
   POS = rows of the regulariser batch B_T with A_T > threshold
   k   = min(K, |POS|), halved (k // 2) when H_prev > H*      (weaker push downwards)
   X   = POS[:k] + B[k:]  ("replace", the reference code)  or  POS[:k] + B  ("add", paper's alpha)
@@ -37,6 +38,16 @@ class ControllerState:
         reads or moves it (aepo, grpo and entropy_adv ignore it, and entropy_reg uses the fixed
         algorithm.entropy_coef instead). Carried through unchanged by the other algorithms.
     step: updates done so far.
+    adaptive_t: the adaptive controller's temperature for the next step: its whole state (integral
+        action on T itself, so no separate accumulator can wind up); None for the other controllers
+        and before the first measurement (then algorithm.adaptive_t_init). Full precision, unlike
+        ``temperature`` (float32, as the rollout stored it), so the integration does not drift.
+    at_clamp_iterations: consecutive steps the actuator sat at a clamp with the error keeping its
+        sign (aepo_core.core.algorithms.reachability); 0 when it is not at a clamp.
+    clamp_side: "max" (T at its maximum, entropy still below H*) or "min" (T at its minimum,
+        entropy still above H*) while at_clamp_iterations > 0, else None.
+
+    Fields added after the first release have defaults, so older controller.json files still load.
     """
 
     h_prev: float = 0.0
@@ -45,6 +56,9 @@ class ControllerState:
     num_positives: int = 0
     entropy_coef: float = 0.0
     step: int = 0
+    adaptive_t: float | None = None
+    at_clamp_iterations: int = 0
+    clamp_side: str | None = None
 
     @classmethod
     def initial(cls, algo_cfg: AlgorithmConfig) -> ControllerState:
@@ -69,14 +83,50 @@ def choose_temperature(h_prev: float, target: float, t_high: float, t_low: float
     return float(t_high if h_prev <= target else t_low)
 
 
+def adaptive_temperature(
+    temperature: float, h: float, target: float, gain: float, t_min: float, t_max: float
+) -> float:
+    """One step of the adaptive controller: integral action on the regulariser temperature.
+
+        e      = (H* - h) / H*                          relative error (> 0: entropy too low, raise T)
+        T_next = clip(T + gain * e, t_min, t_max)
+
+    Args:
+        temperature: T, the temperature the step that measured ``h`` sampled at.
+        h: the entropy that step measured (nats/token, the controller's estimator and rows).
+        target: H* > 0, same units.
+        gain: temperature change per iteration per unit of relative error (0.25: h = H*/2 raises T
+            by 0.125 per iteration); relative, so one gain serves targets of any size.
+        t_min, t_max: the clamps.
+    Returns:
+        T_next in [t_min, t_max].
+
+    Anti-windup: T is the integrator's whole state and is clamped, so it never holds more than the
+    clamp; and an error that pushes further into a clamp is not integrated (conditional
+    integration), so after any number of steps at t_max one step of opposite error moves T off it
+    at once. Why integral and not bang-bang: a steady error keeps moving T until it is gone, and T
+    settles where the REINFORCE push balances GRPO's collapse instead of switching between two
+    extremes every step.
+    """
+    error = (target - h) / target
+    if (temperature >= t_max and error > 0) or (temperature <= t_min and error < 0):
+        return float(min(max(temperature, t_min), t_max))  # at a clamp, pushed outwards: hold
+    return float(min(max(temperature + gain * error, t_min), t_max))
+
+
 def controller_temperature(state: ControllerState, algo_cfg: AlgorithmConfig) -> float:
     """The temperature to sample the regulariser batch at this step.
 
     controller "bang_bang": :func:`choose_temperature` on state.h_prev; "fixed" (ablation): always
-    algo_cfg.fixed_temperature.
+    algo_cfg.fixed_temperature; "adaptive": state.adaptive_t (moved by :func:`adaptive_temperature`
+    after each measurement), adaptive_t_init before the first one (state.step == 0).
     """
     if algo_cfg.controller == "fixed":
         return float(algo_cfg.fixed_temperature)
+    if algo_cfg.controller == "adaptive":
+        if state.step == 0 or state.adaptive_t is None:
+            return float(algo_cfg.adaptive_t_init)
+        return float(state.adaptive_t)
     return choose_temperature(state.h_prev, algo_cfg.target_entropy, algo_cfg.t_high, algo_cfg.t_low)
 
 

@@ -12,8 +12,10 @@ The pipeline asks the object, never the name (verl's ``core_algos`` registries a
   ``shape_advantages`` (per-token advantage shaping), ``token_loss`` (the per-token policy loss:
   PPO's clip, or Clip-Cov / KL-Cov), ``bonus_coef`` (an entropy bonus term);
 - entropy stage (it owns the controller): ``next_state`` moves the controller state with what the
-  update measured, ``decide`` turns it into the next iteration's :class:`Decision`, written to
-  ``controller.json`` and read by the next rollout and update, never recomputed.
+  update measured (``entropy_metric``: which entropy it reads), ``decide`` turns it into the next
+  iteration's :class:`Decision`, written to ``controller.json`` and read by the next rollout and
+  update, never recomputed; ``reachability_message`` says when the target is out of the
+  actuator's reach.
 
 A new algorithm is one subclass with ``@register("name")`` plus its config keys
 (``AlgorithmConfig``); see docs/architecture.md, "Where to change what".
@@ -21,6 +23,7 @@ A new algorithm is one subclass with ``@register("name")`` plus its config keys
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -31,8 +34,9 @@ from aepo_core.config import AlgorithmConfig
 from aepo_core.core.advantages import broadcast_to_tokens, group_advantages
 from aepo_core.core.aepo import (
     ControllerState,
+    adaptive_temperature,
     assemble_batch,
-    choose_temperature,
+    controller_temperature,
     select_positive_samples,
 )
 from aepo_core.core.baselines import (
@@ -117,13 +121,22 @@ class Algorithm:
         """The controller state before the first step."""
         return ControllerState.initial(self.cfg)
 
+    def entropy_metric(self) -> str:
+        """The update metric the controller reads as h_prev: ``entropy/<estimator>`` over every row
+        (entropy_rows "all", the reference code) or ``entropy/<estimator>_policy_rows`` over the rows
+        sampled at rollout.temperature only ("policy", the default; the two are equal without
+        REINFORCE rows). Both are measured at T = 1 by the update (core/update.py ``_StepMeter``)."""
+        suffix = "_policy_rows" if self.cfg.entropy_rows == "policy" else ""
+        return f"entropy/{self.cfg.entropy_estimator}{suffix}"
+
     def next_state(self, state: ControllerState, decision: Decision, metrics: dict[str, float]) -> ControllerState:
         """The state after an update that ran under ``decision`` and measured ``metrics``.
 
-        h_prev is the configured estimator's entropy of that update (unchanged when it measured
-        nothing); temperature is the one the decision sampled at (float32, as the rollout stored it).
+        h_prev is :meth:`entropy_metric` of that update (unchanged when it measured nothing, e.g.
+        no policy-row token); temperature is the one the decision sampled at (float32, as the
+        rollout stored it).
         """
-        measured = metrics.get(f"entropy/{self.cfg.entropy_estimator}", state.h_prev)
+        measured = metrics.get(self.entropy_metric(), state.h_prev)
         temperature = decision.temperature
         if temperature is not None:
             temperature = float(torch.tensor(temperature, dtype=torch.float32))
@@ -139,6 +152,11 @@ class Algorithm:
     def decide(self, state: ControllerState) -> Decision:
         """The next iteration's decision from the controller state (GRPO: nothing to decide)."""
         return Decision(temperature=None, k_cap=0, halve_k=False, state=state)
+
+    def reachability_message(self, state: ControllerState, entropy_ceiling: float | None = None) -> str | None:
+        """One line when the target has been out of the actuator's reach for algorithm.reach_window
+        steps, else None (GRPO: no actuator, never)."""
+        return None
 
     def regulariser_temperature(self, decision: Decision) -> float | None:
         """The rollout's regulariser temperature (None: sample no regulariser batch)."""
@@ -186,8 +204,11 @@ class GRPO(Algorithm):
 class AEPO(Algorithm):
     """AEPO: REINFORCE on the positives of a batch sampled at the controller's temperature.
 
-    Controller (aepo-algorithm.md): ``bang_bang`` T_high iff h_prev <= H* else T_low, or ``fixed``
-    (ablation). k = min(K, |POS|), halved when h_prev > H* (``halve_above_target``).
+    Controller (aepo-algorithm.md): ``bang_bang`` T_high iff h_prev <= H* else T_low (the paper's
+    reference controller), ``fixed`` (ablation), or ``adaptive`` (integral action on T within
+    [adaptive_t_min, adaptive_t_max], :func:`aepo_core.core.aepo.adaptive_temperature`).
+    k = min(K, |POS|), halved when h_prev > H* (``halve_above_target``; never under ``adaptive``:
+    halving is bang-bang's asymmetry, the adaptive controller weakens its push through T).
     """
 
     steers_to_target = True
@@ -195,23 +216,60 @@ class AEPO(Algorithm):
     def run_name(self) -> str:
         return f"{self.name}-h{self.cfg.target_entropy:g}"
 
+    def clamps(self) -> tuple[float, float] | None:
+        """The actuator's (lowest, highest) temperature: (t_low, t_high) for bang_bang, the adaptive
+        clamps for adaptive, None for fixed (no actuator: nothing can be out of its reach)."""
+        c = self.cfg
+        if c.controller == "bang_bang":
+            return float(c.t_low), float(c.t_high)
+        if c.controller == "adaptive":
+            return float(c.adaptive_t_min), float(c.adaptive_t_max)
+        return None
+
+    def next_state(self, state, decision, metrics):
+        new = super().next_state(state, decision, metrics)
+        c = self.cfg
+        if c.controller == "adaptive" and self.entropy_metric() in metrics:
+            # integrate from the temperature the measured step actually sampled at (no measurement:
+            # no integration, T stays)
+            sampled = decision.temperature if decision.temperature is not None else c.adaptive_t_init
+            t_next = adaptive_temperature(
+                sampled, new.h_prev, c.target_entropy, c.adaptive_gain, c.adaptive_t_min, c.adaptive_t_max
+            )
+            new = replace(new, adaptive_t=t_next)
+        clamps = self.clamps()
+        if clamps is None:
+            return replace(new, at_clamp_iterations=0, clamp_side=None)
+        # bang-bang raises T at h == H* (its tie rule), so an equal reading counts as "still below" there
+        return reachability(new, decision, c.target_entropy, *clamps, tie_is_below=c.controller == "bang_bang")
+
     def decide(self, state: ControllerState) -> Decision:
         c = self.cfg
-        if c.controller == "fixed":
-            temperature = float(c.fixed_temperature)
-        else:
-            temperature = choose_temperature(state.h_prev, c.target_entropy, c.t_high, c.t_low)
-        halve = c.halve_above_target and state.h_prev > c.target_entropy
+        temperature = controller_temperature(state, c)
+        halve = c.controller != "adaptive" and c.halve_above_target and state.h_prev > c.target_entropy
         k_cap = c.reinforce_sample_num // 2 if halve else c.reinforce_sample_num
         return Decision(temperature=temperature, k_cap=k_cap, halve_k=halve, state=state)
+
+    def reachability_message(self, state, entropy_ceiling=None):
+        clamps = self.clamps()
+        if clamps is None:
+            return None
+        c = self.cfg
+        return reachability_message(
+            state, c.target_entropy, c.entropy_estimator, c.entropy_rows, *clamps, c.reach_window, entropy_ceiling
+        )
 
     def prepare_batch(self, policy_batch, regulariser_batch, decision, group_size, regulariser_group_size=None):
         prepared = super().prepare_batch(policy_batch, None, decision, group_size)
         if regulariser_batch is None or len(regulariser_batch) == 0:
             return prepared
         c = self.cfg
-        adv_t = group_advantages(regulariser_batch.rewards, regulariser_group_size or group_size, c.advantage_scaling)
-        positives = select_positive_samples(adv_t, c.positive_threshold)
+        if c.regulariser_samples == "all":
+            # reward-agnostic tempered REINFORCE (a deviation): every row is a candidate, prompt order
+            positives = torch.arange(len(regulariser_batch))
+        else:
+            adv_t = group_advantages(regulariser_batch.rewards, regulariser_group_size or group_size, c.advantage_scaling)
+            positives = select_positive_samples(adv_t, c.positive_threshold)
         k = min(int(c.reinforce_sample_num), len(positives))
         if decision.halve_k:
             k //= 2
@@ -282,6 +340,80 @@ class KLCov(Algorithm):
         selected = kl_cov_selection(token_covariance(logp, advantages, mask), mask, self.cfg.cov_fraction)
         ind["cov_selected"] = selected
         return loss + kl_cov_penalty(logp, old_logp, selected, self.cfg.kl_cov_coef), ind
+
+
+def reachability(
+    state: ControllerState,
+    decision: Decision,
+    target: float,
+    t_min: float,
+    t_max: float,
+    tie_is_below: bool = False,
+) -> ControllerState:
+    """Move the at-clamp counter after a step that ran under ``decision`` and measured state.h_prev.
+
+    The step counts as "at its clamp, error keeping its sign" when it sampled at t_max and the
+    entropy is still below the target (the most the actuator can do did not raise it enough), or
+    at t_min and still above. Consecutive such steps on the same side add up; any other step resets
+    the counter to 0. Under bang-bang the clamps are (t_low, t_high), so T_high chosen N times in a
+    row with h <= H* counts N (``tie_is_below``: h == H* counts as below, bang-bang's tie rule).
+
+    Args:
+        state: the state after the step (h_prev: what the step measured).
+        decision: the decision the step ran under (its temperature: what it sampled at).
+        target: H*, in h_prev's units.
+        t_min, t_max: the actuator's clamps (temperatures; compared with a 1e-6 relative tolerance).
+    Returns:
+        ``state`` with at_clamp_iterations and clamp_side moved (pure; the state is persisted in
+        controller.json, so the count survives a resume).
+    """
+    t = decision.temperature
+    below = state.h_prev <= target if tie_is_below else state.h_prev < target
+    above = state.h_prev > target
+    side = None
+    if t is not None and below and (t >= t_max or math.isclose(t, t_max, rel_tol=1e-6)):
+        side = "max"
+    elif t is not None and above and (t <= t_min or math.isclose(t, t_min, rel_tol=1e-6)):
+        side = "min"
+    if side is None:
+        return replace(state, at_clamp_iterations=0, clamp_side=None)
+    count = state.at_clamp_iterations + 1 if state.clamp_side == side else 1
+    return replace(state, at_clamp_iterations=count, clamp_side=side)
+
+
+def reachability_message(
+    state: ControllerState,
+    target: float,
+    estimator: str,
+    rows: str,
+    t_min: float,
+    t_max: float,
+    window: int,
+    entropy_ceiling: float | None = None,
+) -> str | None:
+    """The plain sentence the entropy stage shows while the target is out of reach, else None.
+
+    E.g. "target 0.30 not reached: entropy 0.18 (nll, policy rows), T at its maximum 1.5 for 10
+    iterations; a uniformly random valid answer has 0.25 nats/token".
+
+    Args:
+        state: after :func:`reachability` (at_clamp_iterations, clamp_side, h_prev).
+        target, estimator, rows: H* and what the controller reads (for the sentence).
+        t_min, t_max: the clamps; window: steps at a clamp before it is said (algorithm.reach_window).
+        entropy_ceiling: an upper reference for the entropy in nats/token (the entropy of a uniform
+            policy over the valid answers) where the task knows it; named only on the "max" side,
+            where it tells whether the target is above what any sensible policy reaches.
+    """
+    if state.clamp_side is None or state.at_clamp_iterations < window:
+        return None
+    word, bound = ("maximum", t_max) if state.clamp_side == "max" else ("minimum", t_min)
+    text = (
+        f"target {target:.2f} not reached: entropy {state.h_prev:.2f} ({estimator}, {rows} rows), "
+        f"T at its {word} {bound:g} for {state.at_clamp_iterations} iterations"
+    )
+    if entropy_ceiling is not None and state.clamp_side == "max":
+        text += f"; a uniformly random valid answer has {entropy_ceiling:.2f} nats/token"
+    return text
 
 
 def decision_to_json(decision: Decision, estimator: str, measured: dict[str, Any], target: float) -> dict[str, Any]:

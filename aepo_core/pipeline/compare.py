@@ -414,8 +414,11 @@ def compare_runs(tracking_uri: str, out_dir: str | Path, experiment: str | None 
         target = float(tags["target_entropy"]) if tags.get("target_entropy", "none") != "none" else None
         label = r.info.run_name or r.info.run_id[:8]
         history = histories_by_id[r.info.run_id]
-        entropy_keys[label] = f"entropy/{tags.get('entropy_estimator', 'nll')}"
         params = r.data.params
+        # the entropy the run's controller read: its policy rows (algorithm.entropy_rows "policy"), or
+        # every row (runs logged before the key existed read every row)
+        rows_suffix = "_policy_rows" if params.get("algorithm.entropy_rows") == "policy" else ""
+        entropy_keys[label] = f"entropy/{tags.get('entropy_estimator', 'nll')}{rows_suffix}"
         t_high, t_low = (float(params[k]) if k in params else None for k in ("algorithm.t_high", "algorithm.t_low"))
         row = {"run": label, "run_id": r.info.run_id, "variant": aepo_variant(params),
                **summarise(history, tags.get("algorithm", "?"), target, entropy_keys[label], t_high, t_low)}

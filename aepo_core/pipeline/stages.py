@@ -552,6 +552,17 @@ def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str
     return metrics
 
 
+def task_entropy_ceiling(cfg: Config) -> float | None:
+    """An upper reference for the policy's entropy (nats/token): the entropy of a uniformly random
+    valid answer, named in the reachability warning when the target stays out of reach upwards.
+
+    None today: this is the place to pass the synthetic task's
+    ``aepo_core.task.synthetic.uniform_valid_entropy(...)`` once it exists (for data.train ==
+    "synthetic"); a user's dataset has no such reference.
+    """
+    return None
+
+
 def entropy(run: RunDir, iteration: int) -> dict[str, Any]:
     """Record the entropy the update measured and decide the next iteration's temperature and k cap."""
     started = time.perf_counter()
@@ -565,19 +576,35 @@ def entropy(run: RunDir, iteration: int) -> dict[str, Any]:
     state = algo.next_state(previous.state, previous, measured)
     next_decision = algo.decide(state)
     next_t = next_decision.temperature
-    decision = decision_to_json(
-        next_decision, a.entropy_estimator, {"nll": measured.get("entropy/nll"), "exact": measured.get("entropy/exact")},
-        a.target_entropy,
-    )
-    with run.publish(iteration, "entropy", ups, started=started) as (tmp, metrics):
+    read = algo.entropy_metric()
+    record = {
+        "nll": measured.get("entropy/nll"),
+        "exact": measured.get("entropy/exact"),
+        "nll_policy_rows": measured.get("entropy/nll_policy_rows"),
+        "exact_policy_rows": measured.get("entropy/exact_policy_rows"),
+        # which reading moved the controller (algorithm.entropy_rows), and its value (None: the
+        # update measured nothing there and h_prev was kept)
+        "rows": a.entropy_rows,
+        "read": read,
+        "read_value": measured.get(read),
+    }
+    decision = decision_to_json(next_decision, a.entropy_estimator, record, a.target_entropy)
+    message = algo.reachability_message(state, task_entropy_ceiling(cfg))
+    if message is not None and state.at_clamp_iterations == a.reach_window:
+        # said once, when it starts; the manifest's params keep it (MLflow tag, flow summary line)
+        print(f"warning: iteration {iteration}: {message}", flush=True)
+    with run.publish(iteration, "entropy", ups, {"reachability": message}, started=started) as (tmp, metrics):
         (tmp / "controller.json").write_text(json.dumps(decision, indent=2))
         metrics.update(
             entropy_nll=decision["measured"]["nll"],
             entropy_exact=decision["measured"]["exact"],
+            entropy_read=state.h_prev,
             target=a.target_entropy,
             next_temperature=next_t if next_t is not None else float("nan"),
             next_k_cap=decision["next_k_cap"],
             entropy_coef=state.entropy_coef,
+            at_clamp_iterations=state.at_clamp_iterations,
+            target_unreached=float(message is not None),
         )
     return metrics
 

@@ -29,6 +29,19 @@ from aepo_core.pipeline.stages import STAGES
 _PREFIX = {"prepare": "prepare/", "rollout": "rollout/", "reward": "reward/", "update": "", "entropy": "controller/", "evaluate": "eval/"}
 
 
+REACHABILITY_TAG = "aepo.reachability"
+
+
+def latest_reachability(run: RunDir) -> str | None:
+    """The unreached-target sentence of the latest iteration whose entropy stage is done (its
+    manifest's params; aepo_core.core.algorithms.reachability_message), or None."""
+    for i in reversed(run.iterations_present()):
+        manifest = run.manifest(i, "entropy")
+        if manifest is not None:
+            return manifest["params"].get("reachability")
+    return None
+
+
 class TrackingStoreLocked(EnvironmentFault):
     """The MLflow store stayed locked by another process for longer than we wait."""
 
@@ -163,7 +176,9 @@ class Tracker:
         directory (params, every iteration's metrics, checkpoint records) and record its id."""
         old = rec["run_id"]
         print(f"MLflow run {old} is not in {self.uri}: rebuilding it from {self.run.root}", flush=True)
-        self.run.write_json("mlflow.json", {k: v for k, v in rec.items() if k not in ("run_id", "synced", "checkpoints")})
+        # the new MLflow run has none of the old one's points or tags
+        gone = ("run_id", "synced", "checkpoints", "reachability_tag")
+        self.run.write_json("mlflow.json", {k: v for k, v in rec.items() if k not in gone})
         self._create()
         self.client.set_tag(self.run_id, "replaces_run_id", old)
         self.note_config_history()
@@ -222,9 +237,24 @@ class Tracker:
         items = [Metric(k, v, now, iteration) for k, v in sorted(metrics.items())]
         for start in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
+        self._tag_reachability(rec)
         rec["synced"][str(iteration)] = signature
         self.run.write_json("mlflow.json", rec)
         return len(items)
+
+    def _tag_reachability(self, rec: dict[str, Any]) -> None:
+        """Tag ``aepo.reachability`` with the latest entropy stage's unreached-target sentence while
+        it lasts, and remove the tag when the target is reached again. ``rec`` remembers the tagged
+        value, so an unchanged sentence costs no MLflow call."""
+        message = latest_reachability(self.run)
+        if message == rec.get("reachability_tag"):
+            return
+        if message:
+            self.client.set_tag(self.run_id, REACHABILITY_TAG, message)
+            rec["reachability_tag"] = message
+        else:
+            self.client.delete_tag(self.run_id, REACHABILITY_TAG)
+            rec.pop("reachability_tag", None)
 
     def _forget_points(self, iteration: int) -> bool:
         """Delete the points logged at step `iteration` (SQL stores: sqlite, postgres …), so that
@@ -253,7 +283,7 @@ class Tracker:
         old = self.run_id
         self.client.delete_run(old)
         rec = self._record()
-        self.run.write_json("mlflow.json", {k: v for k, v in rec.items() if k not in ("run_id", "synced")})
+        self.run.write_json("mlflow.json", {k: v for k, v in rec.items() if k not in ("run_id", "synced", "reachability_tag")})
         self._open()
         self.client.set_tag(self.run_id, "replaces_run_id", old)
         logged = sum(self.sync(int(i)) for i in sorted(rec.get("synced", {}), key=int))

@@ -1,0 +1,294 @@
+"""The controller: which rows it reads (algorithm.entropy_rows), the adaptive law (integral action on
+T within clamps), bang-bang unchanged, and the reachability warning. Values computed by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from aepo_core.config import AlgorithmConfig, ConfigError, load_config, save_config
+from aepo_core.core.aepo import ControllerState, adaptive_temperature
+from aepo_core.core.algorithms import (
+    Decision,
+    decision_from_json,
+    make_algorithm,
+    reachability,
+    reachability_message,
+)
+
+ADAPTIVE = dict(name="aepo", controller="adaptive", target_entropy=0.2, adaptive_gain=0.25,
+                adaptive_t_min=0.8, adaptive_t_max=1.5, adaptive_t_init=1.0, reinforce_sample_num=8)
+
+
+# ------------------------------------------------------------------------------ the adaptive law
+def test_adaptive_law_by_hand():
+    # e = (0.2 - 0.1) / 0.2 = 0.5; T = 1.0 + 0.25 * 0.5 = 1.125
+    assert adaptive_temperature(1.0, 0.1, 0.2, 0.25, 0.8, 1.5) == pytest.approx(1.125)
+    # e = (0.2 - 0.3) / 0.2 = -0.5; T = 1.0 - 0.125 = 0.875
+    assert adaptive_temperature(1.0, 0.3, 0.2, 0.25, 0.8, 1.5) == pytest.approx(0.875)
+    # on target: e = 0, T stays
+    assert adaptive_temperature(1.3, 0.2, 0.2, 0.25, 0.8, 1.5) == 1.3
+
+
+def test_adaptive_law_clamps():
+    # e = 1 (h = 0): 1.45 + 0.25 = 1.70 -> 1.5
+    assert adaptive_temperature(1.45, 0.0, 0.2, 0.25, 0.8, 1.5) == 1.5
+    # e = (0.2 - 0.4) / 0.2 = -1: 0.85 - 0.25 = 0.60 -> 0.8
+    assert adaptive_temperature(0.85, 0.4, 0.2, 0.25, 0.8, 1.5) == 0.8
+    # a temperature outside the clamps (the clamps changed by a rerun) comes back inside
+    assert adaptive_temperature(2.0, 0.0, 0.2, 0.25, 0.8, 1.5) == 1.5
+    assert adaptive_temperature(0.5, 0.4, 0.2, 0.25, 0.8, 1.5) == 0.8
+
+
+def test_adaptive_law_does_not_wind_up():
+    t = 1.0
+    for _ in range(20):  # entropy far below the target: e = 1 each step, T 1.25, 1.5, 1.5, ...
+        t = adaptive_temperature(t, 0.0, 0.2, 0.25, 0.8, 1.5)
+    assert t == 1.5
+    # one step of opposite error (e = -0.5) moves T off the clamp at once: 1.5 - 0.125
+    assert adaptive_temperature(t, 0.3, 0.2, 0.25, 0.8, 1.5) == pytest.approx(1.375)
+    t = 1.0
+    for _ in range(20):  # and at the lower clamp: e = -1 each step
+        t = adaptive_temperature(t, 0.4, 0.2, 0.25, 0.8, 1.5)
+    assert t == 0.8
+    assert adaptive_temperature(t, 0.1, 0.2, 0.25, 0.8, 1.5) == pytest.approx(0.925)  # e = +0.5
+
+
+def test_adaptive_controller_through_the_algorithm():
+    algo = make_algorithm(AlgorithmConfig(**ADAPTIVE))
+    first = algo.decide(algo.initial_state())
+    # before any measurement (step 0, h_prev 0): adaptive_t_init, full K, never halved
+    assert (first.temperature, first.k_cap, first.halve_k) == (1.0, 8, False)
+    # the policy rows read 0.1 (e = +0.5), all rows 0.3: the default reads the policy rows
+    metrics = {"entropy/nll": 0.3, "entropy/nll_policy_rows": 0.1, "aepo/k": 2}
+    state = algo.next_state(first.state, first, metrics)
+    assert state.h_prev == 0.1 and state.adaptive_t == pytest.approx(1.125) and state.step == 1
+    second = algo.decide(state)
+    assert second.temperature == pytest.approx(1.125) and second.k_cap == 8
+    # entropy above the target (e = -0.5): T falls from the one it sampled at, and k is not halved
+    state = algo.next_state(state, second, {"entropy/nll_policy_rows": 0.3})
+    assert state.adaptive_t == pytest.approx(1.0)
+    third = algo.decide(state)
+    assert (third.temperature, third.k_cap, third.halve_k) == (pytest.approx(1.0), 8, False)
+    # an update that measured nothing on the rows read: no integration, T and h_prev kept
+    kept = algo.next_state(state, third, {"entropy/nll": 0.9})
+    assert kept.adaptive_t == state.adaptive_t and kept.h_prev == state.h_prev
+    # entropy_rows "all" reads the all-rows 0.3 instead: e = -0.5, T = 1.0 - 0.125
+    every = make_algorithm(AlgorithmConfig(**ADAPTIVE, entropy_rows="all"))
+    assert every.entropy_metric() == "entropy/nll"
+    assert every.next_state(first.state, first, metrics).adaptive_t == pytest.approx(0.875)
+
+
+def test_a_measurement_that_did_not_happen_leaves_the_first_temperature():
+    algo = make_algorithm(AlgorithmConfig(**ADAPTIVE))
+    first = algo.decide(algo.initial_state())
+    state = algo.next_state(first.state, first, {})
+    assert state.step == 1 and state.adaptive_t is None and algo.decide(state).temperature == 1.0
+
+
+def test_adaptive_clamps_are_checked():
+    with pytest.raises(ConfigError, match="adaptive_t_init"):
+        load_config(None, ["algorithm.adaptive_t_init=2.0"])
+    with pytest.raises(ConfigError, match="target_entropy"):
+        load_config(None, ["algorithm.controller=adaptive", "algorithm.target_entropy=0"])
+
+
+# ------------------------------------------------------------------------------ bang-bang unchanged
+@pytest.mark.parametrize(
+    "h_prev, halve, expected",
+    [
+        (0.0, True, (1.2, 8, False)),  # before step 1: T_high
+        (0.5, True, (1.2, 8, False)),  # h == H*: "not above", T_high, not halved
+        (0.51, True, (0.8, 4, True)),  # above: T_low, K // 2
+        (0.51, False, (0.8, 8, False)),  # halve_above_target off
+    ],
+)
+def test_bang_bang_decisions_are_unchanged(h_prev, halve, expected):
+    cfg = AlgorithmConfig(target_entropy=0.5, t_high=1.2, t_low=0.8, reinforce_sample_num=8, halve_above_target=halve)
+    d = make_algorithm(cfg).decide(ControllerState(h_prev=h_prev))
+    assert (d.temperature, d.k_cap, d.halve_k) == expected
+    # its state carries no adaptive temperature
+    assert make_algorithm(cfg).next_state(d.state, d, {"entropy/nll_policy_rows": 0.3}).adaptive_t is None
+
+
+def test_entropy_rows_default_is_the_policy_rows():
+    assert AlgorithmConfig().entropy_rows == "policy"
+    assert make_algorithm(AlgorithmConfig()).entropy_metric() == "entropy/nll_policy_rows"
+    assert make_algorithm(AlgorithmConfig(entropy_estimator="exact")).entropy_metric() == "entropy/exact_policy_rows"
+    # the motivating case: all rows 0.30, policy rows 0.17, H* 0.2. Reading all rows, bang-bang
+    # thinks the entropy is above the target and picks T_low; the policy rows say raise it (T_high)
+    for rows, temperature in (("all", 0.8), ("policy", 1.2)):
+        algo = make_algorithm(AlgorithmConfig(target_entropy=0.2, entropy_rows=rows))
+        first = algo.decide(algo.initial_state())
+        state = algo.next_state(first.state, first, {"entropy/nll": 0.30, "entropy/nll_policy_rows": 0.17})
+        assert algo.decide(state).temperature == temperature
+
+
+def test_controller_json_written_before_the_new_fields_still_loads():
+    old = {"h_prev": 0.17, "temperature": 1.2, "k": 3, "num_positives": 7, "entropy_coef": 0.0, "step": 4}
+    state = ControllerState.from_dict(old)
+    assert (state.adaptive_t, state.at_clamp_iterations, state.clamp_side) == (None, 0, None)
+    decision = decision_from_json({"next_temperature": 1.2, "next_k_cap": 8, "next_k_halved": False, "state": old})
+    assert decision.state == state
+    again = ControllerState(h_prev=0.1, adaptive_t=1.125, at_clamp_iterations=3, clamp_side="max")
+    assert ControllerState.from_dict(json.loads(json.dumps(again.to_dict()))) == again
+
+
+# ------------------------------------------------------------------------------ reachability
+def _after(h: float, temperature: float, before: ControllerState | None = None) -> tuple[ControllerState, Decision]:
+    """The state after a step sampled at ``temperature`` measured ``h`` (counter carried from ``before``)."""
+    state = ControllerState(h_prev=h) if before is None else ControllerState(
+        h_prev=h, at_clamp_iterations=before.at_clamp_iterations, clamp_side=before.clamp_side)
+    return state, Decision(temperature=temperature, k_cap=8, halve_k=False, state=state)
+
+
+def test_reachability_counts_steps_at_a_clamp_with_the_error_keeping_its_sign():
+    s = ControllerState()
+    for _ in range(3):  # adaptive: T at its maximum, entropy still below: 1, 2, 3
+        s = reachability(*_after(0.18, 1.5, s), target=0.3, t_min=0.8, t_max=1.5)
+    assert (s.at_clamp_iterations, s.clamp_side) == (3, "max")
+    # at the maximum but now above the target: reset
+    assert reachability(*_after(0.35, 1.5, s), 0.3, 0.8, 1.5).at_clamp_iterations == 0
+    # inside the clamps: reset
+    assert reachability(*_after(0.18, 1.4, s), 0.3, 0.8, 1.5).at_clamp_iterations == 0
+    # the other clamp, entropy above: a new count on the other side
+    other = reachability(*_after(0.4, 0.8, s), 0.3, 0.8, 1.5)
+    assert (other.at_clamp_iterations, other.clamp_side) == (1, "min")
+    # h == H*: no error for the adaptive controller; bang-bang's tie rule counts it as below
+    assert reachability(*_after(0.3, 1.5, s), 0.3, 0.8, 1.5).at_clamp_iterations == 0
+    assert reachability(*_after(0.3, 1.2, s), 0.3, 0.8, 1.2, tie_is_below=True).at_clamp_iterations == 4
+
+
+def test_reachability_message_by_hand():
+    s = ControllerState(h_prev=0.18, at_clamp_iterations=10, clamp_side="max")
+    args = dict(target=0.3, estimator="nll", rows="policy", t_min=0.8, t_max=1.5, window=10)
+    assert reachability_message(s, **args) == (
+        "target 0.30 not reached: entropy 0.18 (nll, policy rows), T at its maximum 1.5 for 10 iterations")
+    assert reachability_message(s, **args, entropy_ceiling=0.25) == (
+        "target 0.30 not reached: entropy 0.18 (nll, policy rows), T at its maximum 1.5 for 10 iterations; "
+        "a uniformly random valid answer has 0.25 nats/token")
+    assert reachability_message(ControllerState(h_prev=0.18, at_clamp_iterations=9, clamp_side="max"), **args) is None
+    low = ControllerState(h_prev=0.42, at_clamp_iterations=12, clamp_side="min")
+    # the ceiling is an upper reference: not named when the entropy is too high
+    assert reachability_message(low, **args, entropy_ceiling=0.25) == (
+        "target 0.30 not reached: entropy 0.42 (nll, policy rows), T at its minimum 0.8 for 12 iterations")
+
+
+def test_adaptive_run_at_its_maximum_is_reported_after_the_window():
+    # target 0.3, policy rows stay at 0.18: e = 0.4, T 1.0, 1.1, 1.2, 1.3, 1.4, 1.5 (step 5), 1.5, ...
+    algo = make_algorithm(AlgorithmConfig(**{**ADAPTIVE, "target_entropy": 0.3}))
+    decision = algo.decide(algo.initial_state())
+    temperatures, messages = [], []
+    for _ in range(15):
+        temperatures.append(decision.temperature)
+        state = algo.next_state(decision.state, decision, {"entropy/nll_policy_rows": 0.18})
+        messages.append(algo.reachability_message(state))
+        decision = algo.decide(state)
+    assert temperatures[:6] == pytest.approx([1.0, 1.1, 1.2, 1.3, 1.4, 1.5]) and temperatures[5:] == [1.5] * 10
+    # steps 5..14 sampled at 1.5 and stayed below: 10 at the clamp after step 14, not before
+    assert messages[:14] == [None] * 14
+    assert messages[14] == "target 0.30 not reached: entropy 0.18 (nll, policy rows), T at its maximum 1.5 for 10 iterations"
+    # one step above the target (e = (0.3 - 0.4) / 0.3 = -1/3) moves T off the clamp, 1.5 - 0.25 / 3, and ends it
+    state = algo.next_state(decision.state, decision, {"entropy/nll_policy_rows": 0.4})
+    assert state.adaptive_t == pytest.approx(1.5 - 0.25 / 3) and algo.reachability_message(state) is None
+
+
+def test_bang_bang_always_high_is_reported_and_fixed_never():
+    cfg = AlgorithmConfig(target_entropy=0.3, t_high=1.2, t_low=0.8, reach_window=3)
+    algo = make_algorithm(cfg)
+    decision = algo.decide(algo.initial_state())
+    for _ in range(3):  # T_high chosen 3 times in a row, h <= H* after each
+        state = algo.next_state(decision.state, decision, {"entropy/nll_policy_rows": 0.2})
+        decision = algo.decide(state)
+    assert decision.temperature == 1.2 and state.at_clamp_iterations == 3
+    assert algo.reachability_message(state) == (
+        "target 0.30 not reached: entropy 0.20 (nll, policy rows), T at its maximum 1.2 for 3 iterations")
+    fixed = make_algorithm(cfg.model_copy(update={"controller": "fixed"}))
+    d = fixed.decide(fixed.initial_state())
+    for _ in range(5):
+        s = fixed.next_state(d.state, d, {"entropy/nll_policy_rows": 0.2})
+        d = fixed.decide(s)
+    assert s.at_clamp_iterations == 0 and fixed.reachability_message(s) is None
+
+
+# ------------------------------------------------------------------------------ the entropy stage
+def _fake_update(run, iteration, metrics):
+    with run.publish(iteration, "update", {}) as (_, m):
+        m.update(metrics)
+
+
+def test_entropy_stage_records_the_rows_read_and_warns_once(tmp_path, capsys):
+    from aepo_core.pipeline import stages
+    from aepo_core.pipeline.rundir import RunDir
+    from aepo_core.pipeline.tracking import latest_reachability
+
+    cfg = load_config(None, ["algorithm.controller=adaptive", "algorithm.target_entropy=0.3", "algorithm.reach_window=2",
+                             "algorithm.adaptive_gain=1.5"])
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    save_config(cfg, run.config_path)
+    # e = (0.3 - 0.15) / 0.3 = 0.5: T 1.0 -> 1.75 -> 1.5 (clamp); at the clamp from iteration 1
+    for i in range(4):
+        _fake_update(run, i, {"entropy/nll": 0.4, "entropy/exact": 0.5, "entropy/nll_policy_rows": 0.15,
+                              "entropy/exact_policy_rows": 0.2, "aepo/k": 2, "aepo/num_positives": 3})
+        metrics = stages.entropy(run, i)
+    controller = json.loads((run.stage_dir(3, "entropy") / "controller.json").read_text())
+    assert controller["measured"] == {"nll": 0.4, "exact": 0.5, "nll_policy_rows": 0.15, "exact_policy_rows": 0.2,
+                                      "rows": "policy", "read": "entropy/nll_policy_rows", "read_value": 0.15}
+    assert controller["next_temperature"] == 1.5 and controller["state"]["adaptive_t"] == 1.5
+    assert metrics["at_clamp_iterations"] == 3 and metrics["entropy_read"] == 0.15 and metrics["target_unreached"] == 1.0
+    sentence = "target 0.30 not reached: entropy 0.15 (nll, policy rows), T at its maximum 1.5 for 3 iterations"
+    assert run.manifest(3, "entropy")["params"]["reachability"] == sentence
+    assert latest_reachability(run) == sentence
+    assert run.manifest(0, "entropy")["params"]["reachability"] is None
+    out = capsys.readouterr().out
+    # said once, when it starts (iteration 2: 2 steps at the clamp), not again at iteration 3
+    assert out.count("not reached") == 1
+    assert "warning: iteration 2: target 0.30 not reached" in out
+
+
+class _FakeClient:
+    def __init__(self):
+        self.calls = []
+
+    def set_tag(self, run_id, key, value):
+        self.calls.append(("set", key, value))
+
+    def delete_tag(self, run_id, key):
+        self.calls.append(("delete", key))
+
+
+def test_mlflow_tag_follows_the_latest_entropy_stage(tmp_path):
+    from aepo_core.pipeline.rundir import RunDir
+    from aepo_core.pipeline.tracking import REACHABILITY_TAG, Tracker
+
+    run = RunDir(tmp_path)
+    tracker = Tracker(run, load_config(None))
+    tracker.run_id, tracker._client = "r", _FakeClient()
+    rec = {}
+    for i, message in enumerate([None, "not reached", "not reached", None]):
+        with run.publish(i, "entropy", {}, {"reachability": message}):
+            pass
+        tracker._tag_reachability(rec)
+    # set when it starts, not again while unchanged, removed when the target is reached again
+    assert tracker._client.calls == [("set", REACHABILITY_TAG, "not reached"), ("delete", REACHABILITY_TAG)]
+    assert "reachability_tag" not in rec
+
+
+def test_flow_summary_line_repeats_the_warning_and_no_artifact_outside_a_flow(tmp_path, monkeypatch):
+    import flows.train as train
+    from aepo_core.pipeline.rundir import RunDir
+
+    run = RunDir(tmp_path)
+    for i, message in enumerate([None, "target 0.30 not reached: ..."]):
+        with run.publish(i, "entropy", {}, {"reachability": message}):
+            pass
+    assert "WARNING" not in train.summary_line(run, 0, 1.0, [])
+    assert train.summary_line(run, 1, 1.0, []).endswith("| WARNING target 0.30 not reached: ...")
+
+    def refuse(**kwargs):
+        raise AssertionError("no Prefect artifact outside a flow run")
+
+    monkeypatch.setattr(train, "create_markdown_artifact", refuse)
+    train.note_reachability(run, 1)  # a plain call (no flow run context): nothing
