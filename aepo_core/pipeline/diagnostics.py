@@ -185,6 +185,7 @@ def reinforce_gradient(policy, regulariser: SequenceBatch, cfg: Config, trainer_
     return grads, metrics, used
 
 
+@torch.enable_grad()
 def probe_entropy_gradient(policy, probe: SequenceBatch, chunk: int = 1024, micro_batch_size: int | None = None):
     """H_probe and its gradient: the token mean over ``probe``'s response tokens of the exact
     entropy at T = 1, its tokens held fixed. Returns (value, one tensor per trainable parameter)."""
