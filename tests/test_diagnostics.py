@@ -206,3 +206,23 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: "), (args, err)
+
+
+def test_a_run_iteration_resolves_to_the_policy_it_starts_from(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from aepo_core.pipeline.diagnostics import PolicyNotFound, resolve_target
+
+    run = tmp_path / "run"
+    (run / "dataset").mkdir(parents=True)
+    save_config(Config(), run / "config.yaml")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+    (run / "base.json").write_text(json.dumps({"path": str(tmp_path / "base"), "digest": "x"}))
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["Add: 1 2"], "answer": ["3"], "source": ["s"]}),
+                   run / "dataset" / "train.parquet")
+    cfg, path, table = resolve_target(run_dir=run, iteration=0, overrides=["rollout.n=4"])
+    assert path == tmp_path / "base" and cfg.rollout.n == 4 and table.num_rows == 1
+    with pytest.raises(PolicyNotFound, match="update of iteration 0 has not finished"):
+        resolve_target(run_dir=run, iteration=1)

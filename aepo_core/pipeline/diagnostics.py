@@ -384,7 +384,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append("")
     lines.append("acc: the batch's accuracy (mean reward); used: rows carrying the gradient (positives for "
                  "reinforce-pos); k: REINFORCE rows the update would use; update dH@lr: their push as the "
-                 "update weighs them; x GRPO: that push over GRPO's; nan: no row to train on")
+                 "update weighs them; x GRPO: that push over GRPO's (negative: the opposite direction; meaningless while GRPO's own push is within its SE of 0); nan: no row to train on")
     return "\n".join(lines)
 
 
@@ -531,6 +531,7 @@ def resolve_target(
     """
     from aepo_core.pipeline.rundir import RunDir
     from aepo_core.pipeline.sources import load_prompt_table
+    from aepo_core.pipeline.stages import policy_dir
 
     if run_dir is not None and model is not None:
         raise UserError("give either --run-dir (with --iteration) or --model, not both")
@@ -557,18 +558,14 @@ def resolve_target(
     cfg = load_config(run.config_path, overrides or [])
     if iteration < 0:
         raise PolicyNotFound(f"--iteration {iteration}: iterations start at 0")
-    if iteration == 0:
-        base = run.read_json("base.json")
-        if base is None:
-            raise PolicyNotFound(f"{run.root / 'base.json'} is missing: the run has no starting policy")
-        path = Path(base["path"])
-    else:
-        path = run.stage_dir(iteration - 1, "update") / "policy"
-        if run.manifest(iteration - 1, "update") is None:
-            raise PolicyNotFound(
-                f"iteration {iteration}'s policy does not exist yet: the update of iteration {iteration - 1} "
-                f"has not finished in {run.root}"
-            )
+    if iteration == 0 and run.read_json("base.json") is None:
+        raise PolicyNotFound(f"{run.root / 'base.json'} is missing: the run has no starting policy")
+    if iteration > 0 and run.manifest(iteration - 1, "update") is None:
+        raise PolicyNotFound(
+            f"iteration {iteration}'s policy does not exist yet: the update of iteration {iteration - 1} "
+            f"has not finished in {run.root}"
+        )
+    path = policy_dir(run, iteration)  # the base for 0, else the previous update's policy
     if not (path / "config.json").is_file():
         raise PolicyNotFound(f"the policy of iteration {iteration}, {path}, is not an HF model folder (no config.json)")
     train = run.dataset_path("train")
