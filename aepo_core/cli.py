@@ -131,6 +131,43 @@ def evaluate_cmd(
         typer.echo(f"wrote {output}/eval.parquet and metrics.json")
 
 
+@app.command("entropy-push")
+def entropy_push_cmd(
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+    run_dir: Annotated[Path | None, typer.Option(help="A run directory: measure the policy --iteration starts from.")] = None,
+    iteration: Annotated[int | None, typer.Option(help="With --run-dir: the iteration (0: the run's base policy).")] = None,
+    model: Annotated[Path | None, typer.Option(help="HF model folder (default: model.path or the base policy).")] = None,
+    prompts: Annotated[int, typer.Option(help="Prompts per part and repeat.")] = 16,
+    n: Annotated[int | None, typer.Option(help="Responses per prompt (default: rollout.n).")] = None,
+    probe: Annotated[int, typer.Option(help="Probe responses (T = 1) per repeat.")] = 64,
+    repeats: Annotated[int, typer.Option(help="Independent repeats (fresh samples and probe each).")] = 4,
+    temperatures: Annotated[str, typer.Option(help="Regulariser temperatures, comma-separated.")] = "0.8,1.0,1.2,1.5,2.0",
+    seed: Annotated[int, typer.Option(help="Seed of the prompt draws and the sampling.")] = 0,
+    micro_batch_size: Annotated[int | None, typer.Option(help="Rows per forward pass (default: trainer.micro_batch_size).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write entropy_push.json and entropy_push.md into this folder.")] = None,
+) -> None:
+    """First-order entropy change of one step of each part of the update (GRPO, AEPO's REINFORCE at
+    several temperatures), with standard errors over repeats."""
+    from transformers.utils import logging as hf_logging
+
+    from aepo_core.errors import UserError
+    from aepo_core.pipeline.diagnostics import PushSettings, entropy_push, format_report
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars between the progress lines
+    try:
+        temps = tuple(float(t) for t in temperatures.split(",") if t.strip())
+    except ValueError:
+        raise UserError(f"--temperatures {temperatures!r}: give numbers separated by commas, e.g. 0.8,1.2") from None
+    settings = PushSettings(prompts=prompts, n=n, probe=probe, repeats=repeats, temperatures=temps, seed=seed,
+                            micro_batch_size=micro_batch_size)
+    report = entropy_push(config, list(overrides or []), run_dir, iteration, model, settings, out,
+                          log=lambda line: typer.echo(line, err=True))
+    typer.echo(format_report(report))
+    if out:
+        typer.echo(f"wrote {out}/entropy_push.json and entropy_push.md")
+
+
 def _quiet_prefect() -> None:
     """Offline-friendly Prefect defaults for interactive use (a user's own settings win)."""
     import os
