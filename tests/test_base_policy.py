@@ -44,8 +44,18 @@ def test_base_policy_accuracy_and_entropy_in_band(base_policy_dir):
     cfg = load_config(None, [f"model.path={base_policy_dir}", "evaluation.n=8", "evaluation.temperature=1.0"])
     records, metrics = evaluate_model(cfg, base_policy_dir)
     assert records.num_rows == 8 * cfg.data.synthetic.n_eval
-    assert 0.20 <= metrics["accuracy"] <= 0.60, metrics
+    # measured on this machine kind: 0.xx (docs/results.md); the band leaves room for other CPUs' numerics
+    assert 0.45 <= metrics["accuracy"] <= 0.95, metrics
     assert metrics["entropy_nll"] > 0.05, metrics
     assert metrics["pass_at_8"] > metrics["pass_at_1"]
     assert abs(metrics["pass_at_1"] - metrics["accuracy"]) < 1e-9  # pass@1 is avg@n
     assert metrics["truncated_fraction"] < 0.05
+
+
+def test_base_policy_entropy_is_choice_among_valid_answers(base_policy_dir):
+    """The build's profile (aepo_base.json): nearly all probability on valid next terms at choice
+    positions, real entropy among them, and a total entropy below the uniform-valid ceiling's reach."""
+    profile = json.loads((base_policy_dir / "aepo_base.json").read_text())["profile"]
+    assert profile["choice/valid_prob"] >= 0.9, profile
+    assert 0.2 <= profile["choice/valid_entropy"] <= 1.2, profile  # nats among the valid terms
+    assert 0.2 < profile["uniform_valid_entropy"] < 0.3, profile  # log(n!) / tokens for 4-7 terms

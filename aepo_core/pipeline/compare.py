@@ -19,6 +19,8 @@ PLOTS = {
     "temperature": ("rollout/regulariser_temperature", "regulariser temperature"),
     "reward": ("reward/reward_mean", "policy-batch reward"),
     "eval_accuracy": ("eval/accuracy", "held-out accuracy"),
+    # the embedded task only: entropy among the valid next terms at choice positions (nats)
+    "valid_choice_entropy": ("choice/valid_entropy", "entropy among valid choices (nats, synthetic task)"),
 }
 
 
@@ -87,6 +89,9 @@ def summarise(
         "entropy_first": entropy[0] if entropy else None,
         "entropy_last": entropy[-1] if entropy else None,
         "entropy_fall": entropy_fall(entropy),
+        # the embedded task's own view (None for user data): exploration among correct answers
+        "valid_entropy_fall": entropy_fall(_values(history, "choice/valid_entropy")),
+        "valid_prob_last": (_values(history, "choice/valid_prob") or [None])[-1],
         "mean_abs_dev": dev,
         "mean_rel_dev": dev / target if dev is not None and target else None,
         "frac_t_high": (
@@ -106,7 +111,7 @@ TABLE = {  # summary key -> column head
     "run": "run", "algorithm": "algorithm", "target": "H*", "iterations": "iters",
     "final_accuracy": "avg@n", "final_pass_at_1": "pass@1", "final_pass_at_k": "pass@n",
     "best_accuracy": "best avg@n", "entropy_first": "H first", "entropy_last": "H last",
-    "entropy_fall": "H fall", "mean_rel_dev": "|H-H*|/H*", "frac_t_high": "at T_high",
+    "entropy_fall": "H fall", "valid_entropy_fall": "Hvalid fall", "valid_prob_last": "p(valid)", "mean_rel_dev": "|H-H*|/H*", "frac_t_high": "at T_high",
     "switches_up": "T up", "switches_down": "T down", "mean_k": "mean k", "mean_positives": "positives",
     "wall_s": "wall s",
 }

@@ -552,15 +552,15 @@ def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str
     return metrics
 
 
-def task_entropy_ceiling(cfg: Config) -> float | None:
+def task_entropy_ceiling(measured: dict[str, Any]) -> float | None:
     """An upper reference for the policy's entropy (nats/token): the entropy of a uniformly random
     valid answer, named in the reachability warning when the target stays out of reach upwards.
 
-    None today: this is the place to pass the synthetic task's
-    ``aepo_core.task.synthetic.uniform_valid_entropy(...)`` once it exists (for data.train ==
-    "synthetic"); a user's dataset has no such reference.
+    The update stage measures it for the synthetic task (``choice/uniform_valid_entropy``, from the
+    batch's prompts; :func:`aepo_core.pipeline.sources.task_metrics`); a user's dataset has none.
     """
-    return None
+    value = measured.get("choice/uniform_valid_entropy")
+    return float(value) if isinstance(value, int | float) else None
 
 
 def entropy(run: RunDir, iteration: int) -> dict[str, Any]:
@@ -589,7 +589,7 @@ def entropy(run: RunDir, iteration: int) -> dict[str, Any]:
         "read_value": measured.get(read),
     }
     decision = decision_to_json(next_decision, a.entropy_estimator, record, a.target_entropy)
-    message = algo.reachability_message(state, task_entropy_ceiling(cfg))
+    message = algo.reachability_message(state, task_entropy_ceiling(measured))
     if message is not None and state.at_clamp_iterations == a.reach_window:
         # said once, when it starts; the manifest's params keep it (MLflow tag, flow summary line)
         print(f"warning: iteration {iteration}: {message}", flush=True)
