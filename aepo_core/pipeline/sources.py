@@ -15,7 +15,14 @@ from aepo_core.config import Config, DataConfig
 from aepo_core.io.datasets import load_file_split
 from aepo_core.io.models import is_hub_id
 from aepo_core.task.base_policy import ensure_base_policy
-from aepo_core.task.synthetic import choice_metrics, parse_terms, synthetic_table, trace_of_order, uniform_valid_entropy
+from aepo_core.task.synthetic import (
+    Problem,
+    choice_metrics,
+    parse_terms,
+    synthetic_table,
+    trace_of_order,
+    uniform_valid_entropy,
+)
 
 
 def load_prompt_table(data: DataConfig, split: str) -> pa.Table:
@@ -63,8 +70,6 @@ def task_metrics(data: DataConfig, model, tokenizer, prompts: list[str], prompt_
 
     def tokens(problem) -> int:  # the response's tokens, EOS included (as in the update's mask)
         return len(tokenizer.encode(trace_of_order(problem.terms), add_special_tokens=False)) + 1
-
-    from aepo_core.task.synthetic import Problem
 
     out["choice/uniform_valid_entropy"] = uniform_valid_entropy([Problem("", t) for t in terms], tokens)
     return out

@@ -35,7 +35,6 @@ from aepo_core.io.models import load_policy, load_tokenizer, resolve_device, wri
 from aepo_core.io.prompts import encode_prompts
 from aepo_core.io.verifiers import make_verifier
 from aepo_core.pipeline.evaluation import evaluate_model, write_source_names
-from aepo_core.pipeline.sources import task_metrics
 from aepo_core.pipeline.rundir import (
     LOCK_FILE,
     DamagedStage,
@@ -44,6 +43,7 @@ from aepo_core.pipeline.rundir import (
     file_digest,
     folder_digest,
 )
+from aepo_core.pipeline.sources import task_metrics
 
 POLICY, REGULARISER = "policy", "regulariser"
 
