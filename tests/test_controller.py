@@ -1,5 +1,5 @@
-"""The controller: which rows it reads (algorithm.entropy_rows), the adaptive law (integral action on
-T within clamps), bang-bang unchanged, and the reachability warning. Values computed by hand."""
+"""The controller: which rows it reads (algorithm.entropy_rows), the adaptive law (PI action on T
+within clamps), bang-bang unchanged, and the reachability warning. Values computed by hand."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import pytest
 
 from aepo_core.config import AlgorithmConfig, ConfigError, load_config, save_config
-from aepo_core.core.aepo import ControllerState, adaptive_temperature
+from aepo_core.core.aepo import ControllerState, adaptive_integral, adaptive_output
 from aepo_core.core.algorithms import (
     Decision,
     decision_from_json,
@@ -17,42 +17,50 @@ from aepo_core.core.algorithms import (
     reachability_message,
 )
 
-ADAPTIVE = dict(name="aepo", controller="adaptive", target_entropy=0.2, adaptive_gain=0.25,
+ADAPTIVE = dict(name="aepo", controller="adaptive", target_entropy=0.2, adaptive_gain=0.25, adaptive_kp=1.0,
                 adaptive_t_min=0.8, adaptive_t_max=1.5, adaptive_t_init=1.0, reinforce_sample_num=8)
 
 
 # ------------------------------------------------------------------------------ the adaptive law
-def test_adaptive_law_by_hand():
-    # e = (0.2 - 0.1) / 0.2 = 0.5; T = 1.0 + 0.25 * 0.5 = 1.125
-    assert adaptive_temperature(1.0, 0.1, 0.2, 0.25, 0.8, 1.5) == pytest.approx(1.125)
-    # e = (0.2 - 0.3) / 0.2 = -0.5; T = 1.0 - 0.125 = 0.875
-    assert adaptive_temperature(1.0, 0.3, 0.2, 0.25, 0.8, 1.5) == pytest.approx(0.875)
-    # on target: e = 0, T stays
-    assert adaptive_temperature(1.3, 0.2, 0.2, 0.25, 0.8, 1.5) == 1.3
+def test_adaptive_output_by_hand():
+    # T = clip(I + kp * e): e = (0.2 - 0.1) / 0.2 = 0.5, I 1.0, kp 1.0 -> 1.5
+    assert adaptive_output(1.0, 0.1, 0.2, 1.0, 0.8, 1.5) == pytest.approx(1.5)
+    # e = (0.2 - 0.25) / 0.2 = -0.25, I 1.1, kp 0.4 -> 1.0
+    assert adaptive_output(1.1, 0.25, 0.2, 0.4, 0.8, 1.5) == pytest.approx(1.0)
+    # clamps: e = 1 (h = 0) -> 1.0 + 1.0 = 2.0 -> 1.5; e = -1 -> 0.0 -> 0.8
+    assert adaptive_output(1.0, 0.0, 0.2, 1.0, 0.8, 1.5) == 1.5
+    assert adaptive_output(1.0, 0.4, 0.2, 1.0, 0.8, 1.5) == 0.8
+    # kp 0: the output is the integral (pure integral action)
+    assert adaptive_output(1.3, 0.1, 0.2, 0.0, 0.8, 1.5) == 1.3
 
 
-def test_adaptive_law_clamps():
-    # e = 1 (h = 0): 1.45 + 0.25 = 1.70 -> 1.5
-    assert adaptive_temperature(1.45, 0.0, 0.2, 0.25, 0.8, 1.5) == 1.5
-    # e = (0.2 - 0.4) / 0.2 = -1: 0.85 - 0.25 = 0.60 -> 0.8
-    assert adaptive_temperature(0.85, 0.4, 0.2, 0.25, 0.8, 1.5) == 0.8
-    # a temperature outside the clamps (the clamps changed by a rerun) comes back inside
-    assert adaptive_temperature(2.0, 0.0, 0.2, 0.25, 0.8, 1.5) == 1.5
-    assert adaptive_temperature(0.5, 0.4, 0.2, 0.25, 0.8, 1.5) == 0.8
+def test_adaptive_integral_by_hand():
+    # I + gain * e: e = 0.5, gain 0.25 -> 1.125; e = -0.5 -> 0.875; on target: I stays
+    assert adaptive_integral(1.0, 1.0, 0.1, 0.2, 0.25, 0.8, 1.5) == pytest.approx(1.125)
+    assert adaptive_integral(1.0, 1.0, 0.3, 0.2, 0.25, 0.8, 1.5) == pytest.approx(0.875)
+    assert adaptive_integral(1.3, 1.3, 0.2, 0.2, 0.25, 0.8, 1.5) == 1.3
+    # the integral is clamped too: 1.45 + 0.25 -> 1.5; an integral outside the clamps comes back
+    assert adaptive_integral(1.45, 1.45, 0.0, 0.2, 0.25, 0.8, 1.5) == 1.5
+    assert adaptive_integral(2.0, 1.2, 0.0, 0.2, 0.25, 0.8, 1.5) == 1.5
+    assert adaptive_integral(0.5, 1.2, 0.4, 0.2, 0.25, 0.8, 1.5) == 0.8
 
 
 def test_adaptive_law_does_not_wind_up():
-    t = 1.0
-    for _ in range(20):  # entropy far below the target: e = 1 each step, T 1.25, 1.5, 1.5, ...
-        t = adaptive_temperature(t, 0.0, 0.2, 0.25, 0.8, 1.5)
-    assert t == 1.5
-    # one step of opposite error (e = -0.5) moves T off the clamp at once: 1.5 - 0.125
-    assert adaptive_temperature(t, 0.3, 0.2, 0.25, 0.8, 1.5) == pytest.approx(1.375)
-    t = 1.0
-    for _ in range(20):  # and at the lower clamp: e = -1 each step
-        t = adaptive_temperature(t, 0.4, 0.2, 0.25, 0.8, 1.5)
-    assert t == 0.8
-    assert adaptive_temperature(t, 0.1, 0.2, 0.25, 0.8, 1.5) == pytest.approx(0.925)  # e = +0.5
+    """Conditional integration: while the OUTPUT sits at a clamp with the error pushing outwards, the
+    integral holds, so one step of opposite error brings the output back at once."""
+    integral, h_low = 1.0, 0.05  # e = 0.75 every step
+    for _ in range(20):
+        out = adaptive_output(integral, h_low, 0.2, 1.0, 0.8, 1.5)  # 1.0 + 0.75 -> 1.5 (clamped)
+        integral = adaptive_integral(integral, out, h_low, 0.2, 0.1, 0.8, 1.5)
+    assert out == 1.5 and integral == 1.0  # held: the output was saturated from the first step
+    # entropy now above the target (e = -0.5): the output leaves the clamp at once, 1.0 - 0.5 = 0.5 -> 0.8
+    assert adaptive_output(integral, 0.3, 0.2, 1.0, 0.8, 1.5) == 0.8
+    # with kp 0 (pure integral) the integral itself reaches the clamp and stops there, no further
+    integral = 1.0
+    for _ in range(20):
+        integral = adaptive_integral(integral, integral, 0.0, 0.2, 0.25, 0.8, 1.5)
+    assert integral == 1.5
+    assert adaptive_integral(integral, integral, 0.3, 0.2, 0.25, 0.8, 1.5) == pytest.approx(1.375)  # e = -0.5
 
 
 def test_adaptive_controller_through_the_algorithm():
@@ -60,21 +68,22 @@ def test_adaptive_controller_through_the_algorithm():
     first = algo.decide(algo.initial_state())
     # before any measurement (step 0, h_prev 0): adaptive_t_init, full K, never halved
     assert (first.temperature, first.k_cap, first.halve_k) == (1.0, 8, False)
-    # the policy rows read 0.1 (e = +0.5), all rows 0.3: the default reads the policy rows
-    metrics = {"entropy/nll": 0.3, "entropy/nll_policy_rows": 0.1, "aepo/k": 2}
+    # the policy rows read 0.15 (e = +0.25), all rows 0.3: the default reads the policy rows
+    metrics = {"entropy/nll": 0.3, "entropy/nll_policy_rows": 0.15, "aepo/k": 2}
     state = algo.next_state(first.state, first, metrics)
-    assert state.h_prev == 0.1 and state.adaptive_t == pytest.approx(1.125) and state.step == 1
+    # I = 1.0 + 0.25 * 0.25 = 1.0625; T = I + 1.0 * 0.25 = 1.3125
+    assert state.h_prev == 0.15 and state.adaptive_t == pytest.approx(1.0625) and state.step == 1
     second = algo.decide(state)
-    assert second.temperature == pytest.approx(1.125) and second.k_cap == 8
-    # entropy above the target (e = -0.5): T falls from the one it sampled at, and k is not halved
-    state = algo.next_state(state, second, {"entropy/nll_policy_rows": 0.3})
+    assert second.temperature == pytest.approx(1.3125) and second.k_cap == 8
+    # entropy above the target (h 0.25, e = -0.25): I = 1.0625 - 0.0625 = 1.0; T = 1.0 - 0.25 = 0.75 -> 0.8
+    state = algo.next_state(state, second, {"entropy/nll_policy_rows": 0.25})
     assert state.adaptive_t == pytest.approx(1.0)
     third = algo.decide(state)
-    assert (third.temperature, third.k_cap, third.halve_k) == (pytest.approx(1.0), 8, False)
-    # an update that measured nothing on the rows read: no integration, T and h_prev kept
+    assert (third.temperature, third.k_cap, third.halve_k) == (pytest.approx(0.8), 8, False)
+    # an update that measured nothing on the rows read: no integration, I and h_prev kept
     kept = algo.next_state(state, third, {"entropy/nll": 0.9})
     assert kept.adaptive_t == state.adaptive_t and kept.h_prev == state.h_prev
-    # entropy_rows "all" reads the all-rows 0.3 instead: e = -0.5, T = 1.0 - 0.125
+    # entropy_rows "all" reads the all-rows 0.3 instead: e = -0.5, I = 1.0 - 0.125
     every = make_algorithm(AlgorithmConfig(**ADAPTIVE, entropy_rows="all"))
     assert every.entropy_metric() == "entropy/nll"
     assert every.next_state(first.state, first, metrics).adaptive_t == pytest.approx(0.875)
@@ -176,8 +185,9 @@ def test_reachability_message_by_hand():
 
 
 def test_adaptive_run_at_its_maximum_is_reported_after_the_window():
-    # target 0.3, policy rows stay at 0.18: e = 0.4, T 1.0, 1.1, 1.2, 1.3, 1.4, 1.5 (step 5), 1.5, ...
-    algo = make_algorithm(AlgorithmConfig(**{**ADAPTIVE, "target_entropy": 0.3}))
+    # target 0.3, policy rows stay at 0.18: e = 0.4; pure integral action (kp 0) so T = I:
+    # 1.0, 1.1, 1.2, 1.3, 1.4, 1.5 (step 5), 1.5, ...
+    algo = make_algorithm(AlgorithmConfig(**{**ADAPTIVE, "target_entropy": 0.3, "adaptive_kp": 0.0}))
     decision = algo.decide(algo.initial_state())
     temperatures, messages = [], []
     for _ in range(15):
@@ -189,7 +199,7 @@ def test_adaptive_run_at_its_maximum_is_reported_after_the_window():
     # steps 5..14 sampled at 1.5 and stayed below: 10 at the clamp after step 14, not before
     assert messages[:14] == [None] * 14
     assert messages[14] == "target 0.30 not reached: entropy 0.18 (nll, policy rows), T at its maximum 1.5 for 10 iterations"
-    # one step above the target (e = (0.3 - 0.4) / 0.3 = -1/3) moves T off the clamp, 1.5 - 0.25 / 3, and ends it
+    # one step above the target (e = (0.3 - 0.4) / 0.3 = -1/3) moves I (= T) off the clamp, 1.5 - 0.25 / 3, and ends it
     state = algo.next_state(decision.state, decision, {"entropy/nll_policy_rows": 0.4})
     assert state.adaptive_t == pytest.approx(1.5 - 0.25 / 3) and algo.reachability_message(state) is None
 

@@ -2,7 +2,7 @@
 
 One step (aepo-algorithm.md):
   T   = T_high if H_prev <= H* else T_low                     (bang-bang controller; or "adaptive":
-                                                                integral action on T, adaptive_temperature)
+                                                                PI action on T, adaptive_output)
   POS = rows of the regulariser batch B_T with A_T > threshold
   k   = min(K, |POS|), halved (k // 2) when H_prev > H*      (weaker push downwards)
   X   = POS[:k] + B[k:]  ("replace", the reference code)  or  POS[:k] + B  ("add", paper's alpha)
@@ -38,10 +38,10 @@ class ControllerState:
         reads or moves it (aepo, grpo and entropy_adv ignore it, and entropy_reg uses the fixed
         algorithm.entropy_coef instead). Carried through unchanged by the other algorithms.
     step: updates done so far.
-    adaptive_t: the adaptive controller's temperature for the next step: its whole state (integral
-        action on T itself, so no separate accumulator can wind up); None for the other controllers
-        and before the first measurement (then algorithm.adaptive_t_init). Full precision, unlike
-        ``temperature`` (float32, as the rollout stored it), so the integration does not drift.
+    adaptive_t: the adaptive controller's integral state I, a temperature (the balance point it has
+        learnt; clamped like the output, so it cannot wind up beyond the clamps); None for the other
+        controllers and before the first measurement (then algorithm.adaptive_t_init). Full
+        precision, unlike ``temperature`` (float32, as the rollout stored it).
     at_clamp_iterations: consecutive steps the actuator sat at a clamp with the error keeping its
         sign (aepo_core.core.algorithms.reachability); 0 when it is not at a clamp.
     clamp_side: "max" (T at its maximum, entropy still below H*) or "min" (T at its minimum,
@@ -83,50 +83,70 @@ def choose_temperature(h_prev: float, target: float, t_high: float, t_low: float
     return float(t_high if h_prev <= target else t_low)
 
 
-def adaptive_temperature(
-    temperature: float, h: float, target: float, gain: float, t_min: float, t_max: float
-) -> float:
-    """One step of the adaptive controller: integral action on the regulariser temperature.
+def relative_error(h: float, target: float) -> float:
+    """e = (H* - h) / H*: > 0 when the entropy is below the target (raise T). H* > 0."""
+    return (target - h) / target
 
-        e      = (H* - h) / H*                          relative error (> 0: entropy too low, raise T)
-        T_next = clip(T + gain * e, t_min, t_max)
+
+def adaptive_output(integral: float, h: float, target: float, kp: float, t_min: float, t_max: float) -> float:
+    """The adaptive controller's temperature: T = clip(I + kp * e, t_min, t_max).
 
     Args:
-        temperature: T, the temperature the step that measured ``h`` sampled at.
-        h: the entropy that step measured (nats/token, the controller's estimator and rows).
-        target: H* > 0, same units.
-        gain: temperature change per iteration per unit of relative error (0.25: h = H*/2 raises T
-            by 0.125 per iteration); relative, so one gain serves targets of any size.
+        integral: I, the integral state (the temperature at which the regulariser balances GRPO's
+            pull, as the controller has learnt it).
+        h: the last measured entropy (nats/token, the controller's estimator and rows); target: H* > 0.
+        kp: proportional gain, temperature per unit of relative error e = (H* - h) / H*.
         t_min, t_max: the clamps.
     Returns:
-        T_next in [t_min, t_max].
+        T in [t_min, t_max].
 
-    Anti-windup: T is the integrator's whole state and is clamped, so it never holds more than the
-    clamp; and an error that pushes further into a clamp is not integrated (conditional
-    integration), so after any number of steps at t_max one step of opposite error moves T off it
-    at once. Why integral and not bang-bang: a steady error keeps moving T until it is gone, and T
-    settles where the REINFORCE push balances GRPO's collapse instead of switching between two
-    extremes every step.
+    Why a proportional term: T sets the *rate* at which entropy moves (the plant integrates), so
+    integral action alone makes a double integrator that oscillates undamped; kp * e answers the
+    current error at once and damps the loop.
     """
-    error = (target - h) / target
-    if (temperature >= t_max and error > 0) or (temperature <= t_min and error < 0):
-        return float(min(max(temperature, t_min), t_max))  # at a clamp, pushed outwards: hold
-    return float(min(max(temperature + gain * error, t_min), t_max))
+    return float(min(max(integral + kp * relative_error(h, target), t_min), t_max))
+
+
+def adaptive_integral(
+    integral: float, sampled: float, h: float, target: float, gain: float, t_min: float, t_max: float
+) -> float:
+    """One step of the adaptive controller's integral state: I_next = clip(I + gain * e, t_min, t_max).
+
+    Args:
+        integral: I before the step.
+        sampled: the temperature the measured step sampled at (the controller's output then).
+        h: what that step measured; target: H* > 0 (e = (H* - h) / H*).
+        gain: integral gain, temperature per iteration per unit of relative error.
+        t_min, t_max: the clamps.
+    Returns:
+        I_next in [t_min, t_max].
+
+    Anti-windup: I is clamped, and an error that pushes further into a clamp the output already sat
+    at is not integrated (conditional integration), so after any number of steps at t_max one step
+    of opposite error moves the output off it at once. The integral is what follows the policy: as
+    GRPO sharpens it, the temperature that balances GRPO's pull rises, and I tracks it.
+    """
+    error = relative_error(h, target)
+    if (sampled >= t_max and error > 0) or (sampled <= t_min and error < 0):
+        return float(min(max(integral, t_min), t_max))  # output at a clamp, pushed outwards: hold
+    return float(min(max(integral + gain * error, t_min), t_max))
 
 
 def controller_temperature(state: ControllerState, algo_cfg: AlgorithmConfig) -> float:
     """The temperature to sample the regulariser batch at this step.
 
     controller "bang_bang": :func:`choose_temperature` on state.h_prev; "fixed" (ablation): always
-    algo_cfg.fixed_temperature; "adaptive": state.adaptive_t (moved by :func:`adaptive_temperature`
-    after each measurement), adaptive_t_init before the first one (state.step == 0).
+    algo_cfg.fixed_temperature; "adaptive": :func:`adaptive_output` of the integral state
+    state.adaptive_t (moved by :func:`adaptive_integral` after each measurement) and the last
+    measurement, adaptive_t_init before the first one (state.step == 0).
     """
     if algo_cfg.controller == "fixed":
         return float(algo_cfg.fixed_temperature)
     if algo_cfg.controller == "adaptive":
-        if state.step == 0 or state.adaptive_t is None:
-            return float(algo_cfg.adaptive_t_init)
-        return float(state.adaptive_t)
+        c = algo_cfg
+        if state.step == 0 or state.adaptive_t is None:  # nothing measured yet: no error to act on
+            return float(c.adaptive_t_init)
+        return adaptive_output(state.adaptive_t, state.h_prev, c.target_entropy, c.adaptive_kp, c.adaptive_t_min, c.adaptive_t_max)
     return choose_temperature(state.h_prev, algo_cfg.target_entropy, algo_cfg.t_high, algo_cfg.t_low)
 
 

@@ -34,7 +34,7 @@ from aepo_core.config import AlgorithmConfig
 from aepo_core.core.advantages import broadcast_to_tokens, group_advantages
 from aepo_core.core.aepo import (
     ControllerState,
-    adaptive_temperature,
+    adaptive_integral,
     assemble_batch,
     controller_temperature,
     select_positive_samples,
@@ -205,8 +205,8 @@ class AEPO(Algorithm):
     """AEPO: REINFORCE on the positives of a batch sampled at the controller's temperature.
 
     Controller (aepo-algorithm.md): ``bang_bang`` T_high iff h_prev <= H* else T_low (the paper's
-    reference controller), ``fixed`` (ablation), or ``adaptive`` (integral action on T within
-    [adaptive_t_min, adaptive_t_max], :func:`aepo_core.core.aepo.adaptive_temperature`).
+    reference controller), ``fixed`` (ablation), or ``adaptive`` (PI action on T within
+    [adaptive_t_min, adaptive_t_max], :func:`aepo_core.core.aepo.adaptive_output`).
     k = min(K, |POS|), halved when h_prev > H* (``halve_above_target``; never under ``adaptive``:
     halving is bang-bang's asymmetry, the adaptive controller weakens its push through T).
     """
@@ -230,13 +230,13 @@ class AEPO(Algorithm):
         new = super().next_state(state, decision, metrics)
         c = self.cfg
         if c.controller == "adaptive" and self.entropy_metric() in metrics:
-            # integrate from the temperature the measured step actually sampled at (no measurement:
-            # no integration, T stays)
+            # integrate the measured error (no measurement: no integration); the output the measured
+            # step sampled at decides whether the integrator is held at a clamp (anti-windup)
+            integral = state.adaptive_t if state.adaptive_t is not None else c.adaptive_t_init
             sampled = decision.temperature if decision.temperature is not None else c.adaptive_t_init
-            t_next = adaptive_temperature(
-                sampled, new.h_prev, c.target_entropy, c.adaptive_gain, c.adaptive_t_min, c.adaptive_t_max
-            )
-            new = replace(new, adaptive_t=t_next)
+            new = replace(new, adaptive_t=adaptive_integral(
+                integral, sampled, new.h_prev, c.target_entropy, c.adaptive_gain, c.adaptive_t_min, c.adaptive_t_max
+            ))
         clamps = self.clamps()
         if clamps is None:
             return replace(new, at_clamp_iterations=0, clamp_side=None)

@@ -371,6 +371,9 @@ def plot_controller(
 
 HISTORY_KEYS = {key for key, _ in PLOTS.values()} | {
     "entropy/exact", "aepo/k", "aepo/num_positives", "time/iteration_s", "eval/pass_at_1",
+    # what a controller reads with algorithm.entropy_rows = policy (the default), and the embedded
+    # task's probability on valid choices (summarise)
+    "entropy/nll_policy_rows", "entropy/exact_policy_rows", "choice/valid_prob",
 }
 
 
