@@ -4,7 +4,7 @@ One step (aepo-algorithm.md):
   T   = T_high if H_prev <= H* else T_low                     (bang-bang controller; or "adaptive":
                                                                 PI action on T, adaptive_output)
   POS = rows of the regulariser batch B_T with A_T > threshold
-  k   = min(K, |POS|), halved (k // 2) when H_prev > H*      (weaker push downwards)
+  k   = min(K, |POS|), halved (k // 2) when H_prev > H*      (weaker push downwards; bang-bang only)
   X   = POS[:k] + B[k:]  ("replace", the reference code)  or  POS[:k] + B  ("add", paper's alpha)
 Every token of a REINFORCE row gets advantage +1.0. The REINFORCE rows come first so an in-order
 split puts them in the first, exactly on-policy mini-batch, where the clip is inactive and their

@@ -359,7 +359,8 @@ class _StepMeter:
                 self.extremes[f"actor/{key}"] = pick(self.extremes[f"actor/{key}"], value)
             else:
                 self.means.add(f"actor/{key}", value, tokens)
-        # the entropy the controller reads: at T = 1, over every row (REINFORCE rows included)
+        # entropy at T = 1 over every row (REINFORCE rows included: what entropy_rows "all" reads) and over
+        # the policy rows only (entropy_rows "policy", the default)
         self.means.add("entropy/nll", nll_entropy(logp_t1.detach(), mask).item(), tokens)
         self.means.add("entropy/exact", exact_entropy(entropy.detach(), mask).item(), tokens)
         reinf = reinforce_rows.to(mask.dtype).unsqueeze(1)

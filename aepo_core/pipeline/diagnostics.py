@@ -170,6 +170,7 @@ def reinforce_gradient(policy, regulariser: SequenceBatch, cfg: Config, trainer_
     algo = cfg.algorithm.model_copy(update={
         "name": "aepo", "combine": "add", "alpha": 1.0, "reinforce_sample_num": _ALL_ROWS,
         "halve_above_target": False, "kl_coef": 0.0, "positive_threshold": threshold,
+        "regulariser_samples": "positives",  # "all rows" is the threshold -inf above, not this option
     })
     used = select_positive_samples(
         group_advantages(regulariser.rewards, group_size, cfg.algorithm.advantage_scaling), threshold

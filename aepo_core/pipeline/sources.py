@@ -19,8 +19,8 @@ from aepo_core.task.synthetic import (
     Problem,
     choice_metrics,
     parse_terms,
+    response_tokens,
     synthetic_table,
-    trace_of_order,
     uniform_valid_entropy,
 )
 
@@ -67,9 +67,7 @@ def task_metrics(data: DataConfig, model, tokenizer, prompts: list[str], prompt_
     if any(t is None for t in terms):  # a user prompt file named "synthetic"? say nothing rather than guess
         return {}
     out = choice_metrics(model, tokenizer, prompt_ids, response_ids, terms)
-
-    def tokens(problem) -> int:  # the response's tokens, EOS included (as in the update's mask)
-        return len(tokenizer.encode(trace_of_order(problem.terms), add_special_tokens=False)) + 1
-
-    out["choice/uniform_valid_entropy"] = uniform_valid_entropy([Problem("", t) for t in terms], tokens)
+    out["choice/uniform_valid_entropy"] = uniform_valid_entropy(
+        [Problem("", t) for t in terms], lambda p: response_tokens(tokenizer, p)
+    )
     return out

@@ -654,8 +654,9 @@ PIPELINE: dict[str, Stage] = {
         Stage("rollout", ((0, "prepare"), (-1, "update"), (-1, "entropy")),
               ("model", "data.prompt_suffix", "rollout", "algorithm", "trainer.device"), rollout, progress=True),
         Stage("reward", ((0, "prepare"), (0, "rollout")), ("data.verifier", "data.math_answer", "rollout.n"), reward),
-        Stage("update", ((0, "rollout"), (0, "reward"), (-1, "update"), (-1, "entropy")),
-              ("algorithm", "trainer", "rollout.n", "model.trust_remote_code"), update, progress=True),
+        # prepare and data.train: the embedded task's metrics read the prompts' terms (task_metrics)
+        Stage("update", ((0, "prepare"), (0, "rollout"), (0, "reward"), (-1, "update"), (-1, "entropy")),
+              ("algorithm", "trainer", "rollout.n", "model.trust_remote_code", "data.train"), update, progress=True),
         Stage("entropy", ((0, "update"), (-1, "entropy")), ("algorithm",), entropy),
         Stage("evaluate", ((0, "update"),),
               ("model", "evaluation", "data.verifier", "data.math_answer", "data.prompt_suffix", "rollout.engine",

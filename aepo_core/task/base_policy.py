@@ -105,7 +105,7 @@ def warm_up(
     recipe: BaseRecipe,
     log=print,
 ) -> list[float]:
-    """Supervised warm-up on random-order worked traces; returns the loss per step."""
+    """Supervised warm-up on worked traces in prompt-biased random order; returns the loss per step."""
     rng = random.Random(recipe.seed)
     device = next(model.parameters()).device  # where the model is (the build uses the CPU)
     eos = tokenizer.convert_tokens_to_ids(IM_END)
@@ -231,15 +231,10 @@ def profile_policy(
         model, tokenizer, [prompts[c.request_index] for c in out], [c.token_ids for c in out],
         [problems[c.request_index].terms for c in out],
     )
-    eos = 1  # each response's EOS token counts, as in the update's response mask
-
-    def length(p: synthetic.Problem) -> int:
-        return len(tokenizer.encode(synthetic.trace_of_order(p.terms))) + eos
-
     return {
         "accuracy": sum(j.reward for j in judged) / len(judged),
         "entropy_nll": -sum(logp) / len(logp),
         "response_tokens": len(logp) / len(out),
         **stats,
-        "uniform_valid_entropy": synthetic.uniform_valid_entropy(problems, length),
+        "uniform_valid_entropy": synthetic.uniform_valid_entropy(problems, lambda p: synthetic.response_tokens(tokenizer, p)),
     }

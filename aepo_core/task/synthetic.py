@@ -186,6 +186,12 @@ def valid_choice_stats(logits: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     return log_p_valid.exp(), h_valid
 
 
+def response_tokens(tokenizer, problem: Problem) -> int:
+    """Length in tokens of a correct response to `problem`, EOS included (as in the update's response
+    mask); the same for every order of the terms."""
+    return len(tokenizer.encode(trace_of_order(problem.terms), add_special_tokens=False)) + 1
+
+
 def uniform_valid_entropy(problems: list[Problem], tokens_per_response) -> float:
     """Token-mean entropy (nats/token, T = 1) of the policy that picks uniformly among the valid next
     terms and does the arithmetic right: sum over prompts of log(n!) / sum of response tokens.
