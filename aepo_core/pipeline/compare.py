@@ -427,7 +427,9 @@ def compare_runs(tracking_uri: str, out_dir: str | Path, experiment: str | None 
         # every row (runs logged before the key existed read every row)
         rows_suffix = "_policy_rows" if params.get("algorithm.entropy_rows") == "policy" else ""
         entropy_keys[label] = f"entropy/{tags.get('entropy_estimator', 'nll')}{rows_suffix}"
-        t_high, t_low = (float(params[k]) if k in params else None for k in ("algorithm.t_high", "algorithm.t_low"))
+        # "at T_high" is bang-bang's statistic (the adaptive controller's T is continuous)
+        bang_bang = params.get("algorithm.controller", "bang_bang") == "bang_bang"
+        t_high, t_low = (float(params[k]) if k in params and bang_bang else None for k in ("algorithm.t_high", "algorithm.t_low"))
         row = {"run": label, "run_id": r.info.run_id, "variant": aepo_variant(params),
                **summarise(history, tags.get("algorithm", "?"), target, entropy_keys[label], t_high, t_low)}
         rows.append(row)
