@@ -181,3 +181,13 @@ def test_history_plots_draw_each_run_raw_and_smoothed_with_its_target(tmp_path):
     assert accuracy["ylabel"] == "held-out accuracy" and accuracy["legend"] == ["aepo"]
     assert lines(accuracy, "aepo", marker="o") == [([0.0, 1.0], [0.3, 0.4])]  # evaluations as points
     assert len(accuracy["lines"]) == 1
+
+
+def test_markdown_table_has_one_cell_per_column():
+    """The |H-H*|/H* head is escaped, so every line has as many cells as the delimiter line."""
+    from aepo_core.pipeline.compare import TABLE, format_table
+
+    rows = [{"run": "a", "algorithm": "aepo", "target": 0.1, "mean_rel_dev": 0.05}]
+    lines = format_table(rows, markdown=True).splitlines()
+    cells = [len([c for c in line.replace("\\|", "").split("|")[1:-1]]) for line in lines]
+    assert cells == [len(TABLE)] * len(lines) and "\\|H-H*\\|/H*" in lines[0]

@@ -131,7 +131,8 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
 
     table = [heads] + [[cell(r.get(c)) for c in cols] for r in rows]
     if markdown:
-        lines = ["| " + " | ".join(line) + " |" for line in table]
+        # a "|" inside a cell (the |H-H*|/H* head) would split it: escaped, one cell per column
+        lines = ["| " + " | ".join(v.replace("|", "\\|") for v in line) + " |" for line in table]
         return "\n".join([lines[0], "|" + "---|" * len(cols), *lines[1:]])
     widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)) for line in table)
