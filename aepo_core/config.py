@@ -126,7 +126,7 @@ class AlgorithmConfig(_Section):
     # adaptive_t_max] (aepo_core.core.aepo.adaptive_integral / adaptive_output).
     controller: Literal["bang_bang", "fixed", "adaptive"] = "bang_bang"
     fixed_temperature: float = Field(1.2, gt=0.0, description="used when controller == fixed")
-    adaptive_t_min: float = Field(0.8, gt=0.0, description="adaptive controller: lowest regulariser temperature")
+    adaptive_t_min: float = Field(0.6, gt=0.0, description="adaptive controller: lowest regulariser temperature")
     adaptive_t_max: float = Field(1.5, gt=0.0, description="adaptive controller: highest regulariser temperature")
     adaptive_t_init: float = Field(1.0, gt=0.0, description="adaptive controller: temperature before any measurement")
     # integral gain: the balance temperature's change per iteration per unit of relative error
@@ -134,7 +134,7 @@ class AlgorithmConfig(_Section):
     # *rate* at which entropy moves, so integral action alone oscillates (measured: target 0.08,
     # gain 0.25, T wound up to 1.45 and entropy overshot 25%); the proportional term damps it.
     adaptive_gain: float = Field(0.1, ge=0.0, description="adaptive controller: integral gain (dT/iteration per unit relative error)")
-    adaptive_kp: float = Field(1.0, ge=0.0, description="adaptive controller: proportional gain (dT per unit relative error)")
+    adaptive_kp: float = Field(2.0, ge=0.0, description="adaptive controller: proportional gain (dT per unit relative error)")
     # Iterations the actuator may sit at a clamp, the error keeping its sign, before the entropy stage
     # says the target is not reached (aepo_core.core.algorithms.reachability).
     reach_window: int = Field(10, ge=1)
@@ -146,7 +146,12 @@ class AlgorithmConfig(_Section):
     # with A_T > positive_threshold. "all" (a deviation, off by default): every row, the first k in
     # prompt order, whatever its reward -- reward-agnostic tempered REINFORCE, a pure entropy actuator
     # (aepo/num_positives then counts every tempered row: all are candidates).
-    regulariser_samples: Literal["positives", "all"] = "positives"
+    # "correct" (a deviation, off by default): every row whose reward exceeds correct_threshold, from
+    # all-correct groups too. Near T = 1 most groups of an accurate policy are all-correct (A_T = 0),
+    # so "positives" dries up exactly where the controller asks for a push down (measured: k = 0 at
+    # T = 0.6); "correct" keeps k rows there without ever reinforcing a wrong answer.
+    regulariser_samples: Literal["positives", "correct", "all"] = "positives"
+    correct_threshold: float = Field(0.5, description="regulariser_samples == correct: rows with reward > this (verifiers score 0 / 1)")
     combine: Literal["replace", "add"] = "replace"
     alpha: float = Field(1.0, ge=0.0, description="REINFORCE weight when combine == add")
     # --- GRPO part ---

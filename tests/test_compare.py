@@ -48,6 +48,16 @@ def test_summarise_hand_values():
     assert s["mean_k"] == 3 and s["mean_positives"] == 6
 
 
+def test_summarise_deviation_by_estimator():
+    """Both estimators of the controller's rows are scored against H*, whichever the controller read."""
+    h = history(entropy__exact_policy_rows=[0.3, 0.3, 0.11, 0.10], entropy__nll_policy_rows=[0.3, 0.3, 0.13, 0.07],
+                entropy__nll=[0.5, 0.5, 0.5, 0.5])
+    s = summarise(h, "aepo", 0.10, entropy_key="entropy/exact_policy_rows")
+    assert s["mean_rel_dev"] == pytest.approx(0.05) and s["mean_rel_dev_exact"] == pytest.approx(0.05)
+    assert s["mean_rel_dev_nll"] == pytest.approx(0.3)  # (0.03 + 0.03) / 2 / 0.1, not the all-rows trace
+    assert summarise(h, "grpo", None, entropy_key="entropy/exact_policy_rows")["mean_rel_dev_nll"] is None
+
+
 def test_summarise_without_controller_or_target():
     s = summarise(history(entropy__nll=[0.2, 0.1]), "grpo", None)
     assert s["mean_rel_dev"] is None and s["frac_t_high"] is None and s["switches_up"] is None

@@ -302,3 +302,13 @@ def test_flow_summary_line_repeats_the_warning_and_no_artifact_outside_a_flow(tm
 
     monkeypatch.setattr(train, "create_markdown_artifact", refuse)
     train.note_reachability(run, 1)  # a plain call (no flow run context): nothing
+
+
+def test_select_correct_samples_by_reward():
+    import torch
+
+    from aepo_core.core.aepo import select_correct_samples
+
+    assert select_correct_samples(torch.tensor([1.0, 0.0, 1.0, 0.5, 0.51])).tolist() == [0, 2, 4]
+    assert select_correct_samples(torch.tensor([0.0, 0.0])).numel() == 0
+    assert select_correct_samples(torch.tensor([0.2, 0.1]), threshold=0.15).tolist() == [0]

@@ -123,6 +123,14 @@ def test_prepare_selects_positives_and_halves_above_target():
     )
     assert (rows.num_positives, rows.k) == (4, 3)
     assert rows.batch.roles[:3] == ["reinforce"] * 3 and rows.batch.source_index.tolist()[:3] == [0, 1, 2]
+    # regulariser_samples "correct": the correct rows, the all-correct group's too (A_T = 0 there, so
+    # "positives" found none above); never the wrong rows 2 and 3
+    correct = cfg.model_copy(update={"regulariser_samples": "correct"})
+    rows = prepare_update_batch(
+        policy_batch(), make_batch(REG_RESPONSES, [1, 1, 0, 0], 1.2), correct, ControllerState(h_prev=0.2), group_size=2
+    )
+    assert (rows.num_positives, rows.k) == (2, 2)
+    assert rows.batch.roles[:2] == ["reinforce"] * 2 and rows.batch.source_index.tolist()[:2] == [0, 1]
 
 
 def test_reinforce_rows_land_in_first_mini_batch_with_ratio_exactly_one():

@@ -162,6 +162,21 @@ def select_positive_samples(tempered_advantages: Tensor, threshold: float = 0.05
     return torch.nonzero(tempered_advantages > threshold, as_tuple=False).flatten()
 
 
+def select_correct_samples(rewards: Tensor, threshold: float = 0.5) -> Tensor:
+    """Indices of the regulariser rows whose reward exceeds the threshold (regulariser_samples "correct").
+
+    Unlike :func:`select_positive_samples` this keeps the correct rows of all-correct groups (A_T = 0),
+    which are most rows of an accurate policy sampled at a low temperature.
+
+    Args:
+        rewards: [M] rewards of the rows sampled at temperature T (0 / 1 from the verifiers).
+        threshold: strict lower bound (0.5: correct).
+    Returns:
+        [P] long indices in ascending order (P may be 0).
+    """
+    return torch.nonzero(rewards > threshold, as_tuple=False).flatten()
+
+
 def reinforce_count(num_positives: int, K: int, h_prev: float, target: float, halve: bool = True) -> int:
     """k = min(K, |POS|), then k // 2 when h_prev > target and halving is on; 0 when POS is empty."""
     k = min(int(K), int(num_positives))

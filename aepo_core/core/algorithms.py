@@ -37,6 +37,7 @@ from aepo_core.core.aepo import (
     adaptive_integral,
     assemble_batch,
     controller_temperature,
+    select_correct_samples,
     select_positive_samples,
 )
 from aepo_core.core.baselines import (
@@ -267,6 +268,8 @@ class AEPO(Algorithm):
         if c.regulariser_samples == "all":
             # reward-agnostic tempered REINFORCE (a deviation): every row is a candidate, prompt order
             positives = torch.arange(len(regulariser_batch))
+        elif c.regulariser_samples == "correct":
+            positives = select_correct_samples(regulariser_batch.rewards, c.correct_threshold)
         else:
             adv_t = group_advantages(regulariser_batch.rewards, regulariser_group_size or group_size, c.advantage_scaling)
             positives = select_positive_samples(adv_t, c.positive_threshold)
