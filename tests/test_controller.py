@@ -312,3 +312,18 @@ def test_select_correct_samples_by_reward():
     assert select_correct_samples(torch.tensor([1.0, 0.0, 1.0, 0.5, 0.51])).tolist() == [0, 2, 4]
     assert select_correct_samples(torch.tensor([0.0, 0.0])).numel() == 0
     assert select_correct_samples(torch.tensor([0.2, 0.1]), threshold=0.15).tolist() == [0]
+
+
+def test_clamp_side_float32_temperature():
+    """The rollout stores T as float32 (0.6 -> 0.60000002): still at the clamp, for both users."""
+    import torch
+
+    from aepo_core.core.aepo import clamp_side
+
+    t32 = float(torch.tensor(0.6, dtype=torch.float32))
+    assert t32 != 0.6 and clamp_side(t32, below=False, above=True, t_min=0.6, t_max=1.5) == "min"
+    assert clamp_side(1.5, below=True, above=False, t_min=0.6, t_max=1.5) == "max"
+    assert clamp_side(1.5, below=False, above=True, t_min=0.6, t_max=1.5) is None
+    assert clamp_side(None, below=True, above=False, t_min=0.6, t_max=1.5) is None
+    # conditional integration holds at that clamp: e < 0 (h above H*) does not lower I further
+    assert adaptive_integral(0.7, t32, 0.3, 0.2, 0.25, 0.6, 1.5) == 0.7

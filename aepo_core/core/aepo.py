@@ -13,6 +13,7 @@ gradient is plain REINFORCE.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -107,6 +108,26 @@ def adaptive_output(integral: float, h: float, target: float, kp: float, t_min: 
     return float(min(max(integral + kp * relative_error(h, target), t_min), t_max))
 
 
+def clamp_side(temperature: float | None, below: bool, above: bool, t_min: float, t_max: float) -> str | None:
+    """Which clamp an actuator sat at with the error pushing further into it, if any.
+
+    Args:
+        temperature: what the step sampled at (None: no regulariser batch); float32 as the rollout
+            stored it, so the clamps are compared with a 1e-6 relative tolerance (0.6 is 0.60000002).
+        below / above: the entropy the step measured is below / above the target.
+        t_min, t_max: the clamps.
+    Returns:
+        "max" (at t_max with the entropy still below), "min" (at t_min, still above) or None.
+    """
+    if temperature is None:
+        return None
+    if below and (temperature >= t_max or math.isclose(temperature, t_max, rel_tol=1e-6)):
+        return "max"
+    if above and (temperature <= t_min or math.isclose(temperature, t_min, rel_tol=1e-6)):
+        return "min"
+    return None
+
+
 def adaptive_integral(
     integral: float, sampled: float, h: float, target: float, gain: float, t_min: float, t_max: float
 ) -> float:
@@ -127,7 +148,7 @@ def adaptive_integral(
     GRPO sharpens it, the temperature that balances GRPO's pull rises, and I tracks it.
     """
     error = relative_error(h, target)
-    if (sampled >= t_max and error > 0) or (sampled <= t_min and error < 0):
+    if clamp_side(sampled, error > 0, error < 0, t_min, t_max) is not None:
         return float(min(max(integral, t_min), t_max))  # output at a clamp, pushed outwards: hold
     return float(min(max(integral + gain * error, t_min), t_max))
 

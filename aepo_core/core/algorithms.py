@@ -23,7 +23,6 @@ A new algorithm is one subclass with ``@register("name")`` plus its config keys
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -36,6 +35,7 @@ from aepo_core.core.aepo import (
     ControllerState,
     adaptive_integral,
     assemble_batch,
+    clamp_side,
     controller_temperature,
     select_correct_samples,
     select_positive_samples,
@@ -370,14 +370,8 @@ def reachability(
         ``state`` with at_clamp_iterations and clamp_side moved (pure; the state is persisted in
         controller.json, so the count survives a resume).
     """
-    t = decision.temperature
     below = state.h_prev <= target if tie_is_below else state.h_prev < target
-    above = state.h_prev > target
-    side = None
-    if t is not None and below and (t >= t_max or math.isclose(t, t_max, rel_tol=1e-6)):
-        side = "max"
-    elif t is not None and above and (t <= t_min or math.isclose(t, t_min, rel_tol=1e-6)):
-        side = "min"
+    side = clamp_side(decision.temperature, below, state.h_prev > target, t_min, t_max)
     if side is None:
         return replace(state, at_clamp_iterations=0, clamp_side=None)
     count = state.at_clamp_iterations + 1 if state.clamp_side == side else 1
