@@ -133,8 +133,8 @@ class AlgorithmConfig(_Section):
     # (H* - h) / H*; proportional gain: the temperature offset per unit of relative error. T sets the
     # *rate* at which entropy moves, so integral action alone oscillates (measured: target 0.08,
     # gain 0.25, T wound up to 1.45 and entropy overshot 25%); the proportional term damps it.
-    adaptive_gain: float = Field(0.1, ge=0.0, description="adaptive controller: integral gain (dT/iteration per unit relative error)")
-    adaptive_kp: float = Field(2.0, ge=0.0, description="adaptive controller: proportional gain (dT per unit relative error)")
+    adaptive_gain: float = Field(0.05, ge=0.0, description="adaptive controller: integral gain (dT/iteration per unit relative error)")
+    adaptive_kp: float = Field(1.0, ge=0.0, description="adaptive controller: proportional gain (dT per unit relative error)")
     # Iterations the actuator may sit at a clamp, the error keeping its sign, before the entropy stage
     # says the target is not reached (aepo_core.core.algorithms.reachability).
     reach_window: int = Field(10, ge=1)

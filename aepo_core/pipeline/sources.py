@@ -15,14 +15,7 @@ from aepo_core.config import Config, DataConfig
 from aepo_core.io.datasets import load_file_split
 from aepo_core.io.models import is_hub_id
 from aepo_core.task.base_policy import ensure_base_policy
-from aepo_core.task.synthetic import (
-    Problem,
-    choice_metrics,
-    parse_terms,
-    response_tokens,
-    synthetic_table,
-    uniform_valid_entropy,
-)
+from aepo_core.task.synthetic import parse_terms, synthetic_table, task_profile
 
 
 def load_prompt_table(data: DataConfig, split: str) -> pa.Table:
@@ -66,8 +59,4 @@ def task_metrics(data: DataConfig, model, tokenizer, prompts: list[str], prompt_
     terms = [parse_terms(p) for p in prompts]
     if any(t is None for t in terms):  # a user prompt file named "synthetic"? say nothing rather than guess
         return {}
-    out = choice_metrics(model, tokenizer, prompt_ids, response_ids, terms)
-    out["choice/uniform_valid_entropy"] = uniform_valid_entropy(
-        [Problem("", t) for t in terms], lambda p: response_tokens(tokenizer, p)
-    )
-    return out
+    return task_profile(model, tokenizer, prompt_ids, response_ids, terms)

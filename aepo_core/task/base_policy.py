@@ -209,9 +209,8 @@ def profile_policy(
     """What a policy does on the held-out split of the embedded task, sampled at T = 1.
 
     Returns accuracy (avg@n), the token-mean nll entropy (nats/token) of the sampled responses, the
-    valid-choice metrics of :func:`synthetic.choice_metrics`, and ``uniform_valid_entropy``: the
-    entropy of a policy that answers right and picks uniformly among the valid next terms (the upper
-    reference of a correct policy).
+    valid-choice metrics and ``uniform_valid_entropy`` (the upper reference of a correct policy) of
+    :func:`synthetic.task_profile`.
     """
     from aepo_core.io.engines.base import SamplingRequest
     from aepo_core.io.engines.hf import HFRolloutEngine
@@ -227,7 +226,7 @@ def profile_policy(
     out = engine.generate([SamplingRequest(ids, n=n, max_new_tokens=max_new_tokens) for ids in prompts], seed=seed)
     judged = SyntheticVerifier().judge_batch([c.text for c in out], [problems[c.request_index].answer for c in out])
     logp = [lp for c in out for lp in c.logprobs]
-    stats = synthetic.choice_metrics(
+    stats = synthetic.task_profile(
         model, tokenizer, [prompts[c.request_index] for c in out], [c.token_ids for c in out],
         [problems[c.request_index].terms for c in out],
     )
@@ -235,6 +234,6 @@ def profile_policy(
         "accuracy": sum(j.reward for j in judged) / len(judged),
         "entropy_nll": -sum(logp) / len(logp),
         "response_tokens": len(logp) / len(out),
+        "uniform_valid_entropy": stats.pop("choice/uniform_valid_entropy"),
         **stats,
-        "uniform_valid_entropy": synthetic.uniform_valid_entropy(problems, lambda p: synthetic.response_tokens(tokenizer, p)),
     }

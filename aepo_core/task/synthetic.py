@@ -280,3 +280,20 @@ def choice_metrics(
         "choice/valid_rate": ok / n_pos,
         "choice/positions": float(n_pos),
     }
+
+
+def task_profile(
+    model, tokenizer, prompt_ids: list[list[int]], response_ids: list[list[int]], terms: list[tuple[int, ...]]
+) -> dict[str, float]:
+    """:func:`choice_metrics` of sampled rows plus ``choice/uniform_valid_entropy``: the entropy
+    (nats/token) of a policy that answers right and picks uniformly among the valid next terms on the
+    rows' prompts, the most a correct policy can have (the upper reference of the entropy targets).
+    What the update stage logs each iteration and `aepo build-base` reports for the base policy.
+
+    Args: as :func:`choice_metrics` ([R] rows each).
+    """
+    out = choice_metrics(model, tokenizer, prompt_ids, response_ids, terms)
+    out["choice/uniform_valid_entropy"] = uniform_valid_entropy(
+        [Problem("", tuple(t)) for t in terms], lambda p: response_tokens(tokenizer, p)
+    )
+    return out
