@@ -44,9 +44,10 @@ def test_base_policy_accuracy_and_entropy_in_band(base_policy_dir):
     cfg = load_config(None, [f"model.path={base_policy_dir}", "evaluation.n=8", "evaluation.temperature=1.0"])
     records, metrics = evaluate_model(cfg, base_policy_dir)
     assert records.num_rows == 8 * cfg.data.synthetic.n_eval
-    # measured on this machine kind: 0.90 (docs/results.md); the band leaves room for other CPUs' numerics
-    assert 0.45 <= metrics["accuracy"] <= 0.95, metrics
-    assert metrics["entropy_nll"] > 0.05, metrics
+    # measured on this machine kind: avg@8 0.90, nll 0.145 (docs/results.md); the bands leave room for
+    # other CPUs' numerics, not for a policy that stopped copying the terms (~0.1) or never explores
+    assert 0.8 <= metrics["accuracy"] <= 0.97, metrics
+    assert 0.1 <= metrics["entropy_nll"] <= 0.2, metrics
     assert metrics["pass_at_8"] > metrics["pass_at_1"]
     assert abs(metrics["pass_at_1"] - metrics["accuracy"]) < 1e-9  # pass@1 is avg@n
     assert metrics["truncated_fraction"] < 0.05
@@ -56,6 +57,6 @@ def test_base_policy_entropy_is_choice_among_valid_answers(base_policy_dir):
     """The build's profile (aepo_base.json): nearly all probability on valid next terms at choice
     positions, real entropy among them, and a total entropy below the uniform-valid ceiling's reach."""
     profile = json.loads((base_policy_dir / "aepo_base.json").read_text())["profile"]
-    assert profile["choice/valid_prob"] >= 0.9, profile
-    assert 0.2 <= profile["choice/valid_entropy"] <= 1.2, profile  # nats among the valid terms
+    assert profile["choice/valid_prob"] >= 0.95, profile  # the issue's bar; measured 0.983
+    assert 0.3 <= profile["choice/valid_entropy"] <= 0.8, profile  # nats among the valid terms; measured 0.52
     assert 0.2 < profile["uniform_valid_entropy"] < 0.3, profile  # log(n!) / tokens for 4-7 terms
