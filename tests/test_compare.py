@@ -201,3 +201,26 @@ def test_markdown_table_has_one_cell_per_column():
     lines = format_table(rows, markdown=True).splitlines()
     cells = [len([c for c in line.replace("\\|", "").split("|")[1:-1]]) for line in lines]
     assert cells == [len(TABLE)] * len(lines) and "\\|H-H*\\|/H*" in lines[0]
+
+
+def test_compare_errors_are_one_line_and_create_nothing(tmp_path):
+    """A mistyped store is refused before MLflow creates it; unknown run ids and malformed filters
+    are one plain sentence (ValueError, which the CLI prints with exit 2), not MLflow's traceback."""
+    from mlflow.tracking import MlflowClient
+
+    from aepo_core.pipeline.compare import compare_runs
+
+    missing = tmp_path / "nope" / "mlflow.db"
+    with pytest.raises(ValueError, match="no MLflow store at"):
+        compare_runs(f"sqlite:///{missing}", tmp_path / "out")
+    assert not missing.parent.exists()
+    with pytest.raises(ValueError, match="no MLflow store at"):
+        compare_runs(f"file://{tmp_path / 'mlruns'}", tmp_path / "out")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)  # a real store with one run in the default experiment name
+    run = client.create_run(client.create_experiment("aepo"))
+    client.log_metric(run.info.run_id, "entropy/nll", 0.1)
+    with pytest.raises(ValueError, match="--run-id deadbeef: no such run"):
+        compare_runs(uri, tmp_path / "out", run_ids=["deadbeef"])
+    with pytest.raises(ValueError, match="is not a valid MLflow filter"):
+        compare_runs(uri, tmp_path / "out", filter_string="tags.algorithm = = 'x")

@@ -409,8 +409,16 @@ def mlflow_histories(client, runs) -> dict[str, History]:
 
 def select_runs(client, experiment: str | None, run_ids: list[str] | None, filter_string: str | None):
     """Top-level MLflow runs by ids, or by experiment (+ optional filter such as "tags.algorithm = 'aepo'")."""
+    from mlflow.exceptions import MlflowException
+
     if run_ids:
-        return [client.get_run(r) for r in run_ids]
+        runs = []
+        for run_id in run_ids:
+            try:
+                runs.append(client.get_run(run_id))
+            except MlflowException:
+                raise ValueError(f"--run-id {run_id}: no such run in this tracking store") from None
+        return runs
     name = experiment or "aepo"
     exp = client.get_experiment_by_name(name)
     if exp is None:
@@ -418,7 +426,30 @@ def select_runs(client, experiment: str | None, run_ids: list[str] | None, filte
     query = "tags.mlflow.parentRunId IS NULL"
     if filter_string:
         query = f"{query} and {filter_string}"
-    return client.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time ASC"])
+    try:
+        return client.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time ASC"])
+    except MlflowException as exc:
+        # MLflow's parser message names the offending token; its first line is the useful part
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"--filter {filter_string!r} is not a valid MLflow filter: {first}") from None
+
+
+def existing_store(tracking_uri: str) -> str:
+    """The tracking URI, checked to name a store that exists when it is a local file or folder (a
+    read-only command must not create an empty store where the user mistyped a path).
+
+    Raises:
+        ValueError: naming the missing sqlite file or file-store folder.
+    """
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise ValueError(f"no MLflow store at {path} (tracking URI {tracking_uri})")
+    elif tracking_uri.startswith("file:"):
+        path = Path(tracking_uri.removeprefix("file://").removeprefix("file:"))
+        if not path.is_dir():
+            raise ValueError(f"no MLflow store at {path} (tracking URI {tracking_uri})")
+    return tracking_uri
 
 
 def compare_runs(tracking_uri: str, out_dir: str | Path, experiment: str | None = None,
@@ -428,7 +459,7 @@ def compare_runs(tracking_uri: str, out_dir: str | Path, experiment: str | None 
     :func:`plot_histories`)."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(existing_store(tracking_uri))
     runs = select_runs(client, experiment, run_ids, filter_string)
     if not runs:
         raise ValueError("no runs matched")
