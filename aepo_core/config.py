@@ -8,6 +8,7 @@ fail with a `ConfigError` that names the key and the file (or the override) it c
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -239,6 +240,21 @@ class Config(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _warn_inert_settings(self) -> Config:
+        # KL-Cov penalises |log pi - log pi_old| on its tokens: with one optimiser step per rollout
+        # the step is on-policy, the penalty is 0 and so is its gradient (sign(0) = 0), so the run is
+        # plain GRPO (measured: the sweep's kl-cov-s0 equals grpo-s0 to every printed digit).
+        if self.algorithm.name == "kl_cov" and self.trainer.mini_batches == 1:
+            warnings.warn(
+                "algorithm.name=kl_cov with trainer.mini_batches=1: every update step is on-policy, where "
+                "KL-Cov's penalty |log pi - log pi_old| and its gradient are 0, so this trains plain GRPO; "
+                "set trainer.mini_batches to 2 or more for KL-Cov to act",
+                UserWarning,
+                stacklevel=2,
+            )
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

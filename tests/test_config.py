@@ -92,3 +92,16 @@ def test_shipped_configs_are_valid():
     assert shipped, "data/configs holds the documented example configs"
     for path in shipped:
         load_config(path)
+
+
+def test_kl_cov_on_policy_warns():
+    """KL-Cov with one optimiser step per rollout is plain GRPO: the config says so; with two
+    mini-batches it does not."""
+    import warnings
+
+    with pytest.warns(UserWarning, match="kl_cov with trainer.mini_batches=1"):
+        load_config(None, ["algorithm.name=kl_cov"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(None, ["algorithm.name=kl_cov", "trainer.mini_batches=2"])
+        load_config(None, ["algorithm.name=grpo"])
