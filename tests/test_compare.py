@@ -224,3 +224,15 @@ def test_compare_errors_are_one_line_and_create_nothing(tmp_path):
         compare_runs(uri, tmp_path / "out", run_ids=["deadbeef"])
     with pytest.raises(ValueError, match="is not a valid MLflow filter"):
         compare_runs(uri, tmp_path / "out", filter_string="tags.algorithm = = 'x")
+
+
+def test_temperature_plot_draws_the_steps_taken(tmp_path):
+    """Bang-bang's two-level temperature is drawn as it was chosen: no running mean inventing 0.96."""
+    bb = history(rollout__regulariser_temperature=[1.2, 0.8, 0.8, 1.2, 0.8])
+    figures = {}
+    plot_histories({"bb": bb}, tmp_path, smooth=5, figures=figures)
+    (temperature,) = figures["temperature"]["axes"]
+    assert temperature["legend"] == ["bb"] and len(temperature["lines"]) == 1
+    (line,) = temperature["lines"]
+    assert line["drawstyle"] == "steps-post" and set(line["y"]) == {0.8, 1.2}
+    assert line["x"] == [0.0, 1.0, 2.0, 3.0, 4.0] and line["y"] == [1.2, 0.8, 0.8, 1.2, 0.8]

@@ -68,7 +68,7 @@ def summarise(
     mean |H - H*| / H* over the second half of the iterations, also by each estimator of the same rows
     (`mean_rel_dev_nll`, `mean_rel_dev_exact`); for AEPO the fraction of iterations
     sampled at T_high (when T_high != T_low), the temperature switches up and down, mean k and mean
-    positives found; wall time.
+    positives found; the stages' summed seconds (not wall time).
     """
     evals = _values(history, "eval/accuracy")
     entropy = _values(history, entropy_key)
@@ -118,7 +118,9 @@ def summarise(
         "switches_down": down,
         "mean_k": statistics.fmean(ks) if ks else None,
         "mean_positives": statistics.fmean(positives) if positives else None,
-        "wall_s": sum(_values(history, "time/iteration_s")) or None,
+        # the stages' own seconds summed (time/iteration_s), not wall time: orchestration, tracking
+        # and the base build are outside it
+        "stage_s": sum(_values(history, "time/iteration_s")) or None,
         "final_accuracy_by_source": by_source or None,
     }
 
@@ -129,7 +131,7 @@ TABLE = {  # summary key -> column head
     "best_accuracy": "best avg@n", "entropy_first": "H first", "entropy_last": "H last",
     "entropy_fall": "H fall", "valid_entropy_fall": "Hvalid fall", "valid_prob_last": "p(valid)", "mean_rel_dev": "|H-H*|/H*", "mean_rel_dev_nll": "dev nll", "mean_rel_dev_exact": "dev exact", "frac_t_high": "at T_high",
     "switches_up": "T up", "switches_down": "T down", "mean_k": "mean k", "mean_positives": "positives",
-    "wall_s": "wall s",
+    "stage_s": "stage s",
 }
 
 
@@ -247,7 +249,8 @@ def plot_histories(
     """One PNG per trace in PLOTS, every run on the same axes; entropy targets drawn dashed, each run's
     entropy in the estimator its target is stated in (`entropy_keys`, default nll). Per-iteration
     traces are drawn faint with their `smooth`-iteration running mean on top (one iteration's value
-    is a noisy estimate from one batch); evaluations are drawn as points. `figures`, when given,
+    is a noisy estimate from one batch); evaluations are drawn as points, the regulariser
+    temperature as the steps the controller took. `figures`, when given,
     receives :func:`describe_figure` of each plot written, keyed by its stem."""
     plt = _pyplot()
 
@@ -268,6 +271,10 @@ def plot_histories(
             steps, values = [s for s, _ in points], [v for _, v in points]
             if key.startswith("eval/"):
                 ax.plot(steps, values, "o-", color=color, label=name, lw=1.4, ms=3)
+            elif stem == "temperature":
+                # a decision held for one iteration (bang-bang's is two-level): drawn as the steps it
+                # took, never averaged into values it never had
+                ax.step(steps, values, where="post", color=color, label=name, lw=1.2)
             else:
                 ax.plot(steps, values, "-", color=color, lw=0.6, alpha=0.25)
                 ax.plot(steps, running_mean(values, smooth), "-", color=color, label=name, lw=1.4)
