@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from aepo_core.pipeline.stages import prepare_rerun, stale_stages
+from aepo_core.pipeline.stages import metric_changes, prepare_rerun, stale_stages
 from aepo_core.pipeline.tracking import Tracker
 from flows.train import train
 from tasks import STAGE_TASKS
@@ -34,6 +34,8 @@ def _rerun(run, iteration: int, stage: str, downstream: bool, overrides: list[st
     cfg = run.config()
     stale = stale_stages(run, cfg, 0)  # a config override can reach earlier iterations too
     print(f"reran {stage} of iteration {iteration}: output {'changed' if changed else 'unchanged'}")
+    for line in metric_changes(before["metrics"] if before else None, run.manifest(iteration, stage)["metrics"]):
+        print(f"  {line}")
     tracker = Tracker(run, cfg)
     tracker.open()
     if overrides:

@@ -64,13 +64,17 @@ def test_rerun_with_nothing_changed_keeps_everything_valid(runs):
     assert [s for s, _ in _history(aepo, "reward/reward_mean")] == [0, 1]
 
 
-def test_rerun_evaluate_with_new_settings_replaces_its_points(runs):
+def test_rerun_evaluate_with_new_settings_replaces_its_points(runs, capsys):
     from flows.rerun import rerun_stage
 
     _, aepo, _ = runs
     run = RunDir(aepo["run_dir"])
+    old_n = run.manifest(1, "evaluate")["metrics"]["n"]
+    capsys.readouterr()
     result = rerun_stage(aepo["run_dir"], 1, "evaluate", overrides=["evaluation.n=3"])
     assert result["changed"] and result["stale"] == []
+    # the new metrics are printed next to the old ones
+    assert f"  n: {old_n:.4g} -> 3" in capsys.readouterr().out
     assert pq.read_table(run.stage_dir(1, "evaluate") / "eval.parquet").num_rows == 12 * 3
     assert run.config().evaluation.n == 3
     history = _history(aepo, "eval/n")

@@ -62,3 +62,17 @@ def test_every_stage_reads_only_declared_keys(algorithm, base_policy_dir, tmp_pa
         undeclared = sorted(k for k in seen.get(name, ()) if not _declared(k, record.config_keys))
         assert not undeclared, f"stage {name!r} reads undeclared config keys {undeclared}"
         assert seen.get(name), f"stage {name!r} read no config key at all: the recorder is not in the way"
+
+
+def test_metric_changes_hand_values():
+    from aepo_core.pipeline.stages import metric_changes
+
+    before = {"accuracy": 0.8125, "pass_at_8": 1.0, "n": 8.0, "generate_seconds": 3.0, "ok": True}
+    after = {"accuracy": 0.84375, "pass_at_8": 1.0, "n": 16.0, "generate_seconds": 5.0, "tokens_per_s": 9.0,
+             "bad_gold": 0.0, "ok": False, "label": "x"}
+    # unchanged, timing, bool and text metrics left out; a metric new to the stage shows "-"
+    assert metric_changes(before, after) == ["accuracy: 0.8125 -> 0.8438", "bad_gold: - -> 0", "n: 8 -> 16"]
+    assert metric_changes(None, {"a": 1.0}) == ["a: - -> 1"]
+    many = {f"m{i:02d}": float(i) for i in range(20)}
+    out = metric_changes(None, many, limit=3)
+    assert out[:3] == ["m00: - -> 0", "m01: - -> 1", "m02: - -> 2"] and out[3] == "... and 17 more"

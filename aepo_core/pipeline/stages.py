@@ -668,6 +668,33 @@ STAGES = tuple(PIPELINE)  # the names, in order
 
 
 # ------------------------------------------------------------------------------------- reruns
+def metric_changes(before: dict[str, Any] | None, after: dict[str, Any], limit: int = 16) -> list[str]:
+    """What a rerun changed in a stage's metrics, one line each: "accuracy: 0.8125 -> 0.8438".
+
+    Args:
+        before: the stage's metrics before the rerun (None: it had not run); after: now.
+        limit: most lines (the rest are counted in a last line).
+    Returns:
+        Lines for the numeric metrics that differ, in name order (new ones as "- -> value", seconds
+        and throughput left out: they change on every run).
+    """
+    before = before or {}
+    noisy = ("seconds", "_s", "per_s")
+    lines = []
+    for key in sorted(after):
+        new = after[key]
+        if isinstance(new, bool) or not isinstance(new, int | float) or key.endswith(noisy):
+            continue
+        old = before.get(key)
+        if isinstance(old, int | float) and not isinstance(old, bool) and old == new:
+            continue
+        old_text = f"{old:.4g}" if isinstance(old, int | float) and not isinstance(old, bool) else "-"
+        lines.append(f"{key}: {old_text} -> {new:.4g}")
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
+    return lines
+
+
 def stale_stages(run: RunDir, cfg: Config, from_iteration: int = 0) -> list[tuple[int, str]]:
     """(iteration, stage) pairs that were done but no longer match what they read, directly or
     through a stale stage before them."""
