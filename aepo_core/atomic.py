@@ -42,7 +42,8 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         exc = exc.__cause__ or exc.__context__
 
 
-def _human(n: int) -> str:
+def human_bytes(n: int) -> str:
+    """A byte count for people: "512 B", "13.2 MiB"."""
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if size < 1024 or unit == "TiB":
@@ -51,7 +52,8 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-def _bytes_under(path: Path) -> int:
+def bytes_under(path: Path) -> int:
+    """Bytes in the file `path`, or in every file under the folder `path` (unreadable ones skipped)."""
     if path.is_file():
         return path.stat().st_size
     total = 0
@@ -81,10 +83,10 @@ def disk_full_error(exc: BaseException, final: Path, partial: Path | None, neede
         free = -1
     if not full and free >= _LOW_FREE:
         return None  # a short write with plenty of space: not a full disk, keep the original error
-    written = _bytes_under(partial) if partial is not None and partial.exists() else 0
-    need = f"about {_human(needed)}" if needed else f"at least {_human(written)} (written before it failed)"
+    written = bytes_under(partial) if partial is not None and partial.exists() else 0
+    need = f"about {human_bytes(needed)}" if needed else f"at least {human_bytes(written)} (written before it failed)"
     return DiskFull(
-        f"no space left on device writing {final}: needs {need}, {_human(max(free, 0))} free on its file system; "
+        f"no space left on device writing {final}: needs {need}, {human_bytes(max(free, 0))} free on its file system; "
         "free some space and run the same command again (it resumes here)"
     )
 

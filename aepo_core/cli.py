@@ -230,7 +230,9 @@ def run_cmd(
         show_progress=progress,
     )
     uri = result["tracking_uri"]
-    typer.echo(f"run directory: {result['run_dir']}")
+    from aepo_core.atomic import bytes_under, human_bytes
+
+    typer.echo(f"run directory: {result['run_dir']} ({human_bytes(bytes_under(Path(result['run_dir'])))} on disk)")
     typer.echo(f"MLflow: run {result['mlflow_run_id']} in {uri} (experiment '{result['experiment']}')")
     if uri.startswith("sqlite:///"):
         typer.echo(f"open the MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")

@@ -229,6 +229,11 @@ class RunConfig(_Section):
     iterations: int = Field(30, ge=1)
     runs_root: str = "runs"
     name: str | None = None  # None: derived from algorithm and target
+    # retention (aepo_core.pipeline.retention): what each update stage's outputs cost on disk
+    keep_optimizer_states: int = Field(1, ge=1, description="optimiser states kept: the newest N updates' (resume needs 1)")
+    keep_policies_every: int | None = Field(
+        None, ge=1, description="keep the policy of every N-th iteration (None: tracking.save_every); the newest, "
+        "evaluated and last ones are always kept")
 
 
 class Config(_Section):

@@ -16,6 +16,7 @@ from aepo_core.config import Config
 from aepo_core.core.algorithms import make_algorithm
 from aepo_core.io.engines import release_shared_engine
 from aepo_core.pipeline.compare import plot_histories, summarise
+from aepo_core.pipeline.retention import prune
 from aepo_core.pipeline.rundir import RunDir
 from aepo_core.pipeline.stages import is_stage_complete, open_run, stages_of
 from aepo_core.pipeline.tracking import Tracker, run_history
@@ -174,6 +175,7 @@ def _train(run: RunDir, show_progress: bool) -> dict:
             policy = run.stage_dir(i, "update") / "policy"
             upload = (i + 1) % cfg.tracking.save_every == 0 or last
             tracker.log_checkpoint(i, policy, run.digest(i, "update"), upload=upload)
+            prune(run, cfg, i)  # after the checkpoint is recorded: retention keeps what MLflow uploads
             print(summary_line(run, i, time.perf_counter() - started, skipped), flush=True)
         report(run, cfg, tracker)
     except BaseException:

@@ -186,3 +186,24 @@ def test_callers_use_only_what_the_protocol_declares():
     assert {"generate", "tokenizer", "show_progress"} <= set(used)  # the scan sees the stages' uses
     undeclared = {a: where for a, where in used.items() if a not in attributes | methods}
     assert not undeclared, f"engine members used but not declared in RolloutEngine: {undeclared}"
+
+
+def test_rows_that_finish_leave_the_batch_without_changing_the_others(tiny_model, tokenizer):
+    """Budgets 3, 6 and 10: rows drop out of the running batch (and its KV cache) at different steps;
+    every row is what it is generated alone, and its log-probs are the model's."""
+    prompts = ["Add: 1 2", "Add: 7 5 9 3", "Add: 4 4 4"]
+    reqs = [SamplingRequest(chat_prompt_ids(tokenizer, p), n=2, temperature=0.0, top_p=1.0, max_new_tokens=m)
+            for p, m in zip(prompts, (3, 10, 6), strict=True)]
+    sizes = []
+    hook = tiny_model.register_forward_pre_hook(lambda m, a, kw: sizes.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        together = HFRolloutEngine(tiny_model, tokenizer).generate(reqs, seed=0)
+    finally:
+        hook.remove()
+    # the prompt pass and steps 1-2 on 6 rows, steps 3-5 on 4, steps 6-9 on 2: 10 passes in all
+    assert sizes == [6, 6, 6, 4, 4, 4, 2, 2, 2, 2]
+    alone = HFRolloutEngine(tiny_model, tokenizer, batch_size=1).generate(reqs, seed=0)
+    assert [len(c.token_ids) for c in together] == [3, 3, 10, 10, 6, 6]  # the untrained model emits no EOS here
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    for a, b in zip(together, alone, strict=True):
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)

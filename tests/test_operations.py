@@ -17,8 +17,11 @@ def runs(base_policy_dir, tmp_path_factory, prefect_harness, tiny_overrides):
     from flows.train import train
 
     root = tmp_path_factory.mktemp("ops")
-    aepo = train(overrides=tiny_overrides(base_policy_dir, root), iterations=2)
-    grpo = train(overrides=tiny_overrides(base_policy_dir, root) + ["algorithm.name=grpo"], iterations=2)
+    # these tests rerun, damage and recompute iteration 0 after iteration 1: keep all its outputs
+    # (retention's defaults, which prune them, are tested in test_retention.py)
+    keep = tiny_overrides(base_policy_dir, root) + ["run.keep_optimizer_states=2", "run.keep_policies_every=1"]
+    aepo = train(overrides=keep, iterations=2)
+    grpo = train(overrides=keep + ["algorithm.name=grpo"], iterations=2)
     return root, aepo, grpo
 
 

@@ -357,6 +357,9 @@ def test_a_killed_run_leaves_no_process_and_no_leftovers_and_a_second_writer_is_
     run_dir = root / "killed"
     cmd = [sys.executable, "-m", "aepo_core.cli", "run", "--run-dir", str(run_dir), "--iterations", "50", "--no-progress"]
     cmd += tiny_overrides(base_policy_dir, root)  # 50 iterations: still running when it is killed
+    # the restart below shortens the run to 1 iteration, which makes iteration 0 the last and due for
+    # evaluation: its policy must not have been pruned in the meantime (retention keeps the last one)
+    cmd += ["run.keep_policies_every=1"]
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(REPO))
     env.pop("PREFECT_API_URL", None)  # as a user would: Prefect's temporary server
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

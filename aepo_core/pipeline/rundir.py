@@ -92,6 +92,12 @@ def folder_digest(folder: Path) -> str:
     return combine_digests(file_digests(folder))
 
 
+def is_pruned(name: str, pruned: dict[str, Any]) -> bool:
+    """Whether the stage file `name` (relative, as in a manifest's "files") is covered by a manifest's
+    "pruned" entries: a file name, or a folder name ending in "/"."""
+    return any(name == p or (p.endswith("/") and name.startswith(p)) for p in pruned)
+
+
 def _remember(folder: Path, files: dict[str, str]) -> None:
     """Record digests computed on a temporary folder under the names it was renamed to."""
     for name, digest in files.items():
@@ -184,15 +190,34 @@ class RunDir:
         if combine_digests(files) == manifest.get("digest"):
             return None
         recorded = manifest.get("files")
+        pruned = manifest.get("pruned", {})
         if isinstance(recorded, dict):
             for name in sorted(set(recorded) | set(files)):
+                if name in recorded and is_pruned(name, pruned):
+                    continue  # deleted by retention on purpose (or about to be): not damage
                 if name not in files:
                     return f"{folder / name} is missing (damaged stage)"
                 if name not in recorded:
                     return f"{folder / name} was not written by this stage (damaged stage)"
                 if files[name] != recorded[name]:
                     return f"{folder / name} differs from the digest in its {MANIFEST} (damaged stage)"
+            if pruned:
+                return None  # every file kept is as recorded; the rest was pruned
         return f"{folder}: its files differ from the digest in its {MANIFEST} (damaged stage)"
+
+    def mark_pruned(self, iteration: int, stage: str, names: list[str], setting: str) -> None:
+        """Record in the stage's manifest that `names` (a file, or a folder as "policy/") are deleted
+        on purpose, by the retention `setting`, before deleting them: a crash in between leaves a
+        file the manifest calls pruned (harmless), never a missing file it does not (damage). The
+        stage's digest is unchanged, so what downstream recorded still matches."""
+        manifest = self.manifest(iteration, stage)
+        if manifest is None:
+            raise StageNotReady(f"{self.stage_dir(iteration, stage)} has no {MANIFEST}")
+        pruned = manifest.setdefault("pruned", {})
+        at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        for name in names:
+            pruned.setdefault(name, {"setting": setting, "at": at})
+        atomic_write_text(self.stage_dir(iteration, stage) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
 
     def is_complete(self, iteration: int, stage: str, upstream: dict[str, str]) -> bool:
         found = self.manifest(iteration, stage)

@@ -35,6 +35,7 @@ from aepo_core.io.models import load_policy, load_tokenizer, resolve_device, wri
 from aepo_core.io.prompts import encode_prompts
 from aepo_core.io.verifiers import make_verifier
 from aepo_core.pipeline.evaluation import evaluate_model, write_source_names
+from aepo_core.pipeline.retention import PrunedArtifact, pruned_need
 from aepo_core.pipeline.rundir import (
     LOCK_FILE,
     DamagedStage,
@@ -263,6 +264,34 @@ def upstream(run: RunDir, cfg: Config, iteration: int, stage: str) -> dict[str, 
     return ups
 
 
+def stage_inputs(run: RunDir, cfg: Config, iteration: int, stage: str) -> dict[str, str]:
+    """What a stage about to run reads: its upstream digests (`upstream`), after checking that no
+    file it opens was deleted by retention (PrunedArtifact names it and the setting)."""
+    problem = pruned_need(run, iteration, stage, PIPELINE[stage].needs)
+    if problem:
+        raise PrunedArtifact(problem)
+    return upstream(run, cfg, iteration, stage)
+
+
+def check_rerun_possible(run: RunDir, cfg: Config, iteration: int, stage: str) -> None:
+    """Refuse (PrunedArtifact) a rerun of `stage` at `iteration` when it, or a later stage that its
+    new output could make stale and that would then be recomputed, needs a file retention pruned.
+    The stages recomputed in that chain write their outputs again, so only needs outside it count;
+    an evaluation feeds nothing, so it can be rerun whenever its policy is kept."""
+    chain = {(iteration, stage)}
+    for i in range(iteration, cfg.run.iterations):
+        for name in stages_of(cfg, i):
+            if any((i + d, source) in chain for d, source in PIPELINE[name].reads):
+                chain.add((i, name))
+    for i, name in sorted(chain, key=lambda item: (item[0], STAGES.index(item[1]))):
+        problem = pruned_need(run, i, name, PIPELINE[name].needs, skip=chain - {(i, name)})
+        if problem and (i, name) != (iteration, stage):
+            head, hint = problem.split("; ", 1)
+            problem = f"{head} (rerunning {stage} of iteration {iteration} can change what it reads, so it would be recomputed); {hint}"
+        if problem:
+            raise PrunedArtifact(problem)
+
+
 def verified_base_digest(run: RunDir) -> str:
     """base.json's digest, after checking the starting policy's folder still has it."""
     base = run.read_json("base.json")
@@ -307,7 +336,7 @@ def prepare(run: RunDir, iteration: int) -> dict[str, Any]:
     """This iteration's prompts: the next slice of a seeded per-epoch permutation of the train split."""
     started = time.perf_counter()
     cfg = run.config()
-    ups = upstream(run, cfg, iteration, "prepare")
+    ups = stage_inputs(run, cfg, iteration, "prepare")
     table = pq.read_table(run.dataset_path("train"))
     size, per_batch = table.num_rows, cfg.rollout.prompts_per_batch
     perms: dict[int, np.ndarray] = {}  # a batch spans at most a few epochs
@@ -329,7 +358,7 @@ def rollout(run: RunDir, iteration: int, show_progress: bool = False) -> dict[st
     batch (the first reg_prompt_fraction of prompts at the controller's temperature) in one call."""
     started = time.perf_counter()
     cfg = run.config()
-    ups = upstream(run, cfg, iteration, "rollout")
+    ups = stage_inputs(run, cfg, iteration, "rollout")
     prompts = pq.read_table(run.stage_dir(iteration, "prepare") / "prompts.parquet")
     decision = controller_decision(run, cfg, iteration)
     engine = shared_engine(cfg, policy_dir(run, iteration))
@@ -385,7 +414,7 @@ def reward(run: RunDir, iteration: int) -> dict[str, Any]:
     """Verify every response against its prompt's gold answer."""
     started = time.perf_counter()
     cfg = run.config()
-    ups = upstream(run, cfg, iteration, "reward")
+    ups = stage_inputs(run, cfg, iteration, "reward")
     prompts = pq.read_table(run.stage_dir(iteration, "prepare") / "prompts.parquet")
     rollouts = pq.read_table(run.stage_dir(iteration, "rollout") / "rollouts.parquet", columns=["row_id", "prompt_index", "batch", "text"])
     answers = prompts.column("answer").to_pylist()
@@ -483,7 +512,7 @@ def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str
     """One AEPO (or baseline) update on this iteration's rollouts; saves policy, optimiser, batch record."""
     started = time.perf_counter()
     cfg = run.config()
-    ups = upstream(run, cfg, iteration, "update")
+    ups = stage_inputs(run, cfg, iteration, "update")
     rollouts = pq.read_table(run.stage_dir(iteration, "rollout") / "rollouts.parquet")
     rewards = pq.read_table(run.stage_dir(iteration, "reward") / "rewards.parquet")
     if rewards.column("row_id").to_pylist() != rollouts.column("row_id").to_pylist():
@@ -567,7 +596,7 @@ def entropy(run: RunDir, iteration: int) -> dict[str, Any]:
     """Record the entropy the update measured and decide the next iteration's temperature and k cap."""
     started = time.perf_counter()
     cfg = run.config()
-    ups = upstream(run, cfg, iteration, "entropy")
+    ups = stage_inputs(run, cfg, iteration, "entropy")
     measured = run.manifest(iteration, "update")["metrics"]
     a = cfg.algorithm
     algo = make_algorithm(a)
@@ -613,7 +642,7 @@ def evaluate_stage(run: RunDir, iteration: int) -> dict[str, Any]:
     """Held-out accuracy of this iteration's policy at the configured temperature, n and length."""
     started = time.perf_counter()
     cfg = run.config()
-    ups = upstream(run, cfg, iteration, "evaluate")
+    ups = stage_inputs(run, cfg, iteration, "evaluate")
     policy = run.stage_dir(iteration, "update") / "policy"
     table = pq.read_table(run.dataset_path("eval"))
     records, results = evaluate_model(cfg, policy, table, engine=shared_engine(cfg, policy))
@@ -636,6 +665,8 @@ class Stage:
         tests/test_stage_keys.py fails when a stage reads a key not declared here.
     run: the stage function ``run(run_dir, iteration) -> metrics``.
     progress: whether ``run`` takes ``show_progress`` (progress bars).
+    needs: the files it opens in what it reads, as (iteration offset, stage, name; a folder ends in
+        "/"): what retention must not have deleted for it to run (aepo_core.pipeline.retention).
     """
 
     name: str
@@ -643,6 +674,7 @@ class Stage:
     config_keys: tuple[str, ...]
     run: Callable[..., dict[str, Any]]
     progress: bool = False
+    needs: tuple[tuple[int, str, str], ...] = ()
 
 
 # The pipeline, in order. The dataset snapshot (prepare, evaluate) and the starting policy are read
@@ -652,16 +684,18 @@ PIPELINE: dict[str, Stage] = {
     for s in (
         Stage("prepare", (), ("rollout.prompts_per_batch", "rollout.seed"), prepare),
         Stage("rollout", ((0, "prepare"), (-1, "update"), (-1, "entropy")),
-              ("model", "data.prompt_suffix", "rollout", "algorithm", "trainer.device"), rollout, progress=True),
+              ("model", "data.prompt_suffix", "rollout", "algorithm", "trainer.device"), rollout, progress=True,
+              needs=((-1, "update", "policy/"),)),
         Stage("reward", ((0, "prepare"), (0, "rollout")), ("data.verifier", "data.math_answer", "rollout.n"), reward),
         # prepare and data.train: the embedded task's metrics read the prompts' terms (task_metrics)
         Stage("update", ((0, "prepare"), (0, "rollout"), (0, "reward"), (-1, "update"), (-1, "entropy")),
-              ("algorithm", "trainer", "rollout.n", "model.trust_remote_code", "data.train"), update, progress=True),
+              ("algorithm", "trainer", "rollout.n", "model.trust_remote_code", "data.train"), update, progress=True,
+              needs=((-1, "update", "policy/"), (-1, "update", "optimizer.pt"))),
         Stage("entropy", ((0, "update"), (-1, "entropy")), ("algorithm",), entropy),
         Stage("evaluate", ((0, "update"),),
               ("model", "evaluation", "data.verifier", "data.math_answer", "data.prompt_suffix", "rollout.engine",
                "rollout.max_new_tokens", "rollout.batch_size", "rollout.vllm", "rollout.seed", "trainer.device"),
-              evaluate_stage),
+              evaluate_stage, needs=((0, "update", "policy/"),)),
     )
 }
 STAGES = tuple(PIPELINE)  # the names, in order
@@ -734,6 +768,7 @@ def prepare_rerun(
     run.acquire_writer()  # RunDirBusy names the process writing this run now
     try:
         upstream(run, cfg, iteration, stage)  # StageNotReady names the missing (or damaged) artifact
+        check_rerun_possible(run, cfg, iteration, stage)  # PrunedArtifact: it or its recomputation needs a pruned file
     except BaseException:
         run.release_writer()
         raise

@@ -298,7 +298,9 @@ class Tracker:
             self.client.set_tag(self.run_id, "config_history", history.read_text()[-4000:])
 
     def log_checkpoint(self, iteration: int, folder: Path, digest: str, upload: bool) -> None:
-        """Record the checkpoint's path and digest (always) and upload its files (when `upload`)."""
+        """Record the checkpoint's path and digest (always) and upload its files (when `upload` and
+        the folder is still there: retention may have pruned it before an MLflow run is rebuilt)."""
+        upload = upload and folder.is_dir()
         rec = self._record()
         known = rec.setdefault("checkpoints", {}).get(f"{iteration:04d}", {})
         if known.get("digest") == digest and (known.get("uploaded") or not upload):

@@ -2,7 +2,8 @@
 
 `model.generate` takes one temperature per call; AEPO needs the policy batch (T=1) and the regulariser
 batch (T_high or T_low) in one pass, so this engine runs its own loop: left-padded prompts, one forward
-pass per generated token over all unfinished rows, sampling done on the whole batch as tensor ops.
+pass per generated token over the unfinished rows only (a finished row leaves the batch and its KV
+cache rows are dropped), sampling done on the whole running batch as tensor ops.
 """
 
 from __future__ import annotations
@@ -118,23 +119,27 @@ class HFRolloutEngine:
         out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
         cache, logits = _cache_of(out), out.logits[:, -1, :].float()
         position = positions[:, -1:]
-        finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
-        hit_eos = torch.zeros_like(finished)
-        tokens, logprobs = [], []
-        for t in range(int(budget.max())):
-            token, logp = sample_tokens(logits, temperature, top_p, generator)
-            token = token.masked_fill(finished, self.pad_id)
-            tokens.append(token)
-            logprobs.append(logp)
-            hit_eos |= ~finished & torch.isin(token, eos)
-            done_before = int(finished.sum()) if bar is not None else 0
-            finished |= hit_eos | (budget <= t + 1)
+        # [R, max budget] results; rows that finish leave the running batch (and the KV cache), so a
+        # step costs what the rows still generating cost, not what the longest row's batch did
+        steps = int(budget.max())
+        token_mat = torch.full((len(rows), steps), self.pad_id, dtype=torch.long, device=device)
+        logp_mat = torch.zeros((len(rows), steps), dtype=torch.float32, device=device)
+        active = torch.arange(len(rows), device=device)  # batch rows still generating, in order
+        for t in range(steps):
+            token, logp = sample_tokens(logits, temperature[active], top_p[active], generator)
+            token_mat[active, t] = token
+            logp_mat[active, t] = logp.float()
+            done = torch.isin(token, eos) | (budget[active] <= t + 1)
             if bar is not None:
-                bar.update(int(finished.sum()) - done_before)
-            if bool(finished.all()):
+                bar.update(int(done.sum()))
+            if bool(done.all()):
                 break
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
             position = position + 1
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(-1)
+                active, token, attention, position = active[keep], token[keep], attention[keep], position[keep]
+                cache.batch_select_indices(keep)
             out = self.model(
                 input_ids=token.unsqueeze(-1),
                 attention_mask=attention,
@@ -144,8 +149,7 @@ class HFRolloutEngine:
             )
             cache, logits = _cache_of(out), out.logits[:, -1, :].float()
 
-        token_mat = torch.stack(tokens, dim=1).cpu()
-        logp_mat = torch.stack(logprobs, dim=1).float().cpu()
+        token_mat, logp_mat = token_mat.cpu(), logp_mat.cpu()
         eos_set = set(self.eos_ids)
         completions = []
         for r, (i, j, req) in enumerate(rows):

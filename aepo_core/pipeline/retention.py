@@ -1,0 +1,115 @@
+"""Checkpoint retention: which of the update stages' outputs a run keeps, and pruning the rest.
+
+Every update stage writes `policy/` (13 MB on the embedded default, ~15 GB for a 7B model in bf16)
+and `optimizer.pt` (AdamW's two moments: twice the policy in fp32). Kept, after each iteration:
+
+- `optimizer.pt` of the newest `run.keep_optimizer_states` updates (resume needs the newest);
+- `policy/` of the newest update (the next rollout samples it), of every iteration i with
+  (i + 1) % `run.keep_policies_every` == 0 (default `tracking.save_every`: the checkpoints MLflow
+  uploads), of every iteration with an evaluation (the policy its numbers describe) and of the last.
+
+What is deleted is first recorded in the stage's manifest ("pruned": name -> setting, time), so the
+stage stays complete with the same digest and nothing downstream turns stale (`RunDir.damage` does
+not count a pruned file as damage). A stage that needs a pruned file to run, or a rerun whose
+recomputation would, is refused before anything is touched (`stages.stage_inputs`,
+`stages.check_rerun_possible`), naming the file and the setting that keeps it.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from aepo_core.atomic import bytes_under
+from aepo_core.config import Config
+from aepo_core.errors import UserError
+from aepo_core.pipeline.rundir import RunDir, is_pruned
+
+POLICY, OPTIMIZER = "policy/", "optimizer.pt"
+SETTING = {POLICY: "run.keep_policies_every", OPTIMIZER: "run.keep_optimizer_states"}
+
+
+class PrunedArtifact(UserError):
+    """A stage needs a file that retention deleted."""
+
+
+def policies_every(cfg: Config) -> int:
+    """run.keep_policies_every, or tracking.save_every when unset."""
+    return cfg.run.keep_policies_every or cfg.tracking.save_every
+
+
+def keeps(cfg: Config, name: str, iteration: int, newest: int, evaluated: bool) -> bool:
+    """Whether retention keeps update output `name` (POLICY or OPTIMIZER) of `iteration` once
+    iteration `newest` has finished (iteration <= newest); `evaluated`: the iteration has an
+    evaluation."""
+    if name == OPTIMIZER:
+        return iteration > newest - cfg.run.keep_optimizer_states
+    return (
+        iteration == newest
+        or (iteration + 1) % policies_every(cfg) == 0
+        or evaluated
+        or iteration == cfg.run.iterations - 1
+    )
+
+
+def prune(run: RunDir, cfg: Config, newest: int) -> int:
+    """Delete the update outputs of iterations before `newest` that retention does not keep.
+
+    Args:
+        run: the run directory (the caller holds its writer lock).
+        cfg: the run's config (run.keep_optimizer_states, run.keep_policies_every).
+        newest: the iteration that has just finished (all its stages done).
+    Returns:
+        Bytes freed.
+    """
+    freed = 0
+    for i in run.iterations_present():
+        if i >= newest:
+            continue
+        manifest = run.manifest(i, "update")
+        if manifest is None:
+            continue
+        already = manifest.get("pruned", {})
+        folder = run.stage_dir(i, "update")
+        evaluated = run.manifest(i, "evaluate") is not None
+        doomed = [name for name in (POLICY, OPTIMIZER)
+                  if name not in already and not keeps(cfg, name, i, newest, evaluated) and (folder / name).exists()]
+        if not doomed:
+            continue
+        run.mark_pruned(i, "update", doomed, ", ".join(SETTING[name] for name in doomed))
+        for name in doomed:
+            path = folder / name
+            freed += bytes_under(path)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    return freed
+
+
+def pruned_need(
+    run: RunDir, iteration: int, stage: str, needs: tuple[tuple[int, str, str], ...],
+    skip: set[tuple[int, str]] = frozenset(),
+) -> str | None:
+    """What `stage` of `iteration` needs that retention deleted, as one sentence naming the file and
+    the setting that keeps it; None if nothing.
+
+    Args:
+        needs: what the stage opens, as (iteration offset, stage, file name; a folder ends in "/")
+            (aepo_core.pipeline.stages.Stage.needs).
+        skip: (iteration, stage) pairs recomputed before this one: needs on them do not count.
+    """
+    for offset, source, name in needs:
+        i = iteration + offset
+        if i < 0 or (i, source) in skip:
+            continue
+        manifest = run.manifest(i, source)
+        if manifest is not None and is_pruned(name, manifest.get("pruned", {})):
+            path = run.stage_dir(i, source) / name.rstrip("/")
+            return f"{stage} of iteration {iteration} needs {path}, which retention pruned; {HINT[name]}"
+    return None
+
+
+HINT = {
+    OPTIMIZER: "run.keep_optimizer_states=N keeps the newest N optimiser states (set it when a run starts)",
+    POLICY: "run.keep_policies_every=1 keeps every policy (set it when a run starts)",
+}
