@@ -199,7 +199,11 @@ class TrainerConfig(_Section):
     weight_decay: float = Field(0.01, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
     mini_batches: int = Field(1, ge=1, description="optimizer steps per rollout (1 PPO epoch)")
-    micro_batch_size: int | None = Field(None, ge=1, description="rows per forward pass; None: whole mini-batch")
+    micro_batch_size: int | None = Field(None, ge=1, description="most rows per forward pass; None: no row cap")
+    # micro-batches are built to this many (padded) tokens, rows sorted by length to cut padding
+    # (aepo_core.core.update.split_micro); None: micro_batch_size rows in order (the whole mini-batch)
+    max_tokens_per_micro_batch: int | None = Field(
+        16384, ge=1, description="padded tokens (rows x longest row) per forward pass; None: row count only")
     grad_clip: float = Field(1.0, gt=0.0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -229,11 +233,14 @@ class RunConfig(_Section):
     iterations: int = Field(30, ge=1)
     runs_root: str = "runs"
     name: str | None = None  # None: derived from algorithm and target
+    # torch's intra-op threads (None: torch's default, the cores in this process's affinity mask).
+    # Several runs on one machine: give each cores / runs, or their threads spin against each other
+    threads: int | None = Field(None, ge=1, description="torch threads of this process (None: the cores it may use)")
     # retention (aepo_core.pipeline.retention): what each update stage's outputs cost on disk
     keep_optimizer_states: int = Field(1, ge=1, description="optimiser states kept: the newest N updates' (resume needs 1)")
     keep_policies_every: int | None = Field(
-        None, ge=1, description="keep the policy of every N-th iteration (None: tracking.save_every); the newest, "
-        "evaluated and last ones are always kept")
+        None, ge=1, description="keep the policy of every N-th iteration (None: tracking.save_every); the newest "
+        "and the last are always kept")
 
 
 class Config(_Section):

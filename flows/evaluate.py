@@ -11,7 +11,10 @@ from prefect.artifacts import create_markdown_artifact
 
 from aepo_core.config import load_config
 from aepo_core.pipeline.evaluation import write_evaluation
+from aepo_core.pipeline.processes import use_threads
+from aepo_core.pipeline.retention import PrunedArtifact, pruned_need
 from aepo_core.pipeline.rundir import RunDir
+from aepo_core.pipeline.stages import PIPELINE
 
 
 def _latest_policy(run: RunDir) -> tuple[Path, int]:
@@ -39,6 +42,9 @@ def evaluate(
             path, iteration = _latest_policy(run)
         else:
             path = run.stage_dir(iteration, "update") / "policy"
+            problem = pruned_need(run, iteration, "evaluate", PIPELINE["evaluate"].needs)
+            if problem:  # retention deleted it: say so, not "no such model"
+                raise PrunedArtifact(problem)
         default_out = run.root / "evaluations" / f"iter_{iteration:04d}-{time.strftime('%Y%m%d-%H%M%S')}"
     elif model_path:
         cfg = load_config(config, overrides or [])
@@ -46,6 +52,7 @@ def evaluate(
         default_out = Path("evaluations") / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     else:
         raise ValueError("give model_path or run_dir")
+    use_threads(cfg.run.threads)
     out = Path(output) if output else default_out
     metrics = write_evaluation(cfg, path, out)
     create_markdown_artifact(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from aepo_core.pipeline.processes import use_threads
 from aepo_core.pipeline.stages import metric_changes, prepare_rerun, stale_stages
 from aepo_core.pipeline.tracking import Tracker
 from flows.train import train
@@ -28,6 +29,7 @@ def rerun_stage(
 
 
 def _rerun(run, iteration: int, stage: str, downstream: bool, overrides: list[str] | None) -> dict:
+    use_threads(run.config().run.threads)
     before = run.manifest(iteration, stage)
     STAGE_TASKS[stage](str(run.root), iteration)
     changed = before is None or before["digest"] != run.digest(iteration, stage)

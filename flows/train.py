@@ -16,6 +16,7 @@ from aepo_core.config import Config
 from aepo_core.core.algorithms import make_algorithm
 from aepo_core.io.engines import release_shared_engine
 from aepo_core.pipeline.compare import plot_histories, summarise
+from aepo_core.pipeline.processes import use_threads
 from aepo_core.pipeline.retention import prune
 from aepo_core.pipeline.rundir import RunDir
 from aepo_core.pipeline.stages import is_stage_complete, open_run, stages_of
@@ -157,6 +158,7 @@ def train(
 
 def _train(run: RunDir, show_progress: bool) -> dict:
     cfg = run.config()
+    use_threads(cfg.run.threads)
     tracker = Tracker(run, cfg)
     tracker.open()
     print(f"run directory {run.root}  (MLflow run {tracker.run_id} at {tracker.uri})")

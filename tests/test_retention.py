@@ -16,12 +16,13 @@ def test_what_is_kept_computed_by_hand():
                              "run.keep_optimizer_states=2"])
     newest = 7
     # optimiser states: the newest two (6, 7)
-    assert [i for i in range(newest + 1) if keeps(cfg, OPTIMIZER, i, newest, False)] == [6, 7]
-    # policies: every 4th iteration (3, 7), the evaluated ones ((i + 1) % 5 == 0: 4), the newest (7)
-    assert [i for i in range(newest + 1) if keeps(cfg, POLICY, i, newest, (i + 1) % 5 == 0)] == [3, 4, 7]
+    assert [i for i in range(newest + 1) if keeps(cfg, OPTIMIZER, i, newest)] == [6, 7]
+    # policies: every 4th iteration (3, 7) and the newest (5 while 5 is the newest)
+    assert [i for i in range(newest + 1) if keeps(cfg, POLICY, i, newest)] == [3, 7]
+    assert [i for i in range(6) if keeps(cfg, POLICY, i, 5)] == [3, 5]
     # the last iteration's is always kept; keep_policies_every overrides save_every
     cfg = load_config(None, ["run.iterations=10", "run.keep_policies_every=3"])
-    assert [i for i in range(10) if keeps(cfg, POLICY, i, 9, False)] == [2, 5, 8, 9]
+    assert [i for i in range(10) if keeps(cfg, POLICY, i, 9)] == [2, 5, 8, 9]
 
 
 @pytest.mark.slow
@@ -35,7 +36,7 @@ def test_a_run_prunes_resumes_and_refuses_reruns_that_need_what_it_pruned(
     result = train(overrides=overrides, iterations=4)
     run = RunDir(result["run_dir"])
     present = {i: sorted(p.name for p in run.stage_dir(i, "update").iterdir()) for i in range(4)}
-    # optimiser: the newest only; policies: every 2nd (1, 3), the evaluated and last one (3)
+    # optimiser: the newest only; policies: every 2nd (1, 3) and the last (3)
     assert present[0] == [MANIFEST, "update_batch.parquet"]
     assert "optimizer.pt" not in present[1] and "policy" in present[1]
     assert "optimizer.pt" not in present[2] and "policy" not in present[2]
@@ -56,7 +57,7 @@ def test_a_run_prunes_resumes_and_refuses_reruns_that_need_what_it_pruned(
     train(run_dir=result["run_dir"], iterations=5)
     assert (run.stage_dir(4, "update") / "optimizer.pt").is_file()
     assert not (run.stage_dir(3, "update") / "optimizer.pt").exists()
-    assert (run.stage_dir(3, "update") / "policy").is_dir()  # evaluated at iteration 3: kept
+    assert (run.stage_dir(3, "update") / "policy").is_dir()  # every 2nd: kept
 
     # reruns that need a pruned file are refused before anything changes, naming it and the setting
     config = run.config_path.read_text()
@@ -70,6 +71,13 @@ def test_a_run_prunes_resumes_and_refuses_reruns_that_need_what_it_pruned(
         rerun_stage(result["run_dir"], 1, "reward")
     with pytest.raises(PrunedArtifact, match=r"evaluate of iteration 2 needs .*iter_0002/update/policy.*keep_policies_every"):
         rerun_stage(result["run_dir"], 2, "evaluate")
+    from aepo_core.pipeline.diagnostics import PolicyNotFound, entropy_push
+    from flows.evaluate import evaluate
+
+    with pytest.raises(PrunedArtifact, match=r"iter_0002/update/policy, which retention pruned"):
+        evaluate(run_dir=result["run_dir"], iteration=2)
+    with pytest.raises(PolicyNotFound, match=r"iter_0002/update/policy, which retention pruned"):
+        entropy_push(None, [], run.root, 3, None)
     assert run.config_path.read_text() == config
     assert {str(p): p.stat().st_mtime_ns for p in run.root.rglob(MANIFEST)} == mtimes
     # what nothing downstream depends on and is kept can be rerun

@@ -87,6 +87,17 @@ def test_split_in_order():
     assert split_micro(range(3, 8), None) == [range(3, 8)]
 
 
+def test_split_micro_to_a_token_budget_by_hand():
+    lengths = [5, 9, 3, 9, 4, 12]
+    # sorted by length: rows 2 (3), 4 (4), 0 (5), 1 (9), 3 (9), 5 (12); packed while rows x longest <= 20
+    assert split_micro(range(6), None, 20, lengths) == [[2, 4, 0], [1, 3], [5]]
+    assert split_micro(range(6), 2, 20, lengths) == [[2, 4], [0, 1], [3], [5]]  # and at most 2 rows
+    assert split_micro(range(3, 6), None, 20, lengths) == [[4, 3], [5]]  # a mini-batch's rows only
+    assert split_micro(range(1), None, 20, [30]) == [[0]]  # a row over the budget is never dropped
+    with pytest.raises(ValueError, match="lengths"):
+        split_micro(range(6), None, 20)
+
+
 def test_autocast_dtype_choice(monkeypatch):
     import aepo_core.core.update as update
 
@@ -475,8 +486,11 @@ def test_step_does_not_depend_on_the_micro_batch_partition(algo):
     if algo.name != "aepo":
         reg = None
     grads, steps, metrics = {}, {}, {}
-    for micro in (None, 1, 2, 3):
-        trainer = TrainerConfig(lr=1e-2, grad_clip=1e9, micro_batch_size=micro)
+    # rows per micro-batch (in order), or a token budget (rows sorted by length, packed)
+    partitions = {None: {}, 1: {"micro_batch_size": 1}, 2: {"micro_batch_size": 2}, 3: {"micro_batch_size": 3},
+                  "tokens 24": {"max_tokens_per_micro_batch": 24}, "tokens 48": {"max_tokens_per_micro_batch": 48}}
+    for micro, how in partitions.items():
+        trainer = TrainerConfig(lr=1e-2, grad_clip=1e9, **{"max_tokens_per_micro_batch": None, **how})
         grads[micro], res = _record_grads(tiny_qwen(), batch, algo, trainer, reg=reg)
         model = tiny_qwen()
         before = [p.detach().clone() for p in model.parameters()]
@@ -484,7 +498,7 @@ def test_step_does_not_depend_on_the_micro_batch_partition(algo):
         steps[micro] = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)])
         metrics[micro] = res.metrics
     assert steps[None].norm() > 0
-    for micro in (1, 2, 3):
+    for micro in list(partitions)[1:]:
         _assert_grads_close(grads[micro][0], grads[None][0])
         torch.testing.assert_close(steps[micro], steps[None], atol=1e-6, rtol=1e-5)
         for key in ("entropy/nll", "entropy/exact", "loss/total", "actor/clip_frac", "entropy/nll_policy_rows"):

@@ -12,7 +12,8 @@ Order of work (aepo-algorithm.md, steps 4 and 8-13):
      mini/micro-batch partition the update uses, so the first mini-batch's ratio is exactly 1; also
      the exact entropy of pi_old (entropy_adv) and the reference log-probs (kl_coef > 0).
   4. X is split IN ORDER into trainer.mini_batches mini-batches (no shuffling), each into
-     micro-batches of trainer.micro_batch_size rows with gradient accumulation; one optimiser step
+     micro-batches with gradient accumulation, built to trainer.max_tokens_per_micro_batch padded
+     tokens from rows sorted by length (and at most trainer.micro_batch_size rows); one optimiser step
      with grad-norm clipping per mini-batch. If the k REINFORCE rows do not fit in the first
      mini-batch, a warning says how many spill into later (off-policy) mini-batches.
   5. Entropy (both estimators, at T = 1) is measured on the update's own forward passes: the mean
@@ -56,7 +57,7 @@ import functools
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,18 +148,51 @@ def split_in_order(num_rows: int, parts: int) -> list[range]:
     return out
 
 
-def split_micro(rows: range, micro_batch_size: int | None) -> list[range]:
-    """Consecutive chunks of at most micro_batch_size rows of ``rows`` (one chunk when None)."""
-    if micro_batch_size is None or micro_batch_size >= len(rows):
-        return [rows]
-    return [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+def split_micro(
+    rows: range, micro_batch_size: int | None, max_tokens: int | None = None, lengths: Sequence[int] | None = None
+) -> list[Sequence[int]]:
+    """One mini-batch's rows as micro-batches (each a forward/backward pass with gradient accumulation).
+
+    Args:
+        rows: the mini-batch's rows (consecutive).
+        micro_batch_size: most rows per micro-batch (None: no cap).
+        max_tokens: most padded tokens per micro-batch, rows x its longest row (None: chunks of
+            micro_batch_size consecutive rows, the whole mini-batch when that is None too).
+        lengths: [B] each row's length in tokens (prompt + response); needed with max_tokens.
+    Returns:
+        Row index sequences covering ``rows`` once each. With max_tokens the rows are sorted by length
+        (ties in row order) and packed greedily, so rows of similar length share a micro-batch and
+        little compute goes to padding; a row longer than max_tokens is a micro-batch of its own
+        (never dropped). The loss normaliser is the mini-batch's, so the gradient does not depend on
+        this partition (module docstring).
+    """
+    if max_tokens is None:
+        size = micro_batch_size or len(rows)
+        return [rows[i : i + size] for i in range(0, len(rows), size)] or [rows]
+    if lengths is None:
+        raise ValueError("split_micro: max_tokens needs the rows' lengths")
+    out: list[list[int]] = []
+    current: list[int] = []
+    for r in sorted(rows, key=lambda r: lengths[r]):
+        full = micro_batch_size is not None and len(current) >= micro_batch_size
+        if current and (full or (len(current) + 1) * lengths[r] > max_tokens):
+            out.append(current)
+            current = []
+        current.append(r)  # sorted by length: row r is the longest of its micro-batch so far
+    return out + [current] if current else out
 
 
-def _partition(num_rows: int, trainer_cfg: TrainerConfig) -> list[list[range]]:
+def _partition(lengths: Sequence[int], trainer_cfg: TrainerConfig) -> list[list[Sequence[int]]]:
+    """Mini-batches (consecutive, in order) of micro-batches (:func:`split_micro`) of the batch's rows."""
     return [
-        split_micro(mb, trainer_cfg.micro_batch_size)
-        for mb in split_in_order(num_rows, trainer_cfg.mini_batches)
+        split_micro(mb, trainer_cfg.micro_batch_size, trainer_cfg.max_tokens_per_micro_batch, lengths)
+        for mb in split_in_order(len(lengths), trainer_cfg.mini_batches)
     ]
+
+
+def _span(micro: list[Sequence[int]]) -> range:
+    """The consecutive rows of a mini-batch, from its micro-batches."""
+    return range(min(min(rows) for rows in micro), max(max(rows) for rows in micro) + 1)
 
 
 # ---------------------------------------------------------------------------------------- temperatures
@@ -222,7 +256,7 @@ def compute_logprobs(
     Args:
         model: HF causal LM.
         batch: [B, L] on the model's device.
-        partition: mini-batches of micro-batch row ranges (use the update's partition so the
+        partition: mini-batches of micro-batches of row indices (use the update's partition so the
             numerics of the first mini-batch match the update exactly).
         chunk: sequence chunk for the log-softmax.
         amp_dtype: autocast dtype or None.
@@ -240,13 +274,14 @@ def compute_logprobs(
     try:
         for micro in partition:
             for rows in micro:
-                mb = batch.select(list(rows)).trimmed()
-                temps = temperatures[rows.start : rows.stop] if temperatures is not None else None
+                idx = torch.as_tensor(list(rows), dtype=torch.long, device=device)
+                mb = batch.select(idx).trimmed()
+                temps = temperatures[idx] if temperatures is not None else None
                 with _autocast(device, amp_dtype):
                     lp, _, h = _forward(model, mb, chunk, temps, with_entropy, entropy_grad=False)
-                logp[rows.start : rows.stop, : mb.seq_len] = lp.float()
+                logp[idx, : mb.seq_len] = lp.float()
                 if with_entropy:
-                    ent[rows.start : rows.stop, : mb.seq_len] = h.float()
+                    ent[idx, : mb.seq_len] = h.float()
     finally:
         model.train(was_training)
     return logp, ent
@@ -329,9 +364,8 @@ class _Normalisers:
     all: float
 
 
-def _normalisers(batch: SequenceBatch, is_reinforce: Tensor, micro: list[range], cfg: AlgorithmConfig) -> _Normalisers:
-    span = slice(micro[0].start, micro[-1].stop)
-    mask, reinforce = batch.response_mask[span], is_reinforce[span]
+def _normalisers(batch: SequenceBatch, is_reinforce: Tensor, span: range, cfg: AlgorithmConfig) -> _Normalisers:
+    mask, reinforce = batch.response_mask[span.start : span.stop], is_reinforce[span.start : span.stop]
     grpo, reinf = role_normalisers(mask, reinforce, cfg.combine == "add", cfg.loss_agg, cfg.loss_constant)
     return _Normalisers(grpo, reinf, loss_normaliser(mask, cfg.loss_agg, cfg.loss_constant))
 
@@ -450,7 +484,7 @@ def update_step(
     # steps 4 and 8-10: advantages, and the algorithm's own rows (AEPO: positives, k, assembly)
     prepared = algo.prepare_batch(policy_batch, regulariser_batch, decision, group_size, regulariser_group_size)
     batch = prepared.batch.to(device)
-    partition = _partition(len(batch), trainer_cfg)
+    partition = _partition(batch.attention_mask.sum(dim=1).tolist(), trainer_cfg)
     _warn_spilled_reinforce_rows(prepared.k, partition, len(batch), trainer_cfg)
     temps = scoring_temperatures(batch)
     temps = temps.to(device) if temps is not None else None
@@ -479,14 +513,16 @@ def update_step(
         with dropout_disabled(policy):
             for mb_index, micro in enumerate(partition):
                 optimizer.zero_grad(set_to_none=True)
-                norms = _normalisers(batch, is_reinforce, micro, cfg)  # known before the first forward
+                span = _span(micro)
+                norms = _normalisers(batch, is_reinforce, span, cfg)  # known before the first forward
                 losses: dict[str, float] = defaultdict(float)
                 for rows in micro:
-                    row_mini_batch[rows.start : rows.stop] = [mb_index] * len(rows)
+                    for r in rows:
+                        row_mini_batch[r] = mb_index
                     if not any(row_tokens[r] for r in rows):
                         continue  # no response token: no gradient, nothing to measure
-                    sel = slice(rows.start, rows.stop)
-                    mb = batch.select(list(rows)).trimmed()
+                    sel = torch.as_tensor(list(rows), dtype=torch.long, device=device)
+                    mb = batch.select(sel).trimmed()
                     mask = mb.response_mask
                     with _autocast(device, amp):
                         logp, logp_t1, entropy = _forward(
@@ -519,7 +555,6 @@ def update_step(
                     meter.micro_batch(logp, logp_t1, old, entropy, mask, is_reinforce[sel], ind)
                     if progress is not None:
                         progress(len(rows))
-                span = range(micro[0].start, micro[-1].stop)
                 if any(row_tokens[r] for r in span):
                     has = {row_is_reinforce[r] for r in span if row_tokens[r]}
                     meter.mini_batch(losses, False in has, True in has, cfg.combine == "add")

@@ -530,9 +530,10 @@ def resolve_target(
     --model PATH: that HF folder, the given config, its train split. Neither: model.path or the
     embedded base policy. PolicyNotFound (exit 2) names what is missing.
     """
+    from aepo_core.pipeline.retention import pruned_need
     from aepo_core.pipeline.rundir import RunDir
     from aepo_core.pipeline.sources import load_prompt_table
-    from aepo_core.pipeline.stages import policy_dir
+    from aepo_core.pipeline.stages import PIPELINE, policy_dir
 
     if run_dir is not None and model is not None:
         raise UserError("give either --run-dir (with --iteration) or --model, not both")
@@ -566,6 +567,9 @@ def resolve_target(
             f"iteration {iteration}'s policy does not exist yet: the update of iteration {iteration - 1} "
             f"has not finished in {run.root}"
         )
+    problem = pruned_need(run, iteration, "rollout", PIPELINE["rollout"].needs)  # the policy iteration starts from
+    if problem:
+        raise PolicyNotFound(problem)
     path = policy_dir(run, iteration)  # the base for 0, else the previous update's policy
     if not (path / "config.json").is_file():
         raise PolicyNotFound(f"the policy of iteration {iteration}, {path}, is not an HF model folder (no config.json)")

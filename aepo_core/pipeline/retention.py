@@ -6,7 +6,8 @@ and `optimizer.pt` (AdamW's two moments: twice the policy in fp32). Kept, after 
 - `optimizer.pt` of the newest `run.keep_optimizer_states` updates (resume needs the newest);
 - `policy/` of the newest update (the next rollout samples it), of every iteration i with
   (i + 1) % `run.keep_policies_every` == 0 (default `tracking.save_every`: the checkpoints MLflow
-  uploads), of every iteration with an evaluation (the policy its numbers describe) and of the last.
+  uploads) and of the last. An evaluation reads its policy when it runs, in the same iteration;
+  rerunning an old one needs the policy kept (`run.keep_policies_every`, e.g. = evaluation.every).
 
 What is deleted is first recorded in the stage's manifest ("pruned": name -> setting, time), so the
 stage stays complete with the same digest and nothing downstream turns stale (`RunDir.damage` does
@@ -37,18 +38,12 @@ def policies_every(cfg: Config) -> int:
     return cfg.run.keep_policies_every or cfg.tracking.save_every
 
 
-def keeps(cfg: Config, name: str, iteration: int, newest: int, evaluated: bool) -> bool:
+def keeps(cfg: Config, name: str, iteration: int, newest: int) -> bool:
     """Whether retention keeps update output `name` (POLICY or OPTIMIZER) of `iteration` once
-    iteration `newest` has finished (iteration <= newest); `evaluated`: the iteration has an
-    evaluation."""
+    iteration `newest` has finished (iteration <= newest)."""
     if name == OPTIMIZER:
         return iteration > newest - cfg.run.keep_optimizer_states
-    return (
-        iteration == newest
-        or (iteration + 1) % policies_every(cfg) == 0
-        or evaluated
-        or iteration == cfg.run.iterations - 1
-    )
+    return iteration == newest or (iteration + 1) % policies_every(cfg) == 0 or iteration == cfg.run.iterations - 1
 
 
 def prune(run: RunDir, cfg: Config, newest: int) -> int:
@@ -70,9 +65,8 @@ def prune(run: RunDir, cfg: Config, newest: int) -> int:
             continue
         already = manifest.get("pruned", {})
         folder = run.stage_dir(i, "update")
-        evaluated = run.manifest(i, "evaluate") is not None
         doomed = [name for name in (POLICY, OPTIMIZER)
-                  if name not in already and not keeps(cfg, name, i, newest, evaluated) and (folder / name).exists()]
+                  if name not in already and not keeps(cfg, name, i, newest) and (folder / name).exists()]
         if not doomed:
             continue
         run.mark_pruned(i, "update", doomed, ", ".join(SETTING[name] for name in doomed))
