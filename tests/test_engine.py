@@ -207,3 +207,21 @@ def test_rows_that_finish_leave_the_batch_without_changing_the_others(tiny_model
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
     for a, b in zip(together, alone, strict=True):
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+
+
+def test_a_seeded_request_samples_the_same_alone_or_in_any_batch(tiny_model, tokenizer):
+    """Per-response random streams: at T = 1.3 a seeded request's responses do not depend on the
+    other requests of the call, their order, the engine's row batching or the call's seed."""
+    reqs = [r for r in _requests(tokenizer, [1.0, 1.3, 0.7], n=3, max_new=8)]
+    seeded = SamplingRequest(reqs[1].prompt_token_ids, n=3, temperature=1.3, max_new_tokens=8, seed=1234)
+    engine = HFRolloutEngine(tiny_model, tokenizer)
+    alone = engine.generate([seeded], seed=0)
+    mixed = engine.generate([reqs[2], seeded, reqs[0]], seed=99)
+    chunked = HFRolloutEngine(tiny_model, tokenizer, batch_size=2).generate([reqs[0], seeded], seed=5)
+    assert len({tuple(c.token_ids) for c in alone}) > 1  # the three samples differ from each other
+    assert [c.token_ids for c in alone] == [c.token_ids for c in mixed if c.request_index == 1]
+    assert [c.token_ids for c in alone] == [c.token_ids for c in chunked if c.request_index == 1]
+    # unseeded requests: the call's seed and the request's position decide, not the row batching
+    whole = engine.generate(reqs, seed=7)
+    in_twos = HFRolloutEngine(tiny_model, tokenizer, batch_size=2).generate(reqs, seed=7)
+    assert [c.token_ids for c in whole] == [c.token_ids for c in in_twos]

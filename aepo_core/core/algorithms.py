@@ -260,19 +260,34 @@ class AEPO(Algorithm):
             state, c.target_entropy, c.entropy_estimator, c.entropy_rows, *clamps, c.reach_window, entropy_ceiling
         )
 
+    def regulariser_candidates(self, rewards: Tensor, group_size: int) -> Tensor:
+        """Indices of the regulariser rows the REINFORCE term may train, in prompt order: the update
+        trains the first k of them, k = min(K, their number) (halved above H* under bang-bang).
+
+        Args:
+            rewards: [M] rewards of the regulariser batch (groups of group_size consecutive rows).
+            group_size: n of the regulariser batch.
+        Returns:
+            [|POS|] int64 indices, ascending. ``regulariser_samples``: positives (A_T > threshold,
+            the reference), correct (reward > correct_threshold) or all (every row).
+
+        A group's candidates depend on that group only, so once the first K are known the later
+        prompts cannot change the selection (the rollout stops sampling there: `stages.rollout`).
+        """
+        c = self.cfg
+        if c.regulariser_samples == "all":
+            # reward-agnostic tempered REINFORCE (a deviation): every row is a candidate, prompt order
+            return torch.arange(len(rewards))
+        if c.regulariser_samples == "correct":
+            return select_correct_samples(rewards, c.correct_threshold)
+        return select_positive_samples(group_advantages(rewards, group_size, c.advantage_scaling), c.positive_threshold)
+
     def prepare_batch(self, policy_batch, regulariser_batch, decision, group_size, regulariser_group_size=None):
         prepared = super().prepare_batch(policy_batch, None, decision, group_size)
         if regulariser_batch is None or len(regulariser_batch) == 0:
             return prepared
         c = self.cfg
-        if c.regulariser_samples == "all":
-            # reward-agnostic tempered REINFORCE (a deviation): every row is a candidate, prompt order
-            positives = torch.arange(len(regulariser_batch))
-        elif c.regulariser_samples == "correct":
-            positives = select_correct_samples(regulariser_batch.rewards, c.correct_threshold)
-        else:
-            adv_t = group_advantages(regulariser_batch.rewards, regulariser_group_size or group_size, c.advantage_scaling)
-            positives = select_positive_samples(adv_t, c.positive_threshold)
+        positives = self.regulariser_candidates(regulariser_batch.rewards, regulariser_group_size or group_size)
         k = min(int(c.reinforce_sample_num), len(positives))
         if decision.halve_k:
             k //= 2

@@ -15,13 +15,20 @@ from transformers import PreTrainedTokenizerBase
 
 @dataclass(frozen=True)
 class SamplingRequest:
-    """One prompt to sample `n` responses for."""
+    """One prompt to sample `n` responses for.
+
+    seed: this request's own random stream (None: derived from the call's seed and the request's
+    position in the call). With a seed, a request's samples do not depend on what else is sampled
+    with it: the same request alone, in another order or in another batch gives the same responses
+    (HF engine; vLLM on GPUs).
+    """
 
     prompt_token_ids: list[int]
     n: int = 1
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     max_new_tokens: int = 64
+    seed: int | None = None
 
 
 @dataclass

@@ -8,6 +8,7 @@ cache rows are dropped), sampling done on the whole running batch as tensor ops.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from pathlib import Path
 
@@ -18,7 +19,10 @@ from aepo_core.io.engines.base import Completion, SamplingRequest
 
 
 def sample_tokens(
-    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generator: torch.Generator | None
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    generator: torch.Generator | list[torch.Generator] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row.
 
@@ -26,6 +30,8 @@ def sample_tokens(
         logits: [R, V] next-token logits (float32).
         temperature: [R] per-row temperature; 0 means greedy.
         top_p: [R] per-row nucleus mass in (0, 1].
+        generator: one generator for the batch, or one per row (R of them: each row's draw then
+            depends on its own stream only, not on the other rows).
     Returns:
         tokens [R] (int64) and their log-probs [R] under the distribution sampled from (greedy rows: T=1).
     """
@@ -38,7 +44,11 @@ def sample_tokens(
         drop_sorted = mass_before >= top_p.unsqueeze(-1)  # keeps at least the most likely token
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logp = torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
-    sampled = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+    probs = logp.exp()
+    if isinstance(generator, list):
+        sampled = torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generator)])
+    else:
+        sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     tokens = torch.where(greedy, logits.argmax(-1), sampled)
     return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
@@ -80,7 +90,13 @@ class HFRolloutEngine:
         rows = [(i, j, req) for i, req in enumerate(requests) for j in range(req.n)]
         if not rows:
             return []
-        generator = torch.Generator(device=self.device).manual_seed(seed)
+        # one random stream per response, from its request's seed (or the call's seed and the request's
+        # position) and its sample index: a row's tokens never depend on the other rows in the batch
+        generators = [
+            torch.Generator(device=self.device).manual_seed(row_seed(seed if req.seed is None else req.seed,
+                                                                     i if req.seed is None else 0, j))
+            for i, j, req in rows
+        ]
         step = self.batch_size or len(rows)
         bar = None
         if self.show_progress:
@@ -92,7 +108,7 @@ class HFRolloutEngine:
         self.model.eval()
         try:
             for start in range(0, len(rows), step):
-                out.extend(self._generate_rows(rows[start : start + step], generator, bar))
+                out.extend(self._generate_rows(rows[start : start + step], generators[start : start + step], bar))
         finally:
             self.model.train(was_training)
             if bar is not None:
@@ -100,7 +116,7 @@ class HFRolloutEngine:
         return out
 
     @torch.inference_mode()
-    def _generate_rows(self, rows, generator: torch.Generator, bar=None) -> list[Completion]:
+    def _generate_rows(self, rows, generators: list[torch.Generator], bar=None) -> list[Completion]:
         device = self.device
         prompts = [req.prompt_token_ids for _, _, req in rows]
         width = max(len(p) for p in prompts)
@@ -126,7 +142,7 @@ class HFRolloutEngine:
         logp_mat = torch.zeros((len(rows), steps), dtype=torch.float32, device=device)
         active = torch.arange(len(rows), device=device)  # batch rows still generating, in order
         for t in range(steps):
-            token, logp = sample_tokens(logits, temperature[active], top_p[active], generator)
+            token, logp = sample_tokens(logits, temperature[active], top_p[active], [generators[r] for r in active.tolist()])
             token_mat[active, t] = token
             logp_mat[active, t] = logp.float()
             done = torch.isin(token, eos) | (budget[active] <= t + 1)
@@ -169,6 +185,11 @@ class HFRolloutEngine:
                 )
             )
         return completions
+
+
+def row_seed(seed: int, request: int, sample: int) -> int:
+    """The seed of one response's random stream: a hash of (seed, request position, sample index)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{request}/{sample}".encode()).digest()[:8], "little") >> 1
 
 
 def _cache_of(out):

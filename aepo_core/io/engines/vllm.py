@@ -98,7 +98,7 @@ class VLLMRolloutEngine:
                 top_p=r.top_p,
                 max_tokens=r.max_new_tokens,
                 logprobs=0,  # only the sampled token's log-prob
-                seed=seed + i if per_request_seed else None,
+                seed=(r.seed if r.seed is not None else seed + i) if per_request_seed else None,
             )
             for i, r in enumerate(requests)
         ]
