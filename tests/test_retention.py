@@ -37,16 +37,16 @@ def test_a_run_prunes_resumes_and_refuses_reruns_that_need_what_it_pruned(
     run = RunDir(result["run_dir"])
     present = {i: sorted(p.name for p in run.stage_dir(i, "update").iterdir()) for i in range(4)}
     # optimiser: the newest only; policies: every 2nd (1, 3) and the last (3)
-    assert present[0] == [MANIFEST, "update_batch.parquet"]
+    assert present[0] == ["_PRUNED.json", MANIFEST, "update_batch.parquet"]
     assert "optimizer.pt" not in present[1] and "policy" in present[1]
     assert "optimizer.pt" not in present[2] and "policy" not in present[2]
     assert {"optimizer.pt", "policy"} <= set(present[3])
-    manifest = run.manifest(2, "update")
-    assert set(manifest["pruned"]) == {"policy/", "optimizer.pt"}
-    assert "run.keep_optimizer_states" in manifest["pruned"]["optimizer.pt"]["setting"]
-    assert manifest["files"]["optimizer.pt"]  # the record of what was there, and its digest, stay
+    pruned = run.pruned(2, "update")
+    assert set(pruned) == {"policy/", "optimizer.pt"}
+    assert "run.keep_optimizer_states" in pruned["optimizer.pt"]["setting"]
+    assert run.manifest(2, "update")["files"]["optimizer.pt"]  # the record of what was there, and its digest, stay
 
-    # pruned is not damaged: a resume finds every stage done and rewrites nothing
+    # pruned is not damaged: a resume finds every stage done and rewrites nothing (manifests included)
     mtimes = {str(p): p.stat().st_mtime_ns for p in run.root.rglob(MANIFEST)}
     capsys.readouterr()
     train(run_dir=result["run_dir"])

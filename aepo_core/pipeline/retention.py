@@ -9,9 +9,9 @@ and `optimizer.pt` (AdamW's two moments: twice the policy in fp32). Kept, after 
   uploads) and of the last. An evaluation reads its policy when it runs, in the same iteration;
   rerunning an old one needs the policy kept (`run.keep_policies_every`, e.g. = evaluation.every).
 
-What is deleted is first recorded in the stage's manifest ("pruned": name -> setting, time), so the
-stage stays complete with the same digest and nothing downstream turns stale (`RunDir.damage` does
-not count a pruned file as damage). A stage that needs a pruned file to run, or a rerun whose
+What is deleted is first recorded in the stage's `_PRUNED.json` (name -> setting, time); the
+manifest is not touched, so the stage stays complete with the same digest and nothing downstream
+turns stale (`RunDir.damage` does not count a pruned file as damage). A stage that needs a pruned file to run, or a rerun whose
 recomputation would, is refused before anything is touched (`stages.stage_inputs`,
 `stages.check_rerun_possible`), naming the file and the setting that keeps it.
 """
@@ -60,10 +60,9 @@ def prune(run: RunDir, cfg: Config, newest: int) -> int:
     for i in run.iterations_present():
         if i >= newest:
             continue
-        manifest = run.manifest(i, "update")
-        if manifest is None:
+        if run.manifest(i, "update") is None:
             continue
-        already = manifest.get("pruned", {})
+        already = run.pruned(i, "update")
         folder = run.stage_dir(i, "update")
         doomed = [name for name in (POLICY, OPTIMIZER)
                   if name not in already and not keeps(cfg, name, i, newest) and (folder / name).exists()]
@@ -96,8 +95,7 @@ def pruned_need(
         i = iteration + offset
         if i < 0 or (i, source) in skip:
             continue
-        manifest = run.manifest(i, source)
-        if manifest is not None and is_pruned(name, manifest.get("pruned", {})):
+        if is_pruned(name, run.pruned(i, source)):
             path = run.stage_dir(i, source) / name.rstrip("/")
             return f"{stage} of iteration {iteration} needs {path}, which retention pruned; {HINT[name]}"
     return None

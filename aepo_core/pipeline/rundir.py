@@ -44,6 +44,7 @@ from aepo_core.config import Config, load_config
 from aepo_core.errors import EnvironmentFault, UserError
 
 MANIFEST = "_SUCCESS.json"
+PRUNED = "_PRUNED.json"  # what retention deleted from a finished stage (aepo_core.pipeline.retention)
 
 
 LOCK_FILE = ".writer.lock"
@@ -72,10 +73,10 @@ def file_digest(path: Path) -> str:
 
 
 def file_digests(folder: Path) -> dict[str, str]:
-    """{relative name: sha256} of every file under `folder`, the manifest excluded."""
+    """{relative name: sha256} of every file under `folder`, the manifest and the pruning record excluded."""
     return {
         str(path.relative_to(folder)): file_digest(path)
-        for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, PRUNED))
     }
 
 
@@ -93,8 +94,8 @@ def folder_digest(folder: Path) -> str:
 
 
 def is_pruned(name: str, pruned: dict[str, Any]) -> bool:
-    """Whether the stage file `name` (relative, as in a manifest's "files") is covered by a manifest's
-    "pruned" entries: a file name, or a folder name ending in "/"."""
+    """Whether the stage file `name` (relative, as in a manifest's "files") is covered by the
+    entries of a pruning record (`RunDir.pruned`): a file name, or a folder name ending in "/"."""
     return any(name == p or (p.endswith("/") and name.startswith(p)) for p in pruned)
 
 
@@ -190,7 +191,7 @@ class RunDir:
         if combine_digests(files) == manifest.get("digest"):
             return None
         recorded = manifest.get("files")
-        pruned = manifest.get("pruned", {})
+        pruned = self.pruned(iteration, stage)
         if isinstance(recorded, dict):
             for name in sorted(set(recorded) | set(files)):
                 if name in recorded and is_pruned(name, pruned):
@@ -205,19 +206,23 @@ class RunDir:
                 return None  # every file kept is as recorded; the rest was pruned
         return f"{folder}: its files differ from the digest in its {MANIFEST} (damaged stage)"
 
+    def pruned(self, iteration: int, stage: str) -> dict[str, Any]:
+        """What retention deleted from the stage: {name (a folder ends in "/"): {"setting", "at"}}."""
+        path = self.stage_dir(iteration, stage) / PRUNED
+        return json.loads(path.read_text()) if path.is_file() else {}
+
     def mark_pruned(self, iteration: int, stage: str, names: list[str], setting: str) -> None:
-        """Record in the stage's manifest that `names` (a file, or a folder as "policy/") are deleted
-        on purpose, by the retention `setting`, before deleting them: a crash in between leaves a
-        file the manifest calls pruned (harmless), never a missing file it does not (damage). The
-        stage's digest is unchanged, so what downstream recorded still matches."""
-        manifest = self.manifest(iteration, stage)
-        if manifest is None:
+        """Record in the stage's `_PRUNED.json` that `names` (a file, or a folder as "policy/") are
+        deleted on purpose, by the retention `setting`, before deleting them: a crash in between
+        leaves a file the record calls pruned (harmless), never a missing file it does not (damage).
+        The manifest is not touched: the stage keeps its digest and its readers stay valid."""
+        if self.manifest(iteration, stage) is None:
             raise StageNotReady(f"{self.stage_dir(iteration, stage)} has no {MANIFEST}")
-        pruned = manifest.setdefault("pruned", {})
+        pruned = self.pruned(iteration, stage)
         at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         for name in names:
             pruned.setdefault(name, {"setting": setting, "at": at})
-        atomic_write_text(self.stage_dir(iteration, stage) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+        atomic_write_text(self.stage_dir(iteration, stage) / PRUNED, json.dumps(pruned, indent=2, sort_keys=True))
 
     def is_complete(self, iteration: int, stage: str, upstream: dict[str, str]) -> bool:
         found = self.manifest(iteration, stage)
