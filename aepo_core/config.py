@@ -89,6 +89,10 @@ class RolloutConfig(_Section):
     temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int = 0
+    # AEPO's regulariser prompts: "in_order" samples them a few at a time, in prompt order, and stops
+    # once the first K rows the REINFORCE term can train are known (the same rows as sampling them
+    # all: stages.sample_rollout); "all": every one, in the policy batch's engine call (reference code)
+    regulariser_sampling: Literal["in_order", "all"] = "in_order"
     # HF engine: rows sampled in one forward batch (None: all rows at once).
     batch_size: int | None = Field(None, ge=1)
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)

@@ -30,7 +30,7 @@ from aepo_core.core.algorithms import Decision, decision_from_json, decision_to_
 from aepo_core.core.batch import SequenceBatch
 from aepo_core.core.update import make_optimizer, update_step
 from aepo_core.errors import UserError
-from aepo_core.io.engines import SamplingRequest, shared_engine
+from aepo_core.io.engines import Completion, SamplingRequest, shared_engine
 from aepo_core.io.models import load_policy, load_tokenizer, resolve_device, write_policy
 from aepo_core.io.prompts import encode_prompts
 from aepo_core.io.verifiers import make_verifier
@@ -353,9 +353,63 @@ def prepare(run: RunDir, iteration: int) -> dict[str, Any]:
     return metrics
 
 
+def sample_rollout(
+    engine, cfg: Config, policy: list[SamplingRequest], regulariser: list[SamplingRequest], golds: list[str], seed: int
+) -> tuple[list[Completion], int, int]:
+    """The policy requests and, in prompt order, the regulariser requests the REINFORCE term can use.
+
+    Args:
+        engine: the rollout engine; cfg: the run's config.
+        policy: one request per prompt (the policy batch); regulariser: the regulariser batch's
+            requests, prompt order (prompt p of both lists is the same prompt), each with its own seed.
+        golds: the gold answer of each prompt (index p).
+        seed: the engine call's seed.
+    Returns:
+        (completions ordered by request then sample, request_index into policy + regulariser;
+        regulariser prompts sampled; engine calls).
+
+    rollout.regulariser_sampling "all": every regulariser request in the policy batch's engine call
+    (the reference code). "in_order": the update trains the first k <= K candidates of the regulariser
+    rows in prompt order (AEPO.regulariser_candidates; a group's candidates depend on its own rows
+    only), so once K are known no later prompt can change what it trains. The first prompts go with
+    the policy batch (as many as could supply K candidates at best, ceil(K / n)), are verified, and
+    more follow (as many as the candidates found per prompt so far suggest) until K are known or no
+    prompt is left. Each request has its own random stream, so the rows are those sampling them all
+    would give (tests/test_pipeline.py).
+    """
+    if not regulariser or cfg.rollout.regulariser_sampling == "all":
+        return engine.generate(policy + regulariser, seed=seed), len(regulariser), 1
+    algo = make_algorithm(cfg.algorithm)
+    needed, n = int(cfg.algorithm.reinforce_sample_num), cfg.rollout.n
+    verifier = make_verifier(cfg.data.verifier, cfg.data.math_answer)
+    completions, rewards, done, calls = [], [], 0, 0
+    try:
+        while True:
+            found = len(algo.regulariser_candidates(torch.tensor(rewards), n)) if rewards else 0
+            if done == len(regulariser) or (done and found >= needed):
+                return completions, done, calls
+            per_prompt = max(found / done, 1.0) if done else float(n)
+            take = min(len(regulariser) - done, math.ceil((needed - found) / per_prompt))
+            head = policy if calls == 0 else []
+            out = engine.generate(head + regulariser[done : done + take], seed=seed)
+            calls += 1
+            reg_rows = []
+            for c in out:
+                if c.request_index >= len(head):  # a regulariser row: index into policy + regulariser
+                    c.request_index += len(policy) - len(head) + done
+                    reg_rows.append(c)
+            completions += out
+            judged = verifier.judge_batch([c.text for c in reg_rows], [golds[c.request_index - len(policy)] for c in reg_rows])
+            rewards += [j.reward for j in judged]
+            done += take
+    finally:
+        verifier.close()
+
+
 def rollout(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str, Any]:
     """Sample the policy batch (n per prompt at rollout.temperature) and, for AEPO, the regulariser
-    batch (the first reg_prompt_fraction of prompts at the controller's temperature) in one call."""
+    batch (of the first reg_prompt_fraction of prompts, at the controller's temperature; in prompt
+    order until the REINFORCE term has its rows: `sample_rollout`)."""
     started = time.perf_counter()
     cfg = run.config()
     ups = stage_inputs(run, cfg, iteration, "rollout")
@@ -364,19 +418,23 @@ def rollout(run: RunDir, iteration: int, show_progress: bool = False) -> dict[st
     engine = shared_engine(cfg, policy_dir(run, iteration))
     engine.show_progress = show_progress
     r = cfg.rollout
+    seed = _seed(r.seed, iteration)
     prompt_ids = encode_prompts(engine.tokenizer, prompts.column("prompt").to_pylist(), cfg.data.prompt_suffix)
-    requests = [SamplingRequest(ids, r.n, r.temperature, r.top_p, r.max_new_tokens) for ids in prompt_ids]
-    roles = [POLICY] * len(requests)
+    # one random stream per (batch, prompt): a response does not depend on what is sampled with it
+    policy = [SamplingRequest(ids, r.n, r.temperature, r.top_p, r.max_new_tokens, seed=_seed(seed, 0, p))
+              for p, ids in enumerate(prompt_ids)]
+    regulariser = []
     reg_temperature = make_algorithm(cfg.algorithm).regulariser_temperature(decision)
     if reg_temperature is not None:
         num_reg = math.ceil(cfg.algorithm.reg_prompt_fraction * len(prompt_ids))
-        requests += [
-            SamplingRequest(ids, r.n, reg_temperature, r.top_p, r.max_new_tokens) for ids in prompt_ids[:num_reg]
-        ]
-        roles += [REGULARISER] * num_reg
+        regulariser = [SamplingRequest(ids, r.n, reg_temperature, r.top_p, r.max_new_tokens, seed=_seed(seed, 1, p))
+                       for p, ids in enumerate(prompt_ids[:num_reg])]
     gen_started = time.perf_counter()
-    completions = engine.generate(requests, seed=_seed(r.seed, iteration))
+    completions, reg_prompts, calls = sample_rollout(
+        engine, cfg, policy, regulariser, prompts.column("answer").to_pylist(), seed)
     seconds = time.perf_counter() - gen_started
+    requests = policy + regulariser
+    roles = [POLICY] * len(policy) + [REGULARISER] * len(regulariser)
     num_prompts = len(prompt_ids)
     pids = prompts.column("id").to_pylist()
     table = pa.table(
@@ -395,7 +453,7 @@ def rollout(run: RunDir, iteration: int, show_progress: bool = False) -> dict[st
         }
     )
     tokens = sum(len(c.token_ids) for c in completions)
-    params = {"regulariser_temperature": reg_temperature, "seed": _seed(r.seed, iteration)}
+    params = {"regulariser_temperature": reg_temperature, "seed": seed}
     with run.publish(iteration, "rollout", ups, params, started=started) as (tmp, metrics):
         pq.write_table(table, tmp / "rollouts.parquet")
         metrics.update(
@@ -405,6 +463,8 @@ def rollout(run: RunDir, iteration: int, show_progress: bool = False) -> dict[st
             response_tokens_mean=tokens / max(1, len(completions)),
             truncated_fraction=sum(c.finish_reason == "length" for c in completions) / max(1, len(completions)),
             regulariser_temperature=reg_temperature if reg_temperature is not None else float("nan"),
+            regulariser_prompts=reg_prompts,
+            engine_calls=calls,
             generate_seconds=seconds,
         )
     return metrics
@@ -684,7 +744,9 @@ PIPELINE: dict[str, Stage] = {
     for s in (
         Stage("prepare", (), ("rollout.prompts_per_batch", "rollout.seed"), prepare),
         Stage("rollout", ((0, "prepare"), (-1, "update"), (-1, "entropy")),
-              ("model", "data.prompt_suffix", "rollout", "algorithm", "trainer.device"), rollout, progress=True,
+              # the verifier: with in-order regulariser sampling it decides where the sampling stops
+              ("model", "data.prompt_suffix", "data.verifier", "data.math_answer", "rollout", "algorithm",
+               "trainer.device"), rollout, progress=True,
               needs=((-1, "update", "policy/"),)),
         Stage("reward", ((0, "prepare"), (0, "rollout")), ("data.verifier", "data.math_answer", "rollout.n"), reward),
         # prepare and data.train: the embedded task's metrics read the prompts' terms (task_metrics)
