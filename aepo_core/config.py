@@ -89,12 +89,15 @@ class RolloutConfig(_Section):
     temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int = 0
-    # AEPO's regulariser prompts: "in_order" samples them a few at a time, in prompt order, and stops
-    # once the first K rows the REINFORCE term can train are known (the same rows as sampling them
-    # all: stages.sample_rollout); "all": every one, in the policy batch's engine call (reference code)
-    regulariser_sampling: Literal["in_order", "all"] = "in_order"
-    # HF engine: rows sampled in one forward batch (None: all rows at once).
-    batch_size: int | None = Field(None, ge=1)
+    # AEPO's regulariser prompts: "all": every one, in the policy batch's engine call (the reference
+    # code; best where extra rows in a batch are nearly free, as on GPUs); "in_order": a few at a time,
+    # in prompt order, stopping once the first K rows the REINFORCE term can train are known (the same
+    # rows: stages.sample_rollout), which saves generation where rows cost in proportion, as on CPUs
+    regulariser_sampling: Literal["all", "in_order"] = "all"
+    # HF engine: rows sampled in one forward batch (None: all rows at once). 512 bounds the KV cache
+    # and logits of large batches (256 prompts x 10 rows: peak memory 4.4 -> 2.1 GiB with the update's
+    # token budget below, docs/performance.md) at no cost in speed; samples do not depend on it
+    batch_size: int | None = Field(512, ge=1)
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
 
     @field_validator("n")
@@ -207,7 +210,7 @@ class TrainerConfig(_Section):
     # micro-batches are built to this many (padded) tokens, rows sorted by length to cut padding
     # (aepo_core.core.update.split_micro); None: micro_batch_size rows in order (the whole mini-batch)
     max_tokens_per_micro_batch: int | None = Field(
-        16384, ge=1, description="padded tokens (rows x longest row) per forward pass; None: row count only")
+        8192, ge=1, description="padded tokens (rows x longest row) per forward pass; None: row count only")
     grad_clip: float = Field(1.0, gt=0.0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"

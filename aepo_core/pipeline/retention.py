@@ -11,9 +11,9 @@ and `optimizer.pt` (AdamW's two moments: twice the policy in fp32). Kept, after 
 
 What is deleted is first recorded in the stage's `_PRUNED.json` (name -> setting, time); the
 manifest is not touched, so the stage stays complete with the same digest and nothing downstream
-turns stale (`RunDir.damage` does not count a pruned file as damage). A stage that needs a pruned file to run, or a rerun whose
-recomputation would, is refused before anything is touched (`stages.stage_inputs`,
-`stages.check_rerun_possible`), naming the file and the setting that keeps it.
+turns stale (`RunDir.damage` does not count a pruned file as damage). A stage that needs a pruned
+file to run, or a rerun whose recomputation would, is refused before anything is touched
+(`stages.stage_inputs`, `stages.check_rerun_possible`), naming the file and the setting that keeps it.
 """
 
 from __future__ import annotations
@@ -58,9 +58,7 @@ def prune(run: RunDir, cfg: Config, newest: int) -> int:
     """
     freed = 0
     for i in run.iterations_present():
-        if i >= newest:
-            continue
-        if run.manifest(i, "update") is None:
+        if i >= newest or run.manifest(i, "update") is None:
             continue
         already = run.pruned(i, "update")
         folder = run.stage_dir(i, "update")
