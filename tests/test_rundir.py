@@ -74,3 +74,12 @@ def test_a_config_change_makes_exactly_the_stages_that_read_it_stale(override, s
     before, after = load_config(None), load_config(None, [override])
     changed = {s for s in PIPELINE if stage_config_digest(before, s) != stage_config_digest(after, s)}
     assert changed == stale
+
+
+def test_in_order_regulariser_sampling_makes_the_rollout_read_the_verifier():
+    """It verifies the tempered rows to know where to stop sampling, so there (only) the verifier is
+    the rollout's key too."""
+    in_order = ["rollout.regulariser_sampling=in_order"]
+    before, after = load_config(None, in_order), load_config(None, [*in_order, "data.verifier=math"])
+    changed = {s for s in PIPELINE if stage_config_digest(before, s) != stage_config_digest(after, s)}
+    assert changed == {"rollout", "reward", "evaluate"}

@@ -64,12 +64,19 @@ def config_digest(cfg: Config) -> str:
 def stage_config_digest(cfg: Config, stage: str) -> str:
     tree = cfg.model_dump(mode="json")
     picked = {}
-    for dotted in PIPELINE[stage].config_keys:
+    for dotted in stage_keys(cfg, stage):
         node = tree
         for part in dotted.split("."):
             node = node[part]
         picked[dotted] = node
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stage_keys(cfg: Config, stage: str) -> tuple[str, ...]:
+    """The config keys `stage` reads under `cfg`: its record's config_keys, and those it reads only
+    in some configurations (`Stage.keys_when`)."""
+    record = PIPELINE[stage]
+    return record.config_keys + (record.keys_when(cfg) if record.keys_when else ())
 
 
 def default_run_name(cfg: Config) -> str:
@@ -727,6 +734,8 @@ class Stage:
     progress: whether ``run`` takes ``show_progress`` (progress bars).
     needs: the files it opens in what it reads, as (iteration offset, stage, name; a folder ends in
         "/"): what retention must not have deleted for it to run (aepo_core.pipeline.retention).
+    keys_when: the config keys it reads only in some configurations, as a function of the config
+        (so a run that does not read them is not made stale by them; `stage_keys`).
     """
 
     name: str
@@ -735,6 +744,12 @@ class Stage:
     run: Callable[..., dict[str, Any]]
     progress: bool = False
     needs: tuple[tuple[int, str, str], ...] = ()
+    keys_when: Callable[[Config], tuple[str, ...]] | None = None
+
+
+def _verifier_if_in_order(cfg: Config) -> tuple[str, ...]:
+    """In-order regulariser sampling verifies the rows to decide where to stop (`sample_rollout`)."""
+    return ("data.verifier", "data.math_answer") if cfg.rollout.regulariser_sampling == "in_order" else ()
 
 
 # The pipeline, in order. The dataset snapshot (prepare, evaluate) and the starting policy are read
@@ -744,10 +759,8 @@ PIPELINE: dict[str, Stage] = {
     for s in (
         Stage("prepare", (), ("rollout.prompts_per_batch", "rollout.seed"), prepare),
         Stage("rollout", ((0, "prepare"), (-1, "update"), (-1, "entropy")),
-              # the verifier: with in-order regulariser sampling it decides where the sampling stops
-              ("model", "data.prompt_suffix", "data.verifier", "data.math_answer", "rollout", "algorithm",
-               "trainer.device"), rollout, progress=True,
-              needs=((-1, "update", "policy/"),)),
+              ("model", "data.prompt_suffix", "rollout", "algorithm", "trainer.device"), rollout, progress=True,
+              needs=((-1, "update", "policy/"),), keys_when=_verifier_if_in_order),
         Stage("reward", ((0, "prepare"), (0, "rollout")), ("data.verifier", "data.math_answer", "rollout.n"), reward),
         # prepare and data.train: the embedded task's metrics read the prompts' terms (task_metrics)
         Stage("update", ((0, "prepare"), (0, "rollout"), (0, "reward"), (-1, "update"), (-1, "entropy")),
