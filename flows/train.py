@@ -24,8 +24,23 @@ from aepo_core.pipeline.tracking import Tracker, run_history
 from tasks import STAGE_TASKS
 
 
-def summary_line(run: RunDir, iteration: int, seconds: float, skipped: list[str]) -> str:
-    """One line per iteration: reward, accuracy, entropy, T, k, (eval), seconds."""
+def duration(seconds: float) -> str:
+    """"42s", "3m 05s", "1h 02m"."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+def summary_line(
+    run: RunDir, iteration: int, seconds: float, skipped: list[str], total: int | None = None, eta: float | None = None
+) -> str:
+    """One line per iteration: i/N, reward, accuracy, entropy, T, k, (eval), seconds, (ETA: seconds
+    left, from this process's mean iteration time)."""
 
     def m(stage: str, key: str) -> float:
         man = run.manifest(iteration, stage)
@@ -34,7 +49,7 @@ def summary_line(run: RunDir, iteration: int, seconds: float, skipped: list[str]
 
     t = m("rollout", "regulariser_temperature")
     parts = [
-        f"iter {iteration:04d}",
+        f"iter {iteration:04d}" + (f"/{total:04d}" if total is not None else ""),
         f"reward {m('reward', 'reward_mean'):.3f}",
         f"acc {m('reward', 'accuracy'):.3f}",
         f"H {m('update', 'entropy/nll'):.3f} (exact {m('update', 'entropy/exact'):.3f})",
@@ -43,7 +58,7 @@ def summary_line(run: RunDir, iteration: int, seconds: float, skipped: list[str]
     ]
     if run.manifest(iteration, "evaluate"):
         parts.append(f"eval {m('evaluate', 'accuracy'):.3f}")
-    parts.append(f"{seconds:.1f}s")
+    parts.append(f"{seconds:.1f}s" + (f", ETA {duration(eta)}" if eta is not None else ""))
     if skipped:
         parts.append(f"(done before: {', '.join(skipped)})")
     unreached = reachability_of(run, iteration)
@@ -156,12 +171,37 @@ def train(
         run.release_writer()
 
 
+def end_of_run_lines(run: RunDir, cfg: Config, seconds: float) -> list[str]:
+    """What a finished run says: held-out accuracy and pass@k of its last evaluation, the entropy the
+    controller reads first -> last (and the target), the final checkpoint, the plots, wall time."""
+    last = cfg.run.iterations - 1
+    lines = [f"finished {cfg.run.iterations} iterations in {duration(seconds)} (this process)"]
+    evaluated = [i for i in range(cfg.run.iterations) if run.manifest(i, "evaluate")]
+    if evaluated:
+        metrics = run.manifest(evaluated[-1], "evaluate")["metrics"]
+        n = int(metrics.get("n", cfg.evaluation.n))
+        passes = f", pass@{n} {metrics[f'pass_at_{n}']:.3f}" if f"pass_at_{n}" in metrics else ""
+        lines.append(f"held-out at iteration {evaluated[-1]}: accuracy (avg@{n}) {metrics['accuracy']:.3f}{passes}")
+    algo = make_algorithm(cfg.algorithm)
+    key = algo.entropy_metric()
+    trace = [run.manifest(i, "update")["metrics"].get(key) for i in range(cfg.run.iterations) if run.manifest(i, "update")]
+    trace = [h for h in trace if isinstance(h, int | float)]
+    if trace:
+        target = algo.target()
+        aim = f" (target {target:g})" if target is not None else ""
+        lines.append(f"entropy ({key}): {trace[0]:.3f} at the start -> {trace[-1]:.3f} at the end{aim}")
+    lines.append(f"final checkpoint: {run.stage_dir(last, 'update') / 'policy'}")
+    lines.append(f"plots: {run.root / 'plots'}")
+    return lines
+
+
 def _train(run: RunDir, show_progress: bool) -> dict:
     cfg = run.config()
     use_threads(cfg.run.threads)
     tracker = Tracker(run, cfg)
     tracker.open()
     print(f"run directory {run.root}  (MLflow run {tracker.run_id} at {tracker.uri})")
+    run_started, worked = time.perf_counter(), []  # seconds of the iterations this process computed
     try:
         for i in range(cfg.run.iterations):
             started, skipped = time.perf_counter(), []
@@ -178,8 +218,15 @@ def _train(run: RunDir, show_progress: bool) -> dict:
             upload = (i + 1) % cfg.tracking.save_every == 0 or last
             tracker.log_checkpoint(i, policy, run.digest(i, "update"), upload=upload)
             prune(run, cfg, i)  # after the checkpoint is recorded: retention keeps what MLflow uploads
-            print(summary_line(run, i, time.perf_counter() - started, skipped), flush=True)
+            seconds = time.perf_counter() - started
+            if len(skipped) < len(stages_of(cfg, i)):
+                worked.append(seconds)
+            left = cfg.run.iterations - 1 - i
+            eta = sum(worked) / len(worked) * left if worked and left else None
+            print(summary_line(run, i, seconds, skipped, cfg.run.iterations, eta), flush=True)
         report(run, cfg, tracker)
+        for line in end_of_run_lines(run, cfg, time.perf_counter() - run_started):
+            print(line, flush=True)
     except BaseException:
         tracker.finish("FAILED")
         raise

@@ -296,6 +296,10 @@ def test_flow_summary_line_repeats_the_warning_and_no_artifact_outside_a_flow(tm
             pass
     assert "WARNING" not in train.summary_line(run, 0, 1.0, [])
     assert train.summary_line(run, 1, 1.0, []).endswith("| WARNING target 0.30 not reached: ...")
+    # i/N and the time left
+    line = train.summary_line(run, 0, 1.25, [], total=30, eta=185.0)
+    assert line.startswith("iter 0000/0030 | ") and "| 1.2s, ETA 3m 05s" in line
+    assert [train.duration(s) for s in (0.4, 42, 185, 3725)] == ["0s", "42s", "3m 05s", "1h 02m"]
 
     def refuse(**kwargs):
         raise AssertionError("no Prefect artifact outside a flow run")

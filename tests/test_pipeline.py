@@ -247,6 +247,12 @@ def test_resume_after_a_real_kill(base_policy_dir, tmp_path, tiny_overrides):
     finished = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)  # hang guard
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     assert "iter 0000" in finished.stdout and "done before: prepare, rollout, reward, update, entropy" in finished.stdout
+    # the end of the run says the result, where the checkpoint and the plots are, and the run's size
+    out = finished.stdout
+    assert "iter 0001/0003 |" in out and ", ETA " in out
+    assert "finished 3 iterations in " in out and "held-out at iteration 2: accuracy (avg@2) " in out
+    assert "entropy (entropy/nll_policy_rows): " in out and "(target 0.3)" in out
+    assert f"final checkpoint: {run_dir / 'iter_0002' / 'update' / 'policy'}" in out and "on disk)" in out
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "iter_0000").rglob(MANIFEST)} == done_before
     for stage in STAGES:
         assert run.manifest(2, stage) is not None, stage

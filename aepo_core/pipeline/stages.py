@@ -705,14 +705,16 @@ def entropy(run: RunDir, iteration: int) -> dict[str, Any]:
     return metrics
 
 
-def evaluate_stage(run: RunDir, iteration: int) -> dict[str, Any]:
+def evaluate_stage(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str, Any]:
     """Held-out accuracy of this iteration's policy at the configured temperature, n and length."""
     started = time.perf_counter()
     cfg = run.config()
     ups = stage_inputs(run, cfg, iteration, "evaluate")
     policy = run.stage_dir(iteration, "update") / "policy"
     table = pq.read_table(run.dataset_path("eval"))
-    records, results = evaluate_model(cfg, policy, table, engine=shared_engine(cfg, policy))
+    engine = shared_engine(cfg, policy)
+    engine.show_progress = show_progress  # an evaluation samples the most rows of any stage: say so
+    records, results = evaluate_model(cfg, policy, table, engine=engine)
     with run.publish(iteration, "evaluate", ups, started=started) as (tmp, metrics):
         pq.write_table(records, tmp / "eval.parquet")
         write_source_names(records, tmp)  # source -> metric name part of the per-source metrics
@@ -770,7 +772,7 @@ PIPELINE: dict[str, Stage] = {
         Stage("evaluate", ((0, "update"),),
               ("model", "evaluation", "data.verifier", "data.math_answer", "data.prompt_suffix", "rollout.engine",
                "rollout.max_new_tokens", "rollout.batch_size", "rollout.vllm", "rollout.seed", "trainer.device"),
-              evaluate_stage, needs=((0, "update", "policy/"),)),
+              evaluate_stage, progress=True, needs=((0, "update", "policy/"),)),
     )
 }
 STAGES = tuple(PIPELINE)  # the names, in order
