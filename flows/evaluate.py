@@ -12,9 +12,8 @@ from prefect.artifacts import create_markdown_artifact
 from aepo_core.config import load_config
 from aepo_core.pipeline.evaluation import write_evaluation
 from aepo_core.pipeline.processes import use_threads
-from aepo_core.pipeline.retention import PrunedArtifact, pruned_need
 from aepo_core.pipeline.rundir import RunDir
-from aepo_core.pipeline.stages import PIPELINE
+from aepo_core.pipeline.stages import require_unpruned
 
 
 def _latest_policy(run: RunDir) -> tuple[Path, int]:
@@ -42,9 +41,7 @@ def evaluate(
             path, iteration = _latest_policy(run)
         else:
             path = run.stage_dir(iteration, "update") / "policy"
-            problem = pruned_need(run, iteration, "evaluate", PIPELINE["evaluate"].needs)
-            if problem:  # retention deleted it: say so, not "no such model"
-                raise PrunedArtifact(problem)
+            require_unpruned(run, iteration, "evaluate")  # retention deleted it: say so, not "no such model"
         default_out = run.root / "evaluations" / f"iter_{iteration:04d}-{time.strftime('%Y%m%d-%H%M%S')}"
     elif model_path:
         cfg = load_config(config, overrides or [])

@@ -103,8 +103,9 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else round(value, 4)
 
 
-def report(run: RunDir, cfg: Config, tracker: Tracker) -> None:
-    """End of a run: plots (run directory + MLflow) and Prefect table and markdown artifacts."""
+def report(run: RunDir, cfg: Config, tracker: Tracker) -> dict[str, list[tuple[int, float]]]:
+    """End of a run: plots (run directory + MLflow) and Prefect table and markdown artifacts; returns
+    the run's history (`run_history`) it read them from."""
     history = run_history(run, cfg.run.iterations)
     a = cfg.algorithm
     algo = make_algorithm(a)
@@ -153,6 +154,7 @@ def report(run: RunDir, cfg: Config, tracker: Tracker) -> None:
         "```",
     ])
     create_markdown_artifact(key=artifact_key(run, "summary"), markdown=md, description=f"summary of {run.root}")
+    return history
 
 
 @flow(name="train")
@@ -171,26 +173,24 @@ def train(
         run.release_writer()
 
 
-def end_of_run_lines(run: RunDir, cfg: Config, seconds: float) -> list[str]:
-    """What a finished run says: held-out accuracy and pass@k of its last evaluation, the entropy the
-    controller reads first -> last (and the target), the final checkpoint, the plots, wall time."""
-    last = cfg.run.iterations - 1
+def end_of_run_lines(run: RunDir, cfg: Config, history: dict[str, list[tuple[int, float]]], seconds: float) -> list[str]:
+    """What a finished run says, from its history (`run_history`): held-out accuracy and pass@n of
+    its last evaluation, the entropy the controller reads first -> last (and the target), the final
+    checkpoint, the plots, the wall time of this process."""
     lines = [f"finished {cfg.run.iterations} iterations in {duration(seconds)} (this process)"]
-    evaluated = [i for i in range(cfg.run.iterations) if run.manifest(i, "evaluate")]
-    if evaluated:
-        metrics = run.manifest(evaluated[-1], "evaluate")["metrics"]
-        n = int(metrics.get("n", cfg.evaluation.n))
-        passes = f", pass@{n} {metrics[f'pass_at_{n}']:.3f}" if f"pass_at_{n}" in metrics else ""
-        lines.append(f"held-out at iteration {evaluated[-1]}: accuracy (avg@{n}) {metrics['accuracy']:.3f}{passes}")
+    if history.get("eval/accuracy"):
+        last, accuracy = history["eval/accuracy"][-1]
+        n = int(dict(history.get("eval/n", [])).get(last, cfg.evaluation.n))
+        passes = dict(history.get(f"eval/pass_at_{n}", []))
+        at_n = f", pass@{n} {passes[last]:.3f}" if last in passes else ""
+        lines.append(f"held-out at iteration {last}: accuracy (avg@{n}) {accuracy:.3f}{at_n}")
     algo = make_algorithm(cfg.algorithm)
     key = algo.entropy_metric()
-    trace = [run.manifest(i, "update")["metrics"].get(key) for i in range(cfg.run.iterations) if run.manifest(i, "update")]
-    trace = [h for h in trace if isinstance(h, int | float)]
-    if trace:
+    if history.get(key):
         target = algo.target()
         aim = f" (target {target:g})" if target is not None else ""
-        lines.append(f"entropy ({key}): {trace[0]:.3f} at the start -> {trace[-1]:.3f} at the end{aim}")
-    lines.append(f"final checkpoint: {run.stage_dir(last, 'update') / 'policy'}")
+        lines.append(f"entropy ({key}): {history[key][0][1]:.3f} at the start -> {history[key][-1][1]:.3f} at the end{aim}")
+    lines.append(f"final checkpoint: {run.stage_dir(cfg.run.iterations - 1, 'update') / 'policy'}")
     lines.append(f"plots: {run.root / 'plots'}")
     return lines
 
@@ -224,8 +224,8 @@ def _train(run: RunDir, show_progress: bool) -> dict:
             left = cfg.run.iterations - 1 - i
             eta = sum(worked) / len(worked) * left if worked and left else None
             print(summary_line(run, i, seconds, skipped, cfg.run.iterations, eta), flush=True)
-        report(run, cfg, tracker)
-        for line in end_of_run_lines(run, cfg, time.perf_counter() - run_started):
+        history = report(run, cfg, tracker)
+        for line in end_of_run_lines(run, cfg, history, time.perf_counter() - run_started):
             print(line, flush=True)
     except BaseException:
         tracker.finish("FAILED")

@@ -79,7 +79,7 @@ def prune(run: RunDir, cfg: Config, newest: int) -> int:
 
 def pruned_need(
     run: RunDir, iteration: int, stage: str, needs: tuple[tuple[int, str, str], ...],
-    skip: set[tuple[int, str]] = frozenset(),
+    skip: set[tuple[int, str]] = frozenset(), because: str = "",
 ) -> str | None:
     """What `stage` of `iteration` needs that retention deleted, as one sentence naming the file and
     the setting that keeps it; None if nothing.
@@ -88,6 +88,7 @@ def pruned_need(
         needs: what the stage opens, as (iteration offset, stage, file name; a folder ends in "/")
             (aepo_core.pipeline.stages.Stage.needs).
         skip: (iteration, stage) pairs recomputed before this one: needs on them do not count.
+        because: why the stage would run, put after the file (e.g. " (rerunning … would …)").
     """
     for offset, source, name in needs:
         i = iteration + offset
@@ -95,7 +96,7 @@ def pruned_need(
             continue
         if is_pruned(name, run.pruned(i, source)):
             path = run.stage_dir(i, source) / name.rstrip("/")
-            return f"{stage} of iteration {iteration} needs {path}, which retention pruned; {HINT[name]}"
+            return f"{stage} of iteration {iteration} needs {path}, which retention pruned{because}; {HINT[name]}"
     return None
 
 

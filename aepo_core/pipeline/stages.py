@@ -271,12 +271,18 @@ def upstream(run: RunDir, cfg: Config, iteration: int, stage: str) -> dict[str, 
     return ups
 
 
-def stage_inputs(run: RunDir, cfg: Config, iteration: int, stage: str) -> dict[str, str]:
-    """What a stage about to run reads: its upstream digests (`upstream`), after checking that no
-    file it opens was deleted by retention (PrunedArtifact names it and the setting)."""
+def require_unpruned(run: RunDir, iteration: int, stage: str) -> None:
+    """PrunedArtifact (naming the file and the setting) when `stage` of `iteration` would open a file
+    retention deleted (`Stage.needs`)."""
     problem = pruned_need(run, iteration, stage, PIPELINE[stage].needs)
     if problem:
         raise PrunedArtifact(problem)
+
+
+def stage_inputs(run: RunDir, cfg: Config, iteration: int, stage: str) -> dict[str, str]:
+    """What a stage about to run reads: its upstream digests (`upstream`), after checking that no
+    file it opens was deleted by retention (`require_unpruned`)."""
+    require_unpruned(run, iteration, stage)
     return upstream(run, cfg, iteration, stage)
 
 
@@ -291,10 +297,9 @@ def check_rerun_possible(run: RunDir, cfg: Config, iteration: int, stage: str) -
             if any((i + d, source) in chain for d, source in PIPELINE[name].reads):
                 chain.add((i, name))
     for i, name in sorted(chain, key=lambda item: (item[0], STAGES.index(item[1]))):
-        problem = pruned_need(run, i, name, PIPELINE[name].needs, skip=chain - {(i, name)})
-        if problem and (i, name) != (iteration, stage):
-            head, hint = problem.split("; ", 1)
-            problem = f"{head} (rerunning {stage} of iteration {iteration} can change what it reads, so it would be recomputed); {hint}"
+        because = "" if (i, name) == (iteration, stage) else (
+            f" (rerunning {stage} of iteration {iteration} can change what it reads, so it would be recomputed)")
+        problem = pruned_need(run, i, name, PIPELINE[name].needs, skip=chain - {(i, name)}, because=because)
         if problem:
             raise PrunedArtifact(problem)
 
