@@ -381,3 +381,50 @@ def save_config(cfg: Config, path: str | Path) -> None:
     from aepo_core.atomic import atomic_write_text
 
     atomic_write_text(path, cfg.to_yaml())
+
+
+def override_changes(before: Config, after: Config, overrides: list[str]) -> dict[str, list[Any]]:
+    """What applying `overrides` to `before` (giving `after`) sets: dotted key -> [value before,
+    value after] (JSON values), for every key that changed and every key an override names, changed
+    or not (it still says "from here on, this value": config_version)."""
+    a, b = before.flat(), after.flat()
+    named = [parse_override(text)[0] for text in overrides]
+    return {
+        key: [a.get(key), b.get(key)]
+        for key in sorted(set(a) | set(b))
+        if a.get(key) != b.get(key) or any(key == n or key.startswith(n + ".") for n in named)
+    }
+
+
+def config_version(latest: Config, records: list[dict[str, Any]], iteration: int | None) -> Config:
+    """The config iteration `iteration` of a run is computed with, from the run's latest config and
+    its change records (config_history.jsonl, oldest first).
+
+    A record {"from_iteration": i, "changes": {key: [before, after]}} (written by a rerun with
+    overrides) sets `key` to `after` for iterations >= i; earlier iterations keep what they were
+    computed with. The latest config is every record applied, so the starting values are recovered by
+    undoing the records newest first, and the config at `iteration` is those values with the
+    records that reach it applied in order (a later record wins). Records without "changes" (runs
+    written before versioning) are already in the latest config, for every iteration.
+
+    Args:
+        latest: the run's config.yaml. records: its history records. iteration: None for `latest`.
+    Returns:
+        A validated Config; `latest` itself when no record distinguishes `iteration`.
+    """
+    versioned = [r for r in records if r.get("changes")]
+    if iteration is None or all(r.get("from_iteration", 0) <= iteration for r in versioned):
+        return latest
+    values = latest.flat()
+    for record in reversed(versioned):
+        values.update({key: change[0] for key, change in record["changes"].items()})
+    for record in versioned:
+        if record.get("from_iteration", 0) <= iteration:
+            values.update({key: change[1] for key, change in record["changes"].items()})
+    tree: dict[str, Any] = {}
+    for key, value in values.items():
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe_errors(exc, f"the run's config at iteration {iteration}")) from None

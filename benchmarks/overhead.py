@@ -13,7 +13,7 @@ temporary folder, in its own process, for --iterations iterations:
 Every iteration's wall time is split into three layers, each reported as a share of it:
 
     compute        time inside the stages doing the work, from what the stages record in their
-                   manifests: rollout's generate_seconds (sampling), update's update_seconds (the
+                   manifests: rollout's generate_seconds (sampling), update's step_seconds (the
                    update step), reward's verify_seconds (the verifier) and evaluate's
                    generate_seconds (when evaluation is included). prepare and entropy count as no
                    compute.
@@ -215,7 +215,7 @@ def stage_compute(stage: str, manifest: dict) -> float:
     if stage == "rollout":
         return float(m["generate_seconds"])
     if stage == "update":
-        return float(m["update_seconds"])
+        return float(m["step_seconds"])
     if stage == "reward":
         return float(m["verify_seconds"])
     if stage == "evaluate":

@@ -34,7 +34,7 @@ def _rerun(run, iteration: int, stage: str, downstream: bool, overrides: list[st
     STAGE_TASKS[stage](str(run.root), iteration)
     changed = before is None or before["digest"] != run.digest(iteration, stage)
     cfg = run.config()
-    stale = stale_stages(run, cfg, 0)  # a config override can reach earlier iterations too
+    stale = stale_stages(run)
     print(f"reran {stage} of iteration {iteration}: output {'changed' if changed else 'unchanged'}")
     for line in metric_changes(before["metrics"] if before else None, run.manifest(iteration, stage)["metrics"]):
         print(f"  {line}")

@@ -205,8 +205,9 @@ def _train(run: RunDir, show_progress: bool) -> dict:
     try:
         for i in range(cfg.run.iterations):
             started, skipped = time.perf_counter(), []
-            for stage in stages_of(cfg, i):
-                if is_stage_complete(run, cfg, i, stage):
+            cfg_i = run.config(i)  # a rerun's overrides apply from its iteration on
+            for stage in stages_of(cfg_i, i):
+                if is_stage_complete(run, cfg_i, i, stage):
                     skipped.append(stage)
                     continue
                 STAGE_TASKS[stage](str(run.root), i, show_progress=show_progress)
@@ -219,7 +220,7 @@ def _train(run: RunDir, show_progress: bool) -> dict:
             tracker.log_checkpoint(i, policy, run.digest(i, "update"), upload=upload)
             prune(run, cfg, i)  # after the checkpoint is recorded: retention keeps what MLflow uploads
             seconds = time.perf_counter() - started
-            if len(skipped) < len(stages_of(cfg, i)):
+            if len(skipped) < len(stages_of(cfg_i, i)):
                 worked.append(seconds)
             left = cfg.run.iterations - 1 - i
             eta = sum(worked) / len(worked) * left if worked and left else None

@@ -69,8 +69,8 @@ def main() -> None:
         rows.append({
             "iteration": i,
             "rollout_tokens_per_s": ro["tokens_per_s"],
-            "update_tokens_per_s": up.get("batch/response_tokens", 0) / up["update_seconds"],
-            "update_seconds": up["update_seconds"],
+            "update_tokens_per_s": up.get("batch/response_tokens", 0) / up["step_seconds"],
+            "update_seconds": up["step_seconds"],
         })
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
     print(f"policy: {params / 1e6:.1f} M parameters, device {args.device}, {args.prompts} prompts x {args.n}, "

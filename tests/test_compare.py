@@ -105,7 +105,9 @@ def test_controller_plot_only_for_runs_with_a_temperature(tmp_path):
     path = plot_controller({"aepo": aepo, "grpo": grpo}, tmp_path, {"aepo": 0.1, "grpo": None}, figures=figures)
     assert path == tmp_path / "controller.png" and path.is_file()
     fig = figures["controller"]
-    assert fig["suptitle"] == "entropy (blue; dashed: target) and the controller's temperature (red)"
+    # one panel is narrower than the sentence: wrapped, not cut at both sides
+    assert fig["suptitle"].replace("\n", " ") == "entropy (blue; dashed: target) and the controller's temperature (red)"
+    assert fig["cut_titles"] == []
     entropy_ax, temperature_ax = fig["axes"]  # one panel (aepo; grpo has no temperature) and its twin
     assert (entropy_ax["title"], entropy_ax["ylabel"], temperature_ax["ylabel"]) == ("aepo", "entropy", "T")
     assert len(entropy_ax["lines"]) == 2 and len(temperature_ax["lines"]) == 1

@@ -139,6 +139,42 @@ def test_rerun_refuses_bad_requests(runs):
         moved.rename(run.stage_dir(1, "rollout"))
 
 
+def test_a_rerun_changes_what_comes_after_it_not_what_came_before(base_policy_dir, tmp_path, prefect_harness,
+                                                                  tiny_overrides):
+    """The overrides of a rerun apply from its iteration on (RunDir.config(i)): earlier stages keep
+    the config they were computed with and stay valid, the stage just recomputed is not stale, and
+    the run resumes with no overrides; a differing explicit value is refused with the command that
+    continues the run."""
+    from aepo_core.pipeline.stages import ConfigMismatch, check_start
+    from flows.rerun import rerun_stage
+    from flows.train import train
+
+    keep = tiny_overrides(base_policy_dir, tmp_path) + [
+        "run.keep_optimizer_states=3", "run.keep_policies_every=1", "evaluation.every=1"]
+    run = RunDir(train(overrides=keep, iterations=3)["run_dir"])
+    before = _mtimes(run)
+    result = rerun_stage(str(run.root), 1, "reward", overrides=["data.verifier=math"])
+    assert result["stale"] == ["0001/update", "0001/entropy", "0001/evaluate",
+                               "0002/rollout", "0002/reward", "0002/update", "0002/entropy", "0002/evaluate"]
+    assert [run.config(i).data.verifier for i in range(3)] == ["synthetic", "math", "math"]
+    check_start(run_dir=str(run.root))  # no config, no overrides: the run's own (latest) config
+    train(run_dir=str(run.root))
+    after = _mtimes(run)
+    for name, mtime in before.items():
+        stage = f"{int(name[5:9]):04d}/{name.split('/')[1]}"
+        assert (after[name] != mtime) == (stage in result["stale"] or stage == "0001/reward"), stage
+    # an evaluation rerun at the last iteration leaves the earlier evaluations valid
+    assert rerun_stage(str(run.root), 2, "evaluate", overrides=["evaluation.n=3"])["stale"] == []
+    assert [run.config(i).evaluation.n for i in range(3)] == [2, 2, 3]
+    with pytest.raises(ConfigMismatch) as refused:
+        check_start(run_dir=str(run.root), iterations=3, overrides=keep)  # the original settings, repeated
+    lines = str(refused.value).splitlines()
+    assert lines[1].startswith("  data.verifier: 'math' (run, since `rerun-stage` reward@1 at ")
+    assert lines[1].endswith(") vs 'synthetic' (now)")
+    assert lines[2].startswith("  evaluation.n: 3 (run, since `rerun-stage` evaluate@2 at ")
+    assert lines[3] == f"to continue this run with its own configuration: aepo run --run-dir {run.root}"
+
+
 def test_compare_two_runs(runs, tmp_path):
     from typer.testing import CliRunner
 

@@ -197,6 +197,11 @@ def test_mlflow_has_one_point_per_iteration(trained_run):
     for key in ("reward/reward_mean", "entropy/nll", "entropy/exact", "aepo/k", "rollout/tokens_per_s", "time/update_s", "actor/grad_norm"):
         steps = [m.step for m in client.get_metric_history(result["mlflow_run_id"], key)]
         assert steps == [0, 1, 2], key
+    # times, one name each: the whole stage, and its compute part (no duplicate under another name)
+    metrics = mlrun.data.metrics
+    assert {"time/update_s", "time/update_step_s", "time/rollout_generate_s", "time/reward_verify_s"} <= set(metrics)
+    assert not [key for key in metrics if key.endswith("_seconds")]
+    assert metrics["time/update_step_s"] < metrics["time/update_s"]
     evals = client.get_metric_history(result["mlflow_run_id"], "eval/accuracy")
     assert sorted(m.step for m in evals) == [1, 2]
     reward1 = [m.value for m in client.get_metric_history(result["mlflow_run_id"], "reward/reward_mean") if m.step == 1]

@@ -83,3 +83,31 @@ def test_in_order_regulariser_sampling_makes_the_rollout_read_the_verifier():
     before, after = load_config(None, in_order), load_config(None, [*in_order, "data.verifier=math"])
     changed = {s for s in PIPELINE if stage_config_digest(before, s) != stage_config_digest(after, s)}
     assert changed == {"rollout", "reward", "evaluate"}
+
+
+def test_a_reruns_overrides_apply_from_its_iteration_on():
+    """config_version replays the change records: each sets its keys from its iteration on, a later
+    record wins, and the starting values come back by undoing the records newest first."""
+    from aepo_core.config import config_version, override_changes
+
+    start = load_config(None)
+    first = load_config(None, ["data.verifier=math"])  # rerun at iteration 3
+    second = load_config(None, ["data.verifier=math", "evaluation.n=16", "trainer.lr=0.002"])  # rerun at 1
+    records = [
+        {"from_iteration": 3, "changes": override_changes(start, first, ["data.verifier=math"])},
+        {"from_iteration": 1, "changes": override_changes(first, second, ["evaluation.n=16", "trainer.lr=0.002"])},
+    ]
+    assert records[0]["changes"] == {"data.verifier": ["synthetic", "math"]}
+    seen = [(c.data.verifier, c.evaluation.n, c.trainer.lr) for c in (config_version(second, records, i) for i in range(5))]
+    assert seen == [("synthetic", 8, start.trainer.lr), ("synthetic", 16, 0.002), ("synthetic", 16, 0.002),
+                    ("math", 16, 0.002), ("math", 16, 0.002)]
+    assert config_version(second, records, None) is second
+    # a later rerun that sets a value back from an earlier iteration on wins there, not before it
+    third = load_config(None, ["evaluation.n=16", "trainer.lr=0.002"])
+    records.append({"from_iteration": 4, "changes": override_changes(second, third, ["data.verifier=synthetic"])})
+    assert [config_version(third, records, i).data.verifier for i in range(6)] == [
+        "synthetic", "synthetic", "synthetic", "math", "synthetic", "synthetic"]
+    # an override equal to the latest value still says "from here on": it is recorded
+    assert override_changes(third, third, ["evaluation.n=16"]) == {"evaluation.n": [16, 16]}
+    # records written before versioning carry no changes: already in config.yaml, for every iteration
+    assert config_version(start, [{"rerun": "reward@0", "overrides": ["evaluation.n=8"]}], 0) is start

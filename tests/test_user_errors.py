@@ -65,9 +65,10 @@ def _run_dir_of_another_config(tmp: Path):
     run.mkdir()
     save_config(load_config(None, ["rollout.n=4"]), run / "config.yaml")
     return (["run", "--run-dir", str(run), "rollout.n=6"],
-            [f"error: {run / 'config.yaml'} was written with another configuration:",
+            [f"error: {run / 'config.yaml'} holds this run's configuration, and the one asked for differs:",
              "  rollout.n: 4 (run) vs 6 (now)",
-             "use a new --run-dir (or run.name) for a different configuration"])
+             f"to continue this run with its own configuration: aepo run --run-dir {run}",
+             "for a different configuration use a new --run-dir (or run.name)"])
 
 
 def _file_dataset_without_eval(tmp: Path):

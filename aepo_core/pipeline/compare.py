@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import statistics
+import textwrap
 from pathlib import Path
 
 History = dict[str, list[tuple[int, float]]]
@@ -181,10 +182,10 @@ def _pyplot():
 
 
 def describe_figure(fig) -> dict:
-    """What a figure draws, as plain data (for tests and checks): its suptitle and, per axes (twin
-    axes included, in creation order), the title, axis labels, legend entries, texts and every line
-    with its label (None for unlabelled lines), style and data. A horizontal line (axhline) has a
-    constant y and x = [0, 1] (axes coordinates)."""
+    """What a figure draws, as plain data (for tests and checks): its suptitle, the titles its edge
+    cuts, and, per axes (twin axes included, in creation order), the title, axis labels, y limits,
+    legend entries, texts and every line with its label (None for unlabelled lines), style and data.
+    A horizontal line (axhline) has a constant y and x = [0, 1] (axes coordinates)."""
 
     def line(ln) -> dict:
         label = ln.get_label()
@@ -197,13 +198,23 @@ def describe_figure(fig) -> dict:
             "y": [float(v) for v in ln.get_ydata()],
         }
 
+    fig.canvas.draw()  # lays the texts out, so their extents are the ones the file shows
+    width, height = fig.bbox.width, fig.bbox.height
+    titles = ([fig._suptitle] if fig._suptitle is not None else []) + [ax.title for ax in fig.axes]
+    cut = []
+    for text in titles:
+        box = text.get_window_extent()
+        if text.get_text() and (box.x0 < -0.5 or box.x1 > width + 0.5 or box.y0 < -0.5 or box.y1 > height + 0.5):
+            cut.append(text.get_text())
     return {
         "suptitle": fig.get_suptitle() or None,
+        "cut_titles": cut,  # titles that reach past the figure's edge (cut off in the file)
         "axes": [
             {
                 "title": ax.get_title(),
                 "xlabel": ax.get_xlabel(),
                 "ylabel": ax.get_ylabel(),
+                "ylim": [float(v) for v in ax.get_ylim()],
                 "visible": ax.axison,
                 "legend": [t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else [],
                 "texts": [t.get_text() for t in ax.texts],
@@ -219,9 +230,9 @@ def _save(fig, out_dir: str | Path, stem: str, figures: dict[str, dict] | None =
     `figures[stem] = describe_figure(fig)`."""
     import matplotlib.pyplot as plt
 
+    fig.tight_layout()
     if figures is not None:
         figures[stem] = describe_figure(fig)
-    fig.tight_layout()
     path = Path(out_dir) / f"{stem}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -389,7 +400,9 @@ def plot_controller(
         twin.step([s for s, _ in temps], [v for _, v in temps], where="post", color="C3", lw=0.8, alpha=0.7)
         twin.set_ylabel("T", fontsize=7, color="C3")
         twin.tick_params(labelsize=7)
-    fig.suptitle("entropy (blue; dashed: target) and the controller's temperature (red)", fontsize=9)
+    # wrapped to the figure's width: one panel is narrower than the sentence
+    title = "entropy (blue; dashed: target) and the controller's temperature (red)"
+    fig.suptitle(textwrap.fill(title, width=int(4.2 * cols * 13)), fontsize=9)
     return _save(fig, out_dir, "controller", figures)
 
 

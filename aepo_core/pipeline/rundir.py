@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from aepo_core.atomic import atomic_dir, atomic_write_text
-from aepo_core.config import Config, load_config
+from aepo_core.config import Config, config_version, load_config
 from aepo_core.errors import EnvironmentFault, UserError
 
 MANIFEST = "_SUCCESS.json"
@@ -128,14 +128,34 @@ _HELD_GUARD = threading.Lock()
 class RunDir:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self._loaded: tuple | None = None  # (file stats, latest config, history, {iteration: config})
 
     # ----------------------------------------------------------------------------- fixed files
     @property
     def config_path(self) -> Path:
         return self.root / "config.yaml"
 
-    def config(self) -> Config:
-        return load_config(self.config_path)
+    @property
+    def history_path(self) -> Path:
+        return self.root / "config_history.jsonl"
+
+    def config(self, iteration: int | None = None) -> Config:
+        """The config iteration `iteration` is computed with (aepo_core.config.config_version: a
+        rerun's overrides apply from its iteration on); None: the latest, what a resume continues with."""
+        key = (_stat_key(self.config_path), _stat_key(self.history_path) if self.history_path.is_file() else None)
+        if self._loaded is None or self._loaded[0] != key:  # parsed once per version of the two files
+            self._loaded = (key, load_config(self.config_path), self.config_history(), {})
+        _, latest, records, versions = self._loaded
+        if iteration not in versions:
+            versions[iteration] = config_version(latest, records, iteration)
+        return versions[iteration]
+
+    def config_history(self) -> list[dict[str, Any]]:
+        """The records of config_history.jsonl, oldest first ([] when there is none)."""
+        if not self.history_path.is_file():
+            return []
+        lines = self.history_path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
 
     def dataset_path(self, split: str) -> Path:
         return self.root / "dataset" / f"{split}.parquet"

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 
 from aepo_core.atomic import disk_full_error
-from aepo_core.config import Config, load_config, save_config
+from aepo_core.config import Config, config_version, load_config, override_changes, save_config
 from aepo_core.core.algorithms import Decision, decision_from_json, decision_to_json, make_algorithm
 from aepo_core.core.batch import SequenceBatch
 from aepo_core.core.update import make_optimizer, update_step
@@ -84,14 +84,23 @@ def default_run_name(cfg: Config) -> str:
 
 
 def _check_same_config(run: RunDir, cfg: Config) -> Config:
-    """The stored config of an existing run; ConfigMismatch when `cfg` differs (run.iterations aside)."""
+    """The stored (latest) config of an existing run; ConfigMismatch when `cfg` differs (run.iterations
+    aside), naming each differing key, the rerun that set it, and the command that continues the run."""
     stored = run.config()
     if config_digest(stored) != config_digest(cfg):
         a, b = stored.flat(), cfg.flat()
-        diff = [f"{k}: {a.get(k)!r} (run) vs {b.get(k)!r} (now)" for k in sorted(a) if a.get(k) != b.get(k)]
+        set_by = {key: record for record in run.config_history() for key in record.get("changes") or {}}
+        diff = []
+        for key in sorted(k for k in a if a.get(k) != b.get(k) and not k.startswith(("run.", "tracking."))):
+            record = set_by.get(key)
+            since = f", since `rerun-stage` {record['rerun']} at {record['at']}" if record else ""
+            diff.append(f"{key}: {a.get(key)!r} (run{since}) vs {b.get(key)!r} (now)")
+        more = f" --iterations {cfg.run.iterations}" if cfg.run.iterations != stored.run.iterations else ""
         raise ConfigMismatch(
-            f"{run.config_path} was written with another configuration:\n  " + "\n  ".join(diff)
-            + "\nuse a new --run-dir (or run.name) for a different configuration"
+            f"{run.config_path} holds this run's configuration, and the one asked for differs:\n  "
+            + "\n  ".join(diff)
+            + f"\nto continue this run with its own configuration: aepo run --run-dir {run.root}{more}"
+            + "\nfor a different configuration use a new --run-dir (or run.name)"
         )
     return stored
 
@@ -286,14 +295,15 @@ def stage_inputs(run: RunDir, cfg: Config, iteration: int, stage: str) -> dict[s
     return upstream(run, cfg, iteration, stage)
 
 
-def check_rerun_possible(run: RunDir, cfg: Config, iteration: int, stage: str) -> None:
+def check_rerun_possible(run: RunDir, config_of: Callable[[int], Config], iteration: int, stage: str) -> None:
     """Refuse (PrunedArtifact) a rerun of `stage` at `iteration` when it, or a later stage that its
     new output could make stale and that would then be recomputed, needs a file retention pruned.
     The stages recomputed in that chain write their outputs again, so only needs outside it count;
-    an evaluation feeds nothing, so it can be rerun whenever its policy is kept."""
+    an evaluation feeds nothing, so it can be rerun whenever its policy is kept. `config_of(i)`: the
+    config iteration i will have after the rerun."""
     chain = {(iteration, stage)}
-    for i in range(iteration, cfg.run.iterations):
-        for name in stages_of(cfg, i):
+    for i in range(iteration, config_of(iteration).run.iterations):
+        for name in stages_of(config_of(i), i):
             if any((i + d, source) in chain for d, source in PIPELINE[name].reads):
                 chain.add((i, name))
     for i, name in sorted(chain, key=lambda item: (item[0], STAGES.index(item[1]))):
@@ -347,7 +357,7 @@ def _seed(*parts: int) -> int:
 def prepare(run: RunDir, iteration: int) -> dict[str, Any]:
     """This iteration's prompts: the next slice of a seeded per-epoch permutation of the train split."""
     started = time.perf_counter()
-    cfg = run.config()
+    cfg = run.config(iteration)
     ups = stage_inputs(run, cfg, iteration, "prepare")
     table = pq.read_table(run.dataset_path("train"))
     size, per_batch = table.num_rows, cfg.rollout.prompts_per_batch
@@ -423,7 +433,7 @@ def rollout(run: RunDir, iteration: int, show_progress: bool = False) -> dict[st
     batch (of the first reg_prompt_fraction of prompts, at the controller's temperature; in prompt
     order until the REINFORCE term has its rows: `sample_rollout`)."""
     started = time.perf_counter()
-    cfg = run.config()
+    cfg = run.config(iteration)
     ups = stage_inputs(run, cfg, iteration, "rollout")
     prompts = pq.read_table(run.stage_dir(iteration, "prepare") / "prompts.parquet")
     decision = controller_decision(run, cfg, iteration)
@@ -485,7 +495,7 @@ def rollout(run: RunDir, iteration: int, show_progress: bool = False) -> dict[st
 def reward(run: RunDir, iteration: int) -> dict[str, Any]:
     """Verify every response against its prompt's gold answer."""
     started = time.perf_counter()
-    cfg = run.config()
+    cfg = run.config(iteration)
     ups = stage_inputs(run, cfg, iteration, "reward")
     prompts = pq.read_table(run.stage_dir(iteration, "prepare") / "prompts.parquet")
     rollouts = pq.read_table(run.stage_dir(iteration, "rollout") / "rollouts.parquet", columns=["row_id", "prompt_index", "batch", "text"])
@@ -583,7 +593,7 @@ def reference_policy(path: Path, device: torch.device, trust_remote_code: bool =
 def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str, Any]:
     """One AEPO (or baseline) update on this iteration's rollouts; saves policy, optimiser, batch record."""
     started = time.perf_counter()
-    cfg = run.config()
+    cfg = run.config(iteration)
     ups = stage_inputs(run, cfg, iteration, "update")
     rollouts = pq.read_table(run.stage_dir(iteration, "rollout") / "rollouts.parquet")
     rewards = pq.read_table(run.stage_dir(iteration, "reward") / "rewards.parquet")
@@ -648,7 +658,7 @@ def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str
         pq.write_table(pa.Table.from_pylist(records), tmp / "update_batch.parquet")
         metrics.update(result.metrics)
         metrics.update(choice)
-        metrics["update_seconds"] = seconds
+        metrics["step_seconds"] = seconds
         metrics["rows_trained"] = len(records)
     return metrics
 
@@ -667,7 +677,7 @@ def task_entropy_ceiling(measured: dict[str, Any]) -> float | None:
 def entropy(run: RunDir, iteration: int) -> dict[str, Any]:
     """Record the entropy the update measured and decide the next iteration's temperature and k cap."""
     started = time.perf_counter()
-    cfg = run.config()
+    cfg = run.config(iteration)
     ups = stage_inputs(run, cfg, iteration, "entropy")
     measured = run.manifest(iteration, "update")["metrics"]
     a = cfg.algorithm
@@ -713,7 +723,7 @@ def entropy(run: RunDir, iteration: int) -> dict[str, Any]:
 def evaluate_stage(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str, Any]:
     """Held-out accuracy of this iteration's policy at the configured temperature, n and length."""
     started = time.perf_counter()
-    cfg = run.config()
+    cfg = run.config(iteration)
     ups = stage_inputs(run, cfg, iteration, "evaluate")
     policy = run.stage_dir(iteration, "update") / "policy"
     table = pq.read_table(run.dataset_path("eval"))
@@ -811,11 +821,12 @@ def metric_changes(before: dict[str, Any] | None, after: dict[str, Any], limit: 
     return lines
 
 
-def stale_stages(run: RunDir, cfg: Config, from_iteration: int = 0) -> list[tuple[int, str]]:
-    """(iteration, stage) pairs that were done but no longer match what they read, directly or
-    through a stale stage before them."""
+def stale_stages(run: RunDir, from_iteration: int = 0) -> list[tuple[int, str]]:
+    """(iteration, stage) pairs that were done but no longer match what they read (each iteration
+    under its own config, `RunDir.config(i)`), directly or through a stale stage before them."""
     stale: set[tuple[int, str]] = set()
-    for i in range(from_iteration, cfg.run.iterations):
+    for i in range(from_iteration, run.config().run.iterations):
+        cfg = run.config(i)
         for stage in stages_of(cfg, i):
             if run.manifest(i, stage) is None:
                 continue
@@ -844,13 +855,22 @@ def prepare_rerun(
     if frozen:
         raise ValueError(f"{', '.join(frozen)}: fixed when the run was created (dataset snapshot, base policy); "
                          "start a new run for that")
+    latest = run.config()
     cfg = load_config(run.config_path, overrides or [])
     if not 0 <= iteration < cfg.run.iterations:
         raise ValueError(f"iteration {iteration} is outside this run (0..{cfg.run.iterations - 1})")
+    # the overrides apply from this iteration on; earlier iterations keep the config they were computed with
+    record = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rerun": f"{stage}@{iteration}", "overrides": overrides,
+              "from_iteration": iteration, "changes": override_changes(latest, cfg, overrides or [])}
+    records = run.config_history() + [record]
+
+    def config_of(i: int) -> Config:
+        return config_version(cfg, records, i)
+
     run.acquire_writer()  # RunDirBusy names the process writing this run now
     try:
-        upstream(run, cfg, iteration, stage)  # StageNotReady names the missing (or damaged) artifact
-        check_rerun_possible(run, cfg, iteration, stage)  # PrunedArtifact: it or its recomputation needs a pruned file
+        upstream(run, config_of(iteration), iteration, stage)  # StageNotReady names the missing (or damaged) artifact
+        check_rerun_possible(run, config_of, iteration, stage)  # PrunedArtifact: it or its recomputation needs a pruned file
     except BaseException:
         run.release_writer()
         raise
@@ -859,8 +879,7 @@ def prepare_rerun(
         return run
     run.remove_stale_temporaries()
     if overrides:  # only now, so a refused rerun leaves the run as it was
-        with open(run.root / "config_history.jsonl", "a") as fh:
-            record = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rerun": f"{stage}@{iteration}", "overrides": overrides}
+        with open(run.history_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         save_config(cfg, run.config_path)
     return run  # the caller holds the writer lock: release_writer() when done

@@ -68,7 +68,11 @@ def tracking_uri(cfg: Config, run: RunDir) -> str:
 
 def iteration_metrics(run: RunDir, iteration: int) -> dict[str, float]:
     """Every finite numeric metric the stages of `iteration` recorded, with MLflow-safe names
-    (rollout/…, reward/…, loss/…, actor/…, entropy/…, aepo/…, controller/…, eval/…, time/<stage>_s)."""
+    (rollout/…, reward/…, loss/…, actor/…, entropy/…, aepo/…, controller/…, eval/…). Times, one name
+    each: time/<stage>_s is the whole stage (loading, computing, saving: its manifest's seconds),
+    time/<stage>_<part>_s its compute part (a `<part>_seconds` metric: time/rollout_generate_s,
+    time/reward_verify_s, time/update_step_s, time/evaluate_generate_s), time/iteration_s the sum of
+    the stages (not wall time)."""
     out: dict[str, float] = {}
     total = 0.0
     for stage in STAGES:
@@ -78,7 +82,10 @@ def iteration_metrics(run: RunDir, iteration: int) -> dict[str, float]:
         for key, value in manifest["metrics"].items():
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 continue
-            name = (_PREFIX[stage] + key).replace("@", "_at_").replace("(", "_").replace(")", "_")
+            if key.endswith("_seconds"):  # the stage's compute part: beside time/<stage>_s, the whole stage
+                name = f"time/{stage}_{key.removesuffix('_seconds')}_s"
+            else:
+                name = (_PREFIX[stage] + key).replace("@", "_at_").replace("(", "_").replace(")", "_")
             out[name] = float(value)
         out[f"time/{stage}_s"] = float(manifest["seconds"])
         total += float(manifest["seconds"])
