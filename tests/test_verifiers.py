@@ -75,6 +75,25 @@ def test_math_verifier_cases(math_verifier):
     assert got[3].verdict == "no_answer" and got[5].verdict == "no_answer"
 
 
+def test_math_verifier_is_quiet_about_the_timeouts_it_switches_off(capfd, caplog, monkeypatch):
+    """math-verify warns once per process that its own timeouts are off; they are off on purpose
+    (the verifier's deadline bounds each item), so neither its workers nor this process print it."""
+    import math_verify.parser
+
+    from aepo_core.io.verifiers import parse_math
+
+    monkeypatch.setattr(math_verify.parser, "TIMEOUT_WARNING_SHOWN", False)
+    assert parse_math("1/2")
+    v = MathVerifier(timeout_s=20.0, workers=1)  # a fresh worker process, which would warn once
+    try:
+        assert [j.verdict for j in v.judge_batch(["\\boxed{2}", "\\boxed{3}"], ["2", "2"])] == ["correct", "wrong"]
+    finally:
+        v.close()
+    printed = capfd.readouterr()
+    assert "Timeout is disabled" not in printed.out + printed.err
+    assert not [r for r in caplog.records if "Timeout is disabled" in r.getMessage()]
+
+
 HANG_S = 600
 
 

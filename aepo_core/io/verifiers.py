@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import functools
+import logging
 import multiprocessing as mp
 import re
 from dataclasses import dataclass
@@ -176,7 +177,13 @@ class SyntheticVerifier:
 
 
 def _import_math_verify() -> None:
-    import math_verify  # noqa: F401 - a slow import (sympy), done once per worker
+    """Import math-verify (a slow import: sympy), once per worker, and silence its warning that its
+    own timeouts are off: they are off on purpose, the verifier enforces its own deadline per item
+    (MathVerifier.timeout_s), and the warning is printed once per worker process, between the
+    iteration lines."""
+    import math_verify  # noqa: F401
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
 def parse_math(text: str) -> list:
@@ -186,6 +193,7 @@ def parse_math(text: str) -> list:
     (e.g. "" or "???"). A bare parse comes last because it reads parts: "(3, \\frac{\\pi}{2})" -> 3."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
+    _import_math_verify()  # quiet in this process too (parse_math also runs outside the workers)
     text = text.strip()
     if _BOX.search(text):
         text = (final_box(text) or "").strip()
