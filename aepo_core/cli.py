@@ -53,6 +53,7 @@ class _App(typer.Typer):
 app = _App(
     add_completion=False,
     no_args_is_help=True,
+    rich_markup_mode=None,  # click's plain help: the rich one labels every flag (and --help) "<bool>"
     help="AEPO: reinforcement fine-tuning that holds the policy's entropy at a target.",
 )
 
@@ -205,7 +206,9 @@ def _refuse_if_busy(run_dir: Path | str) -> None:
 def run_cmd(
     config: ConfigOpt = None,
     overrides: Overrides = None,
-    run_dir: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<algorithm>-<config digest>).")] = None,
+    run_dir: Annotated[Path | None, typer.Option(
+        help="Run directory (default: <run.runs_root>/<run.name>, or runs/<algorithm and target>-<config digest>, "
+             "e.g. runs/aepo-h0.15-1a2b3c4d).")] = None,
     iterations: Annotated[int | None, typer.Option(help="Number of iterations (run.iterations).")] = None,
     progress: Annotated[bool, typer.Option(help="Progress bars on rollout and update.")] = True,
 ) -> None:
@@ -297,13 +300,17 @@ def compare_cmd(
     experiment: Annotated[str | None, typer.Option(help="Experiment name (default: aepo).")] = None,
     run_id: Annotated[list[str] | None, typer.Option("--run-id", help="Run ids to compare (repeatable).")] = None,
     filter: Annotated[str | None, typer.Option(help="MLflow filter, e.g. \"tags.algorithm = 'aepo'\".")] = None,
-    out: Annotated[Path, typer.Option(help="Folder for the comparison plots.")] = Path("comparison"),
+    out: Annotated[Path | None, typer.Option(
+        help="Folder for the table and plots (default: comparison/ beside a sqlite store, else ./comparison).")] = None,
 ) -> None:
     """Compare MLflow runs: a summary table and entropy/temperature/reward/accuracy plots."""
     from aepo_core.pipeline.compare import compare_runs, format_source_table, format_table
 
     if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
         tracking_uri = f"sqlite:///{Path(tracking_uri[len('sqlite:///'):]).resolve()}"
+    if out is None:  # beside the runs it compares, not wherever the command happens to be typed
+        store = Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
+        out = store.parent / "comparison" if store is not None else Path("comparison")
     try:
         rows, plots = compare_runs(tracking_uri, out, experiment, run_id, filter)
     except ValueError as exc:

@@ -248,6 +248,9 @@ class RunConfig(_Section):
     keep_policies_every: int | None = Field(
         None, ge=1, description="keep the policy of every N-th iteration (None: tracking.save_every); the newest "
         "and the last are always kept")
+    # the starting policy's held-out accuracy, measured once before the first update (base/evaluate,
+    # MLflow step -1): the point every accuracy curve starts from
+    evaluate_base: bool = Field(True, description="evaluate the starting policy once, before the first update")
 
 
 class Config(_Section):

@@ -18,7 +18,7 @@ from aepo_core.io.engines import release_shared_engine
 from aepo_core.pipeline.compare import plot_histories, summarise
 from aepo_core.pipeline.processes import use_threads
 from aepo_core.pipeline.retention import prune
-from aepo_core.pipeline.rundir import RunDir
+from aepo_core.pipeline.rundir import BASE_ITERATION, RunDir
 from aepo_core.pipeline.stages import is_stage_complete, open_run, stages_of
 from aepo_core.pipeline.tracking import Tracker, run_history
 from tasks import STAGE_TASKS
@@ -195,6 +195,17 @@ def end_of_run_lines(run: RunDir, cfg: Config, history: dict[str, list[tuple[int
     return lines
 
 
+def evaluate_base(run: RunDir, tracker: Tracker, show_progress: bool) -> None:
+    """The starting policy's held-out evaluation, once per run (base/evaluate, the config of the
+    run's start; MLflow step -1), said in one line: where every accuracy curve starts."""
+    if not is_stage_complete(run, run.config(BASE_ITERATION), BASE_ITERATION, "evaluate"):
+        metrics = STAGE_TASKS["evaluate"](str(run.root), BASE_ITERATION, show_progress=show_progress)
+        n = int(metrics["n"])
+        at_n = f", pass@{n} {metrics[f'pass_at_{n}']:.3f}" if f"pass_at_{n}" in metrics else ""
+        print(f"base policy | held-out accuracy (avg@{n}) {metrics['accuracy']:.3f}{at_n}", flush=True)
+    tracker.sync(BASE_ITERATION)
+
+
 def _train(run: RunDir, show_progress: bool) -> dict:
     cfg = run.config()
     use_threads(cfg.run.threads)
@@ -203,6 +214,8 @@ def _train(run: RunDir, show_progress: bool) -> dict:
     print(f"run directory {run.root}  (MLflow run {tracker.run_id} at {tracker.uri})")
     run_started, worked = time.perf_counter(), []  # seconds of the iterations this process computed
     try:
+        if cfg.run.evaluate_base:
+            evaluate_base(run, tracker, show_progress)
         for i in range(cfg.run.iterations):
             started, skipped = time.perf_counter(), []
             cfg_i = run.config(i)  # a rerun's overrides apply from its iteration on

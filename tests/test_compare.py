@@ -122,6 +122,10 @@ def test_final_accuracy_by_source():
          "eval/b/accuracy": [(9, 0.4)], "eval/pass_at_8": [(9, 0.9)]}
     s = summarise(h, "grpo", None)
     assert s["final_accuracy_by_source"] == {"a-3": 0.6, "b": 0.4}
+    # the base policy's evaluation (step -1) is its own column, never a run's final or best
+    based = summarise({**h, "eval/accuracy": [(-1, 0.9), (0, 0.5), (9, 0.7)]}, "grpo", None)
+    assert (based["base_accuracy"], based["final_accuracy"], based["best_accuracy"]) == (0.9, 0.7, 0.7)
+    assert s["base_accuracy"] is None
     table = format_source_table([{"run": "r", **s}, {"run": "q", "final_accuracy_by_source": {"b": 0.25}}])
     assert table.splitlines()[0] == "| run | a-3 | b |"
     assert table.splitlines()[2:] == ["| r | 0.600 | 0.400 |", "| q | - | 0.250 |"]
@@ -168,6 +172,7 @@ def test_running_mean_hand_values():
 
 def test_history_plots_draw_each_run_raw_and_smoothed_with_its_target(tmp_path):
     aepo = history(entropy__nll=[0.2, 0.1, 0.12], reward__reward_mean=[0.5, 0.7, 0.6], eval__accuracy=[0.3, 0.4])
+    aepo["eval/accuracy"].insert(0, (-1, 0.25))  # the base policy's evaluation
     grpo = history(entropy__nll=[0.2, 0.1, 0.05], reward__reward_mean=[0.4, 0.4, 0.5])
     figures = {}
     paths = plot_histories({"grpo": grpo, "aepo": aepo}, tmp_path, {"aepo": 0.1, "grpo": None}, smooth=2,
@@ -191,8 +196,11 @@ def test_history_plots_draw_each_run_raw_and_smoothed_with_its_target(tmp_path):
     assert lines(reward, "grpo") == [([0.0, 1.0, 2.0], [0.4, 0.4, 0.45])]
     (accuracy,) = figures["eval_accuracy"]["axes"]
     assert accuracy["ylabel"] == "held-out accuracy" and accuracy["legend"] == ["aepo"]
-    assert lines(accuracy, "aepo", marker="o") == [([0.0, 1.0], [0.3, 0.4])]  # evaluations as points
+    # evaluations as points, from the base policy's (-1) on, on the whole scale of a fraction
+    assert lines(accuracy, "aepo", marker="o") == [([-1.0, 0.0, 1.0], [0.25, 0.3, 0.4])]
     assert len(accuracy["lines"]) == 1
+    assert accuracy["xlabel"] == "iteration (-1: the base policy)" and accuracy["ylim"] == [0.0, 1.02]
+    assert all(not fig["cut_titles"] for fig in figures.values())
 
 
 def test_markdown_table_has_one_cell_per_column():

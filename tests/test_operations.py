@@ -197,7 +197,8 @@ def test_compare_two_runs(runs, tmp_path):
     assert set(figures) == set(PLOTS) | {"controller", "against_target"}
     for name, (_, ylabel) in PLOTS.items():
         (ax,) = figures[name]["axes"]
-        assert (ax["xlabel"], ax["ylabel"]) == ("iteration", ylabel), name
+        xlabel = "iteration (-1: the base policy)" if name == "eval_accuracy" else "iteration"
+        assert (ax["xlabel"], ax["ylabel"]) == (xlabel, ylabel), name
         assert label["aepo"] in ax["legend"], name
     for name in ("entropy", "reward", "eval_accuracy"):
         assert figures[name]["axes"][0]["legend"] == sorted(label.values()), name
@@ -211,6 +212,10 @@ def test_compare_two_runs(runs, tmp_path):
     only = CliRunner().invoke(app, ["compare", "--tracking-uri", aepo["tracking_uri"], "--filter",
                                     "tags.algorithm = 'grpo'", "--out", str(tmp_path / "g")])
     assert only.exit_code == 0 and " aepo " not in only.output
+    # with no --out, the comparison lands beside the store it read, not in the current directory
+    beside = CliRunner().invoke(app, ["compare", "--tracking-uri", aepo["tracking_uri"]])
+    assert beside.exit_code == 0, beside.output
+    assert (root / "comparison" / "summary.md").is_file() and f"table: {root / 'comparison' / 'summary.json'}" in beside.output
 
 
 def test_sweep_trains_the_grid_and_compares_it(base_policy_dir, tmp_path, tiny_overrides, prefect_harness):

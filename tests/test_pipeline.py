@@ -203,7 +203,11 @@ def test_mlflow_has_one_point_per_iteration(trained_run):
     assert not [key for key in metrics if key.endswith("_seconds")]
     assert metrics["time/update_step_s"] < metrics["time/update_s"]
     evals = client.get_metric_history(result["mlflow_run_id"], "eval/accuracy")
-    assert sorted(m.step for m in evals) == [1, 2]
+    assert sorted(m.step for m in evals) == [-1, 1, 2]  # -1: the base policy, evaluated before the first update
+    base = run.manifest(-1, "evaluate")
+    assert (run.root / "base" / "evaluate" / "eval.parquet").is_file()
+    assert base["upstream"]["update"] == run.read_json("base.json")["digest"]  # it read the starting policy
+    assert [m.value for m in evals if m.step == -1] == [pytest.approx(base["metrics"]["accuracy"])]
     reward1 = [m.value for m in client.get_metric_history(result["mlflow_run_id"], "reward/reward_mean") if m.step == 1]
     assert reward1 == [pytest.approx(run.manifest(1, "reward")["metrics"]["reward_mean"])]
     assert (run.root.parent / "mlflow.db").is_file()

@@ -239,3 +239,14 @@ def test_a_start_that_fails_while_writing_leaves_nothing_behind(existed, tmp_pat
         assert sorted(p.name for p in root.iterdir()) == ["notes.txt"]
     else:
         assert not root.exists()
+
+
+def test_help_shows_flags_without_a_type_and_the_run_dir_default_as_the_readme_does():
+    from typer.testing import CliRunner
+
+    from aepo_core.cli import app
+
+    result = CliRunner().invoke(app, ["run", "--help"])
+    assert result.exit_code == 0
+    assert "<bool>" not in result.output and "--progress / --no-progress" in result.output
+    assert "runs/aepo-h0.15-1a2b3c4d" in " ".join(result.output.split())

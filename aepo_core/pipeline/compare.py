@@ -12,6 +12,8 @@ import statistics
 import textwrap
 from pathlib import Path
 
+from aepo_core.pipeline.rundir import BASE_ITERATION
+
 History = dict[str, list[tuple[int, float]]]
 
 # what is plotted against iteration, one PNG each: file stem -> (metric, y label)
@@ -64,14 +66,16 @@ def summarise(
 ) -> dict[str, float | str | None]:
     """One run's summary row.
 
-    Final/best held-out accuracy (avg@n) and final pass@1 / pass@n; entropy first/last (H in the
+    The base policy's held-out accuracy (avg@n, when the run measured it: step -1), the final/best
+    after an update, and final pass@1 / pass@n; entropy first/last (H in the
     estimator the target is stated in, `entropy_key`) and its relative fall (`entropy_fall`); mean |H - H*| and
     mean |H - H*| / H* over the second half of the iterations, also by each estimator of the same rows
     (`mean_rel_dev_nll`, `mean_rel_dev_exact`); for AEPO the fraction of iterations
     sampled at T_high (when T_high != T_low), the temperature switches up and down, mean k and mean
     positives found; the stages' summed seconds (not wall time).
     """
-    evals = _values(history, "eval/accuracy")
+    base = dict(history.get("eval/accuracy", [])).get(BASE_ITERATION)  # the starting policy's, when measured
+    evals = [v for step, v in sorted(history.get("eval/accuracy", [])) if step != BASE_ITERATION]
     entropy = _values(history, entropy_key)
     half = entropy[len(entropy) // 2 :]
     ks = _values(history, "aepo/k")
@@ -96,6 +100,7 @@ def summarise(
         "algorithm": algorithm,
         "target": target,
         "iterations": len(entropy),
+        "base_accuracy": base,
         "final_accuracy": evals[-1] if evals else None,
         "best_accuracy": max(evals) if evals else None,
         "final_pass_at_1": pass_one[-1] if pass_one else None,
@@ -128,7 +133,7 @@ def summarise(
 
 TABLE = {  # summary key -> column head
     "run": "run", "algorithm": "algorithm", "target": "H*", "iterations": "iters",
-    "final_accuracy": "avg@n", "final_pass_at_1": "pass@1", "final_pass_at_k": "pass@n",
+    "base_accuracy": "base avg@n", "final_accuracy": "avg@n", "final_pass_at_1": "pass@1", "final_pass_at_k": "pass@n",
     "best_accuracy": "best avg@n", "entropy_first": "H first", "entropy_last": "H last",
     "entropy_fall": "H fall", "valid_entropy_fall": "Hvalid fall", "valid_prob_last": "p(valid)", "mean_rel_dev": "|H-H*|/H*", "mean_rel_dev_nll": "dev nll", "mean_rel_dev_exact": "dev exact", "frac_t_high": "at T_high",
     "switches_up": "T up", "switches_down": "T down", "mean_k": "mean k", "mean_positives": "positives",
@@ -295,9 +300,12 @@ def plot_histories(
         if not drawn:
             plt.close(fig)
             continue
-        ax.set_xlim(-0.5, last + 0.5)
-        ax.set_xlabel("iteration")
+        first = min(s for h in histories.values() for s, _ in h.get(key, [])) if key.startswith("eval/") else 0
+        ax.set_xlim(min(first, 0) - 0.5, last + 0.5)
+        ax.set_xlabel("iteration (-1: the base policy)" if first == BASE_ITERATION else "iteration")
         ax.set_ylabel(label)
+        if key.startswith("eval/"):  # a fraction: the whole scale, so a change of 0.02 looks like one
+            ax.set_ylim(0.0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
         if stem == "entropy" and targets:

@@ -120,6 +120,9 @@ class RunDirBusy(UserError):
     """Another process is writing this run directory."""
 
 
+# The iteration number of what a run measures of its starting policy (stage_dir: base/<stage>).
+BASE_ITERATION = -1
+
 # Run directories this process holds the writer lock of: resolved root -> [file descriptor, depth].
 _HELD: dict[Path, list] = {}
 _HELD_GUARD = threading.Lock()
@@ -169,8 +172,14 @@ class RunDir:
 
     # ----------------------------------------------------------------------------- stages
     def stage_dir(self, iteration: int, stage: str) -> Path:
+        """iter_NNNN/<stage>; for iteration BASE_ITERATION (-1), base/<stage>: what a run measures of
+        its starting policy before the first update (the evaluation of the base policy)."""
         if not stage.isidentifier():  # which stages exist is the pipeline's business (stages.PIPELINE)
             raise ValueError(f"bad stage name {stage!r}")
+        if iteration == BASE_ITERATION:
+            return self.root / "base" / stage
+        if iteration < 0:
+            raise ValueError(f"bad iteration {iteration}")
         return self.root / f"iter_{iteration:04d}" / stage
 
     def manifest(self, iteration: int, stage: str) -> dict[str, Any] | None:

@@ -721,11 +721,12 @@ def entropy(run: RunDir, iteration: int) -> dict[str, Any]:
 
 
 def evaluate_stage(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str, Any]:
-    """Held-out accuracy of this iteration's policy at the configured temperature, n and length."""
+    """Held-out accuracy of this iteration's policy (after its update) at the configured temperature,
+    n and length; iteration BASE_ITERATION (-1): the base policy, before any update."""
     started = time.perf_counter()
     cfg = run.config(iteration)
     ups = stage_inputs(run, cfg, iteration, "evaluate")
-    policy = run.stage_dir(iteration, "update") / "policy"
+    policy = policy_dir(run, iteration + 1)
     table = pq.read_table(run.dataset_path("eval"))
     engine = shared_engine(cfg, policy)
     engine.show_progress = show_progress  # an evaluation samples the most rows of any stage: say so

@@ -23,7 +23,7 @@ from typing import Any
 from aepo_core.config import Config
 from aepo_core.core.algorithms import make_algorithm
 from aepo_core.errors import EnvironmentFault
-from aepo_core.pipeline.rundir import RunDir
+from aepo_core.pipeline.rundir import BASE_ITERATION, RunDir
 from aepo_core.pipeline.stages import STAGES
 
 _PREFIX = {"prepare": "prepare/", "rollout": "rollout/", "reward": "reward/", "update": "", "entropy": "controller/", "evaluate": "eval/"}
@@ -339,7 +339,7 @@ class _Patient:
 def run_history(run: RunDir, iterations: int) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(iteration, value), ...]} straight from the manifests."""
     history: dict[str, list[tuple[int, float]]] = {}
-    for i in range(iterations):
+    for i in [BASE_ITERATION, *range(iterations)]:  # -1: the base policy's evaluation, when measured
         for key, value in iteration_metrics(run, i).items():
             history.setdefault(key, []).append((i, value))
     return history
