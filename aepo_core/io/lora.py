@@ -10,6 +10,8 @@ switched off (:class:`AdaptersDisabled`): the frozen base, without a second copy
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,11 +48,21 @@ def trainable_lora(base: PreTrainedModel, cfg: LoraConfig, adapter: Path | None,
     Raises:
         ValueError: a target module the model does not have (peft's message names it).
     """
-    if adapter is not None:
-        return PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
-    with torch.random.fork_rng(devices=[]):  # the adapters' init draws from the RNG; leave the caller's stream alone
-        torch.manual_seed(seed)
-        return get_peft_model(base, peft_config(cfg))
+    with _quiet_peft():
+        if adapter is not None:
+            return PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+        with torch.random.fork_rng(devices=[]):  # the adapters' init draws from the RNG; leave the caller's stream alone
+            torch.manual_seed(seed)
+            return get_peft_model(base, peft_config(cfg))
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft (0.21) reads transformers' deprecated ``is_gradient_checkpointing`` when it wraps a model,
+    and transformers 5 warns about it on every update: peft's business, not the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        yield
 
 
 class AdaptersDisabled:
@@ -86,7 +98,8 @@ class AdaptersDisabled:
 
 def save_adapter(model: PeftModel, folder: Path) -> None:
     """Write the adapter (peft's ``adapter_config.json`` + ``adapter_model.safetensors``) into `folder`."""
-    model.save_pretrained(str(folder), safe_serialization=True)
+    with _quiet_peft():
+        model.save_pretrained(str(folder), safe_serialization=True)
 
 
 def merge_into_base(model: PeftModel) -> PreTrainedModel:
