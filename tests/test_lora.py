@@ -130,7 +130,8 @@ def test_a_lora_run_trains_resumes_and_prunes_its_adapters(base_policy_dir, tmp_
     from aepo_core.pipeline.rundir import RunDir
     from flows.train import train
 
-    overrides = tiny_overrides(base_policy_dir, tmp_path) + ["model.lora.enabled=true", "run.keep_optimizer_states=2"]
+    overrides = tiny_overrides(base_policy_dir, tmp_path) + ["model.lora.enabled=true", "run.keep_optimizer_states=2",
+                                                             "run.keep_policies_every=1"]
     result = train(overrides=overrides, iterations=2)
     run = RunDir(result["run_dir"])
     base = load_file(base_policy_dir / "model.safetensors")
