@@ -185,3 +185,15 @@ def test_adapter_disabled_reference_shares_the_weights():
     assert not model.training
     ref.train()
     assert model.training
+
+
+def test_gradient_checkpointing_trains_the_adapters():
+    # non-reentrant checkpointing through the frozen base: the adapters still get their gradient
+    model = trainable_lora(tiny_qwen(), LoraConfig(), None, seed=0)
+    trainer = TrainerConfig(lr=5e-2, gradient_checkpointing=True)
+    update_step(model, make_optimizer(model, trainer), policy_batch(), None, AlgorithmConfig(name="grpo"), trainer,
+                ControllerState(), group_size=2)
+    from aepo_core.core.update import is_checkpointing
+
+    assert is_checkpointing(model)
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if ".lora_B." in n)
