@@ -166,10 +166,20 @@ def test_a_lora_run_trains_resumes_and_prunes_its_adapters(base_policy_dir, tmp_
     pruned = json.loads((run.stage_dir(0, "update") / "_PRUNED.json").read_text())
     assert {"adapter/", "optimizer.pt"} <= set(pruned)
     assert "run.keep_optimizer_states" in pruned["adapter/"]["setting"]
-    from aepo_core.pipeline.retention import pruned_need
+    from aepo_core.pipeline.retention import PrunedArtifact, pruned_need
 
     problem = pruned_need(run, 1, "update", ((-1, "update", "adapter/"),))
     assert "iter_0000/update/adapter, which retention pruned" in problem and "keep_optimizer_states" in problem
+
+    # a rerun of the last update (from iteration 1's kept adapter) reproduces it; one that would need
+    # iteration 0's pruned adapter is refused before anything changes
+    from flows.rerun import rerun_stage
+
+    digest = run.manifest(2, "update")["digest"]
+    result = rerun_stage(result["run_dir"], 2, "update")
+    assert not result["changed"] and run.manifest(2, "update")["digest"] == digest
+    with pytest.raises(PrunedArtifact, match=r"iter_0000/update/(policy|optimizer\.pt|adapter)"):
+        rerun_stage(str(run.root), 1, "update")
 
 
 def test_lora_model_without_the_targets_is_refused():
