@@ -26,12 +26,49 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# The projection layers of Qwen2 / Llama-style decoders: every linear layer of a block.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraConfig(_Section):
+    """model.lora: train low-rank adapters (the `peft` library) instead of every weight.
+
+    The update trains only the adapters on the frozen starting policy; each update still writes the
+    merged weights as `policy/` (what the engines read) and the adapter as `adapter/`
+    (aepo_core/io/lora.py). Fixed when a run is created, like the rest of `model`.
+    """
+
+    enabled: bool = False
+    rank: int = Field(8, ge=1, description="r: the adapters' inner dimension")
+    alpha: float = Field(16.0, gt=0.0, description="scaling: the adapter's output is multiplied by alpha / rank")
+    # passed to peft; the update itself runs with every dropout off, LoRA's included, so that its first
+    # mini-batch's ratio is exactly 1 (aepo_core.core.update.dropout_disabled): no effect in training here
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names(cls, names: list[str]) -> list[str]:
+        if any(not n.strip() for n in names):
+            raise ValueError("module names must not be empty")
+        if len(set(names)) != len(names):
+            raise ValueError(f"module names repeat: {names}")
+        return names
+
+
 class ModelConfig(_Section):
     # None means the embedded default: the tiny base policy built locally (aepo build-base).
     path: str | None = None
     # Where the embedded base policy is built and cached (default: ~/.cache/aepo/base-<seed>).
     cache_dir: str | None = None
     trust_remote_code: bool = False
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+# Keys added after runs existed, with the value they were added at. While a config holds that value
+# the key is left out of the config digests (aepo_core.pipeline.stages.digest_tree), so adding it
+# neither makes existing runs' stages stale nor changes the default run name of a config.
+ADDED_LATER: dict[str, Any] = {"model.lora": LoraConfig().model_dump(mode="json")}
 
 
 class SyntheticTaskConfig(_Section):

@@ -37,13 +37,14 @@ def _declared(key: str, declared: tuple[str, ...]) -> bool:
     return any(key == d or key.startswith(d + ".") for d in declared)
 
 
-@pytest.mark.parametrize("algorithm", ["aepo", "aepo-in-order", "grpo", "kl_cov", "adaptive_entropy"])
+@pytest.mark.parametrize("algorithm", ["aepo", "aepo-in-order", "grpo", "grpo-lora", "kl_cov", "adaptive_entropy"])
 def test_every_stage_reads_only_declared_keys(algorithm, base_policy_dir, tmp_path, monkeypatch, one_thread):
     cfg = load_config(None, [
         f"model.path={base_policy_dir}", f"run.runs_root={tmp_path}", "run.iterations=2", "data.synthetic.n_train=32",
         "data.synthetic.n_eval=4", "rollout.prompts_per_batch=2", "rollout.n=2", "rollout.max_new_tokens=16",
         "evaluation.n=1", "evaluation.num_prompts=2", "evaluation.every=1", f"algorithm.name={algorithm.split('-')[0]}",
-        *(["algorithm.kl_coef=0.01"] if algorithm == "grpo" else []),
+        *(["algorithm.kl_coef=0.01"] if algorithm.startswith("grpo") else []),
+        *(["model.lora.enabled=true"] if algorithm.endswith("-lora") else []),
         *(["rollout.regulariser_sampling=in_order"] if algorithm == "aepo-in-order" else []),
     ])
     run = stages.init_run(cfg, log=None)
@@ -51,8 +52,8 @@ def test_every_stage_reads_only_declared_keys(algorithm, base_policy_dir, tmp_pa
     real_config = RunDir.config
     current: list[str] = []
 
-    def recorded_config(self):
-        return _Recording(real_config(self), "", seen.setdefault(current[0], set()))
+    def recorded_config(self, iteration=None):  # the stages read their iteration's config (RunDir.config(i))
+        return _Recording(real_config(self, iteration), "", seen.setdefault(current[0], set()))
 
     monkeypatch.setattr(RunDir, "config", recorded_config)
     for iteration in range(2):

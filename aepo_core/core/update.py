@@ -335,6 +335,8 @@ def dropout_disabled(model):
 
 def is_checkpointing(model) -> bool:
     """Whether activation (gradient) checkpointing is on; transformers >= 5 renamed the attribute."""
+    if hasattr(model, "get_base_model"):  # a peft wrapper (LoRA): the transformers model inside decides
+        model = model.get_base_model()
     if hasattr(type(model), "is_activation_checkpointing"):
         return bool(model.is_activation_checkpointing)
     return bool(getattr(model, "is_gradient_checkpointing", False))

@@ -25,12 +25,13 @@ import pyarrow.parquet as pq
 import torch
 
 from aepo_core.atomic import disk_full_error
-from aepo_core.config import Config, config_version, load_config, override_changes, save_config
+from aepo_core.config import ADDED_LATER, Config, config_version, load_config, override_changes, save_config
 from aepo_core.core.algorithms import Decision, decision_from_json, decision_to_json, make_algorithm
 from aepo_core.core.batch import SequenceBatch
 from aepo_core.core.update import make_optimizer, update_step
 from aepo_core.errors import UserError
 from aepo_core.io.engines import Completion, SamplingRequest, shared_engine
+from aepo_core.io.lora import ADAPTER, AdaptersDisabled, merge_into_base, save_adapter, trainable_lora
 from aepo_core.io.models import load_policy, load_tokenizer, resolve_device, write_policy
 from aepo_core.io.prompts import encode_prompts
 from aepo_core.io.verifiers import make_verifier
@@ -54,20 +55,40 @@ class ConfigMismatch(UserError):
     """An existing run directory was asked to continue with a different configuration."""
 
 
+def digest_tree(cfg: Config) -> dict[str, Any]:
+    """The config as the digests see it: its JSON tree without the keys added after runs existed
+    that still hold the value they were added at (`aepo_core.config.ADDED_LATER`), so a run made
+    before a key existed keeps its digests (its stages stay done, its default name stays)."""
+    tree = cfg.model_dump(mode="json")
+    for dotted, added_at in ADDED_LATER.items():
+        *parents, leaf = dotted.split(".")
+        node = tree
+        for part in parents:
+            node = node[part]
+        if node.get(leaf) == added_at:
+            del node[leaf]
+    return tree
+
+
 def config_digest(cfg: Config) -> str:
     """Digest of everything that shapes the artifacts (run length and naming excluded)."""
-    tree = cfg.model_dump(mode="json")
+    tree = digest_tree(cfg)
     tree["run"], tree["tracking"] = {}, {}
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def stage_config_digest(cfg: Config, stage: str) -> str:
-    tree = cfg.model_dump(mode="json")
+    tree = digest_tree(cfg)
     picked = {}
     for dotted in stage_keys(cfg, stage):
         node = tree
-        for part in dotted.split("."):
-            node = node[part]
+        try:
+            for part in dotted.split("."):
+                node = node[part]
+        except KeyError:
+            if dotted in ADDED_LATER:  # left out at the value it was added at (digest_tree)
+                continue
+            raise
         picked[dotted] = node
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -590,8 +611,22 @@ def reference_policy(path: Path, device: torch.device, trust_remote_code: bool =
     return _REFERENCE[key]
 
 
+def training_policy(run: RunDir, cfg: Config, iteration: int, device: torch.device):
+    """The model the update of `iteration` trains, in train() mode: the previous update's policy (the
+    base for iteration 0); with model.lora.enabled the run's starting policy, frozen, with the LoRA
+    adapters of the previous update (new ones, seeded, for iteration 0) as its only trainable
+    parameters (aepo_core.io.lora)."""
+    trust = cfg.model.trust_remote_code
+    if not cfg.model.lora.enabled:
+        return load_policy(policy_dir(run, iteration), device=device, trust_remote_code=trust)
+    base = load_policy(policy_dir(run, 0), device=device, trust_remote_code=trust)
+    previous = run.stage_dir(iteration - 1, "update") / ADAPTER if iteration > 0 else None
+    return trainable_lora(base, cfg.model.lora, previous, seed=_seed(cfg.trainer.seed, iteration))
+
+
 def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str, Any]:
-    """One AEPO (or baseline) update on this iteration's rollouts; saves policy, optimiser, batch record."""
+    """One AEPO (or baseline) update on this iteration's rollouts; saves policy, optimiser, batch record
+    (and, with LoRA, the adapter beside the merged policy)."""
     started = time.perf_counter()
     cfg = run.config(iteration)
     ups = stage_inputs(run, cfg, iteration, "update")
@@ -602,10 +637,11 @@ def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str
     reward_of = rewards.column("reward").to_numpy()
     device = resolve_device(cfg.trainer)
     source = policy_dir(run, iteration)
-    policy = load_policy(source, device=device, trust_remote_code=cfg.model.trust_remote_code)
+    lora = cfg.model.lora.enabled
+    policy = training_policy(run, cfg, iteration, device)
     tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
     policy.train()
-    optimizer = make_optimizer(policy, cfg.trainer)
+    optimizer = make_optimizer(policy, cfg.trainer)  # its trainable parameters: the adapters only under LoRA
     if iteration > 0:
         state_path = run.stage_dir(iteration - 1, "update") / "optimizer.pt"
         optimizer.load_state_dict(torch.load(state_path, map_location=device, weights_only=True))
@@ -629,8 +665,12 @@ def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(batches[POLICY][0]), desc="update", unit="row", leave=False)
-    # the k3 KL's reference: the run's starting policy, loaded once per process and never trained
-    ref_policy = reference_policy(policy_dir(run, 0), device, cfg.model.trust_remote_code) if cfg.algorithm.kl_coef > 0 else None
+    # the k3 KL's reference: the run's starting policy, loaded once per process and never trained;
+    # under LoRA the same model with its adapters off (the frozen base, no second copy)
+    ref_policy = None
+    if cfg.algorithm.kl_coef > 0:
+        ref_policy = AdaptersDisabled(policy) if lora else reference_policy(
+            policy_dir(run, 0), device, cfg.model.trust_remote_code)
     try:
         result = update_step(
             policy, optimizer, batches[POLICY][1], batches[REGULARISER][1], cfg.algorithm, cfg.trainer, decision,
@@ -653,8 +693,11 @@ def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str
     with run.publish(iteration, "update", ups, {"algorithm": cfg.algorithm.name}, started=started,
                      expected_bytes=size) as (tmp, metrics):
         policy.eval()
-        write_policy(policy, tokenizer, tmp / "policy")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if lora:  # the adapter (what the next update continues from), then the merged weights (consumes `policy`)
+            save_adapter(policy, tmp / ADAPTER)
+            policy = merge_into_base(policy)
+        write_policy(policy, tokenizer, tmp / "policy")
         pq.write_table(pa.Table.from_pylist(records), tmp / "update_batch.parquet")
         metrics.update(result.metrics)
         metrics.update(choice)
@@ -782,8 +825,8 @@ PIPELINE: dict[str, Stage] = {
         Stage("reward", ((0, "prepare"), (0, "rollout")), ("data.verifier", "data.math_answer", "rollout.n"), reward),
         # prepare and data.train: the embedded task's metrics read the prompts' terms (task_metrics)
         Stage("update", ((0, "prepare"), (0, "rollout"), (0, "reward"), (-1, "update"), (-1, "entropy")),
-              ("algorithm", "trainer", "rollout.n", "model.trust_remote_code", "data.train"), update, progress=True,
-              needs=((-1, "update", "policy/"), (-1, "update", "optimizer.pt"))),
+              ("algorithm", "trainer", "rollout.n", "model.trust_remote_code", "model.lora", "data.train"), update, progress=True,
+              needs=((-1, "update", "policy/"), (-1, "update", "optimizer.pt"), (-1, "update", "adapter/"))),
         Stage("entropy", ((0, "update"), (-1, "entropy")), ("algorithm",), entropy),
         Stage("evaluate", ((0, "update"),),
               ("model", "evaluation", "data.verifier", "data.math_answer", "data.prompt_suffix", "rollout.engine",
