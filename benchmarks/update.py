@@ -60,7 +60,7 @@ def real_batches(prompts: int, n: int, root: Path, overrides: list[str]):
     policy = load_policy(stages.policy_dir(run, 0))
     pad_id = load_tokenizer(stages.policy_dir(run, 0)).pad_token_id
     batches = stages.role_batches(rollouts, rewards, pad_id)
-    controller = stages.controller_state(run, cfg, 0)
+    controller = stages.controller_decision(run, cfg, 0)
     return cfg, policy, batches[stages.POLICY][1], batches[stages.REGULARISER][1], controller
 
 
