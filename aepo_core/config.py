@@ -68,7 +68,8 @@ class ModelConfig(_Section):
 # Keys added after runs existed, with the value they were added at. While a config holds that value
 # the key is left out of the config digests (aepo_core.pipeline.stages.digest_tree), so adding it
 # neither makes existing runs' stages stale nor changes the default run name of a config.
-ADDED_LATER: dict[str, Any] = {"model.lora": LoraConfig().model_dump(mode="json")}
+ADDED_LATER: dict[str, Any] = {"model.lora": LoraConfig().model_dump(mode="json"),
+                                "algorithm.rollout_correction": "none", "algorithm.rollout_correction_cap": 3.0}
 
 
 class SyntheticTaskConfig(_Section):
@@ -207,6 +208,11 @@ class AlgorithmConfig(_Section):
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "constant"] = "token_mean"
     loss_constant: float | None = Field(None, gt=0.0, description="normaliser for loss_agg == constant")
     kl_coef: float = Field(0.0, ge=0.0, description="k3 KL to the reference policy; 0 = off")
+    # The engine's log-probs and the trainer's differ (vLLM's kernels, bf16): importance-weight the
+    # policy rows' policy-gradient term by rho = pi_old / pi_rollout (aepo_core.core.losses.
+    # rollout_correction_weights; TRL's vllm_importance_sampling_mode). none: the reference algorithm.
+    rollout_correction: Literal["none", "token_truncate", "sequence_mask"] = "none"
+    rollout_correction_cap: float = Field(3.0, gt=1.0, description="C: token ratios truncated at C, sequence ratios above C masked")
     # --- baselines ---
     entropy_coef: float = Field(0.03, ge=0.0, description="entropy_reg: loss - c * entropy")
     entropy_bonus_estimator: Literal["nll", "exact"] = "exact"

@@ -167,3 +167,36 @@ def test_role_losses_shared_and_separate_normalisers():
         VALUES, MASK, torch.tensor([False, False]), separate=True, mode="constant", constant=10.0
     )
     assert (grpo.item(), reinf.item()) == pytest.approx((0.35, 0.0))  # no REINFORCE rows: 0, not nan
+
+
+def test_rollout_correction_weights_by_hand():
+    """rho = pi_old / pi_rollout per token; delta = trainer - rollout (nats)."""
+    from aepo_core.core.losses import rollout_correction_weights
+
+    trainer = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5]])
+    rollout = torch.tensor([[-1.5, -1.0, 0.0], [-1.1, -1.1, -1.1]])  # delta: [0.5, -1.0, pad], [0.6] * 3
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    assert torch.equal(rollout_correction_weights(trainer, rollout, mask, "none", 3.0), mask)
+    # truncated at C = 1.5: e^0.5 = 1.649 -> 1.5, e^-1 = 0.368; e^0.6 = 1.822 -> 1.5
+    got = rollout_correction_weights(trainer, rollout, mask, "token_truncate", 1.5)
+    torch.testing.assert_close(got, torch.tensor([[1.5, math.exp(-1.0), 0.0], [1.5, 1.5, 1.5]]))
+    # sequence ratios: e^(0.5 - 1.0) = 0.61 <= 3 kept; e^(3 * 0.6) = 6.05 > 3 masked
+    got = rollout_correction_weights(trainer, rollout, mask, "sequence_mask", 3.0)
+    assert torch.equal(got, torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]))
+    # identical log-probs: every mode weighs every token 1
+    for mode in ("none", "token_truncate", "sequence_mask"):
+        assert torch.equal(rollout_correction_weights(trainer, trainer, mask, mode, 3.0), mask), mode
+    with pytest.raises(ValueError, match="unknown rollout correction"):
+        rollout_correction_weights(trainer, rollout, mask, "token_mask", 3.0)
+
+
+def test_rollout_mismatch_by_hand():
+    from aepo_core.core.losses import rollout_mismatch
+
+    trainer = torch.tensor([[-1.0, -2.0, 0.0]])
+    rollout = torch.tensor([[-1.5, -1.0, -9.0]])  # delta 0.5, -1.0; the third token is masked out
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    got = rollout_mismatch(trainer, rollout, mask)
+    # k3 of KL(rollout || trainer) on tokens the engine sampled: e^d - d - 1
+    k3 = (math.exp(0.5) - 0.5 - 1) + (math.exp(-1.0) + 1.0 - 1)
+    assert got == pytest.approx({"abs_sum": 1.5, "max_abs": 1.0, "k3_sum": k3, "tokens": 2.0})

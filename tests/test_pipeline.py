@@ -202,6 +202,10 @@ def test_mlflow_has_one_point_per_iteration(trained_run):
     assert {"time/update_s", "time/update_step_s", "time/rollout_generate_s", "time/reward_verify_s"} <= set(metrics)
     assert not [key for key in metrics if key.endswith("_seconds")]
     assert metrics["time/update_step_s"] < metrics["time/update_s"]
+    # the HF engine's log-probs against the trainer's recomputation, on the policy rows (same model,
+    # same weights: small, not zero -- the engine samples with a KV cache, the trainer in one pass)
+    assert 0.0 <= metrics["mismatch/mean_abs_logp"] <= metrics["mismatch/max_abs_logp"] < 0.5
+    assert metrics["mismatch/k3"] >= 0.0 and metrics["mismatch/corrected_fraction"] == 0.0
     evals = client.get_metric_history(result["mlflow_run_id"], "eval/accuracy")
     assert sorted(m.step for m in evals) == [-1, 1, 2]  # -1: the base policy, evaluated before the first update
     base = run.manifest(-1, "evaluate")

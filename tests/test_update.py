@@ -662,3 +662,44 @@ def test_single_mini_batch_skips_the_old_logprob_pass_without_changing_the_step(
     for key in ("loss/total", "entropy/nll", "actor/clip_frac", "actor/approx_kl", "aepo/reinforce_ratio_max"):
         assert runs[None][1].metrics[key] == pytest.approx(runs[True][1].metrics[key], abs=1e-6)
     assert runs[None][1].metrics["aepo/reinforce_ratio_max"] == 1.0
+
+
+def test_rollout_mismatch_is_measured_and_corrected_only_when_the_log_probs_differ():
+    """The policy rows' engine log-probs against pi_old's: identical ones measure 0 and leave every
+    correction without effect; log-probs all 0.3 nats above the trainer's measure 0.3, weigh each
+    token e^-0.3 under token truncation (the policy gradient scales by it) and keep every row
+    under sequence masking (their ratio e^(-0.3 * len) is below the cap)."""
+    from aepo_core.core.update import scoring_temperatures
+
+    model = tiny_qwen()
+    batch = policy_batch()
+    old, _ = compute_logprobs(model, batch, [[range(0, 8)]], chunk=2, temperatures=scoring_temperatures(batch))
+    trainer = TrainerConfig(lr=1e-3, micro_batch_size=3)
+
+    def run(rollout_logprobs, mode):
+        m = copy.deepcopy(model)
+        res = step(AlgorithmConfig(name="grpo", rollout_correction=mode), trainer, model=m,
+                   batch=batch.with_fields(rollout_logprobs=rollout_logprobs * batch.response_mask))
+        return res.metrics, [p.detach().clone() for p in m.parameters()]
+
+    plain, plain_weights = run(old, "none")
+    assert plain["mismatch/mean_abs_logp"] < 1e-5 and plain["mismatch/k3"] < 1e-9
+    assert plain["mismatch/corrected_fraction"] == 0.0
+    for mode in ("token_truncate", "sequence_mask"):
+        metrics, weights = run(old, mode)
+        assert metrics["actor/grad_norm"] == pytest.approx(plain["actor/grad_norm"], rel=1e-5), mode
+        for a, b in zip(weights, plain_weights, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0), mode
+    shifted, _ = run(old + 0.3, "none")
+    assert shifted["mismatch/mean_abs_logp"] == pytest.approx(0.3, abs=1e-5)
+    assert shifted["mismatch/max_abs_logp"] == pytest.approx(0.3, abs=1e-5)
+    assert shifted["mismatch/k3"] == pytest.approx(math.exp(-0.3) + 0.3 - 1, abs=1e-6)
+    truncated, _ = run(old + 0.3, "token_truncate")
+    assert truncated["mismatch/corrected_fraction"] == 1.0
+    assert shifted["actor/grad_norm"] > 1e-3  # (the GRPO loss itself is 0 at ratio 1: advantages sum to 0)
+    assert truncated["actor/grad_norm"] == pytest.approx(math.exp(-0.3) * shifted["actor/grad_norm"], rel=1e-5)
+    masked, _ = run(old + 0.3, "sequence_mask")
+    assert masked["mismatch/corrected_fraction"] == 0.0
+    assert masked["actor/grad_norm"] == pytest.approx(shifted["actor/grad_norm"], rel=1e-6)
+    # without engine log-probs (a batch built by hand) nothing is measured
+    assert not [k for k in step(AlgorithmConfig(name="grpo"), trainer).metrics if k.startswith("mismatch/")]

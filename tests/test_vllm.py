@@ -103,7 +103,10 @@ def test_a_large_mixed_temperature_batch(engine):
     assert len(out) == 64 * 8 and all(0 < len(c.token_ids) <= 16 for c in out)
 
 
-def test_two_pipeline_iterations_with_the_vllm_engine(base_policy_dir, tmp_path, tiny_overrides, prefect_harness, engine):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_two_pipeline_iterations_with_the_vllm_engine(base_policy_dir, tmp_path, tiny_overrides, prefect_harness, engine,
+                                                      lora):
+    """Full fine-tuning, and LoRA: the engine reloads the merged policy/ each iteration either way."""
     import pyarrow.parquet as pq
 
     from aepo_core.pipeline.rundir import RunDir
@@ -111,10 +114,15 @@ def test_two_pipeline_iterations_with_the_vllm_engine(base_policy_dir, tmp_path,
     from flows.train import train
 
     engine.close()  # one in-process vLLM engine at a time; the flow starts its own
-    result = train(overrides=tiny_overrides(base_policy_dir, tmp_path) + VLLM_OVERRIDES, iterations=2)
+    extra = ["model.lora.enabled=true"] if lora else []
+    result = train(overrides=tiny_overrides(base_policy_dir, tmp_path) + VLLM_OVERRIDES + extra, iterations=2)
     run = RunDir(result["run_dir"])
     for stage in STAGES:
         assert run.manifest(1, stage) is not None, stage
+    assert (run.stage_dir(1, "update") / "adapter").is_dir() == lora
+    # vLLM's log-probs against the trainer's recomputation, measured on the policy rows
+    update = run.manifest(1, "update")["metrics"]
+    assert 0.0 <= update["mismatch/mean_abs_logp"] <= update["mismatch/max_abs_logp"]
     rollouts = pq.read_table(run.stage_dir(1, "rollout") / "rollouts.parquet")
     temps = set(rollouts.column("temperature").to_pylist())
     assert 1.0 in temps and len(temps) == 2  # policy batch at 1, regulariser batch at T_high / T_low

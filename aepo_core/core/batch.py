@@ -90,6 +90,9 @@ class SequenceBatch:
                         regulariser batch), so per-row records can point back to the rollout.
         weights:        [B] float, multiplier on the row's loss term (alpha for "add" rows, else 1).
         advantages:     [B, L] float or None, the advantage used for each response token.
+        rollout_logprobs: [B, L] float or None, the rollout engine's log-prob of each response
+                        token (at its sampling temperature, after the engine's processing), for
+                        the rollout-trainer mismatch (aepo_core.core.losses.rollout_mismatch).
         pad_id:         the id used for padding (also when concat has to widen a batch).
 
     Each field declares its kind (token_field, row_field, ...); select, to, trimmed and concat are
@@ -105,6 +108,7 @@ class SequenceBatch:
     source_index: Tensor | None = row_field(default=None)
     weights: Tensor | None = row_field(default=None)
     advantages: Tensor | None = token_field(pad=0.0, optional=True, default=None)
+    rollout_logprobs: Tensor | None = token_field(pad=0.0, optional=True, default=None)
     pad_id: int = scalar_field(default=0)
 
     def __post_init__(self) -> None:
@@ -137,6 +141,7 @@ class SequenceBatch:
         pad_id: int,
         rewards: Sequence[float] | Tensor | None = None,
         temperatures: Sequence[float] | Tensor | float = 1.0,
+        response_logprobs: Sequence[Sequence[float]] | None = None,
     ) -> SequenceBatch:
         """Right-pad ``prompt + response`` rows into a batch.
 
@@ -147,6 +152,8 @@ class SequenceBatch:
             pad_id: padding token id.
             rewards: B rewards (default zeros).
             temperatures: B sampling temperatures, or one for all rows.
+            response_logprobs: B lists, the engine's log-prob of each response token (as long as
+                the response), placed at the response's positions; None: no rollout_logprobs.
         Returns:
             SequenceBatch with input_ids/attention_mask/response_mask of shape [B, max(len(p)+len(r))].
         """
@@ -157,6 +164,7 @@ class SequenceBatch:
         input_ids = torch.full((b, length), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((b, length), dtype=torch.long)
         response_mask = torch.zeros((b, length), dtype=torch.float32)
+        rollout_logprobs = None if response_logprobs is None else torch.zeros((b, length), dtype=torch.float32)
         for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
             if len(p) == 0:
                 raise ValueError(f"row {i}: empty prompt (the first response token needs a context)")
@@ -164,6 +172,10 @@ class SequenceBatch:
             input_ids[i, :n] = torch.tensor(list(p) + list(r), dtype=torch.long)
             attention_mask[i, :n] = 1
             response_mask[i, len(p) : n] = 1.0
+            if rollout_logprobs is not None:
+                if len(response_logprobs[i]) != len(r):
+                    raise ValueError(f"row {i}: {len(response_logprobs[i])} log-probs for {len(r)} response tokens")
+                rollout_logprobs[i, len(p) : n] = torch.tensor(list(response_logprobs[i]), dtype=torch.float32)
         rewards_t = torch.zeros(b) if rewards is None else torch.as_tensor(rewards, dtype=torch.float32)
         if isinstance(temperatures, (int, float)):
             temps_t = torch.full((b,), float(temperatures))
@@ -175,6 +187,7 @@ class SequenceBatch:
             response_mask=response_mask,
             rewards=rewards_t.float(),
             temperatures=temps_t.float(),
+            rollout_logprobs=rollout_logprobs,
             pad_id=pad_id,
         )
 

@@ -6,6 +6,7 @@ tokens that count (response tokens) and 0 on prompt and padding.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -157,6 +158,62 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """
     diff = (ref_logp - logp).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
     return torch.exp(diff) - diff - 1.0
+
+
+RolloutCorrection = Literal["none", "token_truncate", "sequence_mask"]
+
+
+def rollout_correction_weights(
+    trainer_logp: Tensor, rollout_logp: Tensor, mask: Tensor, mode: RolloutCorrection, cap: float
+) -> Tensor:
+    """Importance weights that correct the policy-gradient term for the rollout-trainer mismatch.
+
+    The engine samples from pi_rollout (vLLM's kernels, bf16, its own processing); the trainer's
+    pi_old recomputes the same tokens and differs a little. The weight on each token is a function of
+    rho = pi_old / pi_rollout (TRL's vllm_importance_sampling_mode, verl's rollout importance
+    sampling; Yao et al., "Your efficient RL framework secretly brings you off-policy RL training"):
+      - "none": 1 everywhere (the reference algorithm);
+      - "token_truncate": min(rho_t, cap) per token (truncated importance sampling);
+      - "sequence_mask": 1 on every token of a row whose sequence ratio prod_t rho_t <= cap, else 0
+        (the row leaves the gradient: it was sampled where the trainer's policy puts far more mass).
+
+    Args:
+        trainer_logp, rollout_logp: [B, L] log-probs of the sampled tokens (trainer's pi_old; engine's).
+        mask: [B, L] 1 on the tokens to weight (response tokens of the rows to correct).
+        mode: see above. cap: C > 1.
+    Returns:
+        [B, L] weights, no gradient, 0 where `mask` is 0.
+    """
+    if mode == "none":
+        return mask.clone()
+    log_ratio = (trainer_logp.detach() - rollout_logp) * mask
+    if mode == "token_truncate":
+        return torch.exp(log_ratio.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)).clamp(max=cap) * mask
+    if mode == "sequence_mask":  # compared in log space: a long row's product would overflow
+        keep = (log_ratio.sum(dim=1, keepdim=True) <= math.log(cap)).to(mask.dtype)
+        return keep * mask
+    raise ValueError(f"unknown rollout correction {mode!r} (none, token_truncate, sequence_mask)")
+
+
+@torch.no_grad()
+def rollout_mismatch(trainer_logp: Tensor, rollout_logp: Tensor, mask: Tensor) -> dict[str, float]:
+    """How far the engine's sampled-token log-probs are from the trainer's, as sums to aggregate.
+
+    Args:
+        trainer_logp, rollout_logp: [B, L] log-probs of the sampled tokens; mask: [B, L] tokens to count.
+    Returns:
+        {"abs_sum": sum |delta|, "max_abs": max |delta|, "k3_sum": sum of k3 KL(pi_rollout || pi_old)
+        per token (exp(d) - d - 1 with d = trainer - rollout: the tokens were sampled from the
+        engine), "tokens": count}, delta = trainer - rollout (nats).
+    """
+    delta = (trainer_logp.float() - rollout_logp.float()) * mask
+    tokens = float(mask.sum())
+    return {
+        "abs_sum": float(delta.abs().sum()),
+        "max_abs": float(delta.abs().max()) if tokens else 0.0,
+        "k3_sum": float((kl_k3(rollout_logp.float(), trainer_logp.float()) * mask).sum()),
+        "tokens": tokens,
+    }
 
 
 def clipped_token_loss(

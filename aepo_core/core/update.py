@@ -79,6 +79,8 @@ from aepo_core.core.losses import (
     policy_loss_diagnostics,
     role_loss_sums,
     role_normalisers,
+    rollout_correction_weights,
+    rollout_mismatch,
 )
 
 
@@ -429,6 +431,34 @@ class _StepMeter:
         return out
 
 
+class _Mismatch:
+    """The rollout-trainer mismatch over the step's policy-row tokens (every row is in exactly one
+    micro-batch of the step's one pass, so each token counts once)."""
+
+    def __init__(self) -> None:
+        self.sums = {"abs_sum": 0.0, "k3_sum": 0.0, "tokens": 0.0}
+        self.max_abs = 0.0
+        self.corrected = 0.0  # tokens whose correction weight is not 1
+
+    def add(self, part: dict[str, float]) -> None:
+        for key in self.sums:
+            self.sums[key] += part[key]
+        self.max_abs = max(self.max_abs, part["max_abs"])
+
+    def result(self) -> dict[str, float]:
+        """mismatch/mean_abs_logp, max_abs_logp (nats), k3 (nats/token), corrected_fraction; {} when
+        the batch carried no engine log-probs or no policy token."""
+        tokens = self.sums["tokens"]
+        if not tokens:
+            return {}
+        return {
+            "mismatch/mean_abs_logp": self.sums["abs_sum"] / tokens,
+            "mismatch/max_abs_logp": self.max_abs,
+            "mismatch/k3": self.sums["k3_sum"] / tokens,
+            "mismatch/corrected_fraction": self.corrected / tokens,
+        }
+
+
 def update_step(
     policy,
     optimizer: torch.optim.Optimizer,
@@ -508,6 +538,7 @@ def update_step(
     row_tokens = batch.response_mask.sum(dim=1).tolist()  # one device sync for all rows
     params = [p for p in policy.parameters() if p.requires_grad]
     meter, grad_norms, skipped, row_mini_batch = _StepMeter(), [], 0, [0] * len(batch)
+    mismatch = _Mismatch()
 
     was_training = policy.training
     policy.train()  # activation checkpointing needs train(); dropout is switched off instead
@@ -534,6 +565,14 @@ def update_step(
                     logp, logp_t1 = logp.float(), logp_t1.float()
                     old = old_logp[sel, : mb.seq_len] if old_logp is not None else logp.detach()
                     token_loss, ind = algo.token_loss(logp, old, mb.advantages, mask)
+                    if mb.rollout_logprobs is not None:  # the policy rows: the engine's log-probs vs pi_old's
+                        policy_mask = mask * (~is_reinforce[sel]).unsqueeze(1).to(mask.dtype)
+                        mismatch.add(rollout_mismatch(old, mb.rollout_logprobs, policy_mask))
+                        if cfg.rollout_correction != "none":
+                            w = rollout_correction_weights(old, mb.rollout_logprobs, policy_mask,
+                                                           cfg.rollout_correction, cfg.rollout_correction_cap)
+                            mismatch.corrected += float(((w != 1.0) & (policy_mask > 0)).sum())
+                            token_loss = token_loss * torch.where(policy_mask > 0, w, torch.ones_like(w))
                     # replace: one shared normaliser; add: each part over its own rows (alpha: row weights)
                     grpo_sum, reinforce_sum = role_loss_sums(
                         token_loss * mb.weights.unsqueeze(1), mask, is_reinforce[sel], cfg.loss_agg
@@ -570,7 +609,7 @@ def update_step(
     finally:
         policy.train(was_training)
 
-    metrics = {**meter.result(), **prepared.info}
+    metrics = {**meter.result(), **prepared.info, **mismatch.result()}
     metrics.update(_step_summary(batch, prepared, decision, grad_norms, skipped, row_mini_batch, bonus_coef, cfg))
     return UpdateResult(metrics=metrics, rows=_row_records(batch, row_mini_batch, row_tokens))
 

@@ -575,6 +575,7 @@ def _batch_of(rows: pa.Table, rewards: np.ndarray, pad_id: int) -> SequenceBatch
         pad_id,
         rewards=torch.tensor(rewards, dtype=torch.float32),
         temperatures=torch.tensor(rows.column("temperature").to_numpy(), dtype=torch.float32),
+        response_logprobs=rows.column("logprobs").to_pylist(),
     )
 
 
