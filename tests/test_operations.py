@@ -167,12 +167,13 @@ def test_a_rerun_changes_what_comes_after_it_not_what_came_before(base_policy_di
     assert rerun_stage(str(run.root), 2, "evaluate", overrides=["evaluation.n=3"])["stale"] == []
     assert [run.config(i).evaluation.n for i in range(3)] == [2, 2, 3]
     with pytest.raises(ConfigMismatch) as refused:
-        check_start(run_dir=str(run.root), iterations=3, overrides=keep)  # the original settings, repeated
+        check_start(run_dir=str(run.root), overrides=keep)  # the original settings, repeated
     lines = str(refused.value).splitlines()
     assert lines[1].startswith("  data.verifier: 'math' (run, since `rerun-stage` reward@1 at ")
     assert lines[1].endswith(") vs 'synthetic' (now)")
     assert lines[2].startswith("  evaluation.n: 3 (run, since `rerun-stage` evaluate@2 at ")
-    assert lines[3] == f"to continue this run with its own configuration: aepo run --run-dir {run.root}"
+    assert lines[3] == (f"to continue this run with its own configuration: aepo run --run-dir {run.root} "
+                        "(it has 3 iterations; add --iterations N to change that)")
 
 
 def test_compare_two_runs(runs, tmp_path):

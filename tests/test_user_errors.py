@@ -67,7 +67,8 @@ def _run_dir_of_another_config(tmp: Path):
     return (["run", "--run-dir", str(run), "rollout.n=6"],
             [f"error: {run / 'config.yaml'} holds this run's configuration, and the one asked for differs:",
              "  rollout.n: 4 (run) vs 6 (now)",
-             f"to continue this run with its own configuration: aepo run --run-dir {run}",
+             f"to continue this run with its own configuration: aepo run --run-dir {run} "
+             "(it has 30 iterations; add --iterations N to change that)",
              "for a different configuration use a new --run-dir (or run.name)"])
 
 

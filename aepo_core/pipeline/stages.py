@@ -116,11 +116,11 @@ def _check_same_config(run: RunDir, cfg: Config) -> Config:
             record = set_by.get(key)
             since = f", since `rerun-stage` {record['rerun']} at {record['at']}" if record else ""
             diff.append(f"{key}: {a.get(key)!r} (run{since}) vs {b.get(key)!r} (now)")
-        more = f" --iterations {cfg.run.iterations}" if cfg.run.iterations != stored.run.iterations else ""
         raise ConfigMismatch(
             f"{run.config_path} holds this run's configuration, and the one asked for differs:\n  "
             + "\n  ".join(diff)
-            + f"\nto continue this run with its own configuration: aepo run --run-dir {run.root}{more}"
+            + f"\nto continue this run with its own configuration: aepo run --run-dir {run.root}"
+            + f" (it has {stored.run.iterations} iterations; add --iterations N to change that)"
             + "\nfor a different configuration use a new --run-dir (or run.name)"
         )
     return stored
