@@ -81,7 +81,9 @@ def test_rerun_evaluate_with_new_settings_replaces_its_points(runs, capsys):
     assert pq.read_table(run.stage_dir(1, "evaluate") / "eval.parquet").num_rows == 12 * 3
     assert run.config().evaluation.n == 3
     history = _history(aepo, "eval/n")
-    assert history == [(1, 3.0)]  # one point for the rerun iteration, the new value
+    # one point for the rerun iteration, the new value; the base policy's evaluation (step -1) keeps
+    # the run's starting config
+    assert history == [(-1, 2.0), (1, 3.0)]
     assert "evaluation.n=3" in (run.root / "config_history.jsonl").read_text()
 
 
@@ -160,6 +162,7 @@ def test_a_rerun_changes_what_comes_after_it_not_what_came_before(base_policy_di
     check_start(run_dir=str(run.root))  # no config, no overrides: the run's own (latest) config
     train(run_dir=str(run.root))
     after = _mtimes(run)
+    assert after.pop("base/evaluate/_SUCCESS.json") == before.pop("base/evaluate/_SUCCESS.json")
     for name, mtime in before.items():
         stage = f"{int(name[5:9]):04d}/{name.split('/')[1]}"
         assert (after[name] != mtime) == (stage in result["stale"] or stage == "0001/reward"), stage

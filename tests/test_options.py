@@ -80,7 +80,11 @@ def test_every_option_trains_one_iteration(name, base_policy_dir, tmp_path):
     for key in ("loss/total", "entropy/nll", "entropy/exact", "actor/grad_norm", "controller/h_prev_in"):
         assert math.isfinite(update[key]), (key, update[key])
     assert update["actor/optimizer_steps"] == cfg.trainer.mini_batches
-    assert update["entropy/nll"] > 0 and update["actor/grad_norm"] > 0
+    assert update["entropy/nll"] > 0
+    # a gradient wherever there is a learning signal: a group with mixed rewards, or REINFORCE rows
+    # (at T = 0.5 or top-p 0.9 an accurate base can answer every prompt right: all advantages 0)
+    signal = run.manifest(0, "reward")["metrics"]["mixed_group_fraction"] > 0 or update.get("aepo/k", 0) > 0
+    assert update["actor/grad_norm"] > 0 or not signal
     evaluation = run.manifest(0, "evaluate")["metrics"]
     assert 0.0 <= evaluation["accuracy"] <= 1.0
     if cfg.algorithm.kl_coef > 0:
