@@ -6,6 +6,8 @@
   in this process (no Prefect task, no MLflow tracking), without the evaluate stage; each stage timed
   with `time.perf_counter` around its call, so a stage's seconds include reading its inputs and
   publishing its outputs (parquet files, the policy checkpoint and optimiser state for update).
+- `iteration0_batches`: the policy and regulariser batches of iteration 0 of an AEPO run, with its
+  config, base policy, tokenizer and controller decision (the update benchmarks' input).
 - `peak_rss`: peak resident memory of this process while a function runs (Linux: the kernel's
   high-water mark VmHWM, reset just before the call; elsewhere ru_maxrss, which cannot be reset).
 - small helpers: process setup (threads, no progress bars), median/min/max, parameter counts, tables and JSON output.
@@ -183,3 +185,29 @@ def write_json(path: str | Path, data: dict[str, Any]) -> Path:
     out.write_text(json.dumps(data, indent=2))
     print(f"wrote {out}")
     return out
+
+
+def iteration0_batches(prompts: int, n: int, root: Path, overrides: list[str]):
+    """(config, base policy, tokenizer, policy batch, regulariser batch, decision) of iteration 0 of an
+    AEPO run of the embedded default (below target: T_high, k > 0), sampled by the pipeline's stages."""
+    import pyarrow.parquet as pq
+
+    from aepo_core.config import load_config
+    from aepo_core.io.engines import release_shared_engine
+    from aepo_core.io.models import load_policy, load_tokenizer
+    from aepo_core.pipeline import stages
+
+    cfg = load_config(None, [f"rollout.prompts_per_batch={prompts}", f"rollout.n={n}", f"run.runs_root={root}",
+                             *overrides])
+    run = stages.init_run(cfg, root / "run", log=lambda *a: None)
+    for stage in (stages.prepare, stages.rollout, stages.reward):
+        stage(run, 0)
+    run.release_writer()
+    release_shared_engine()
+    rollouts = pq.read_table(run.stage_dir(0, "rollout") / "rollouts.parquet")
+    rewards = pq.read_table(run.stage_dir(0, "reward") / "rewards.parquet").column("reward").to_numpy()
+    base = stages.policy_dir(run, 0)
+    tokenizer = load_tokenizer(base)
+    batches = stages.role_batches(rollouts, rewards, tokenizer.pad_token_id)
+    decision = stages.controller_decision(run, cfg, 0)
+    return cfg, load_policy(base), tokenizer, batches[stages.POLICY][1], batches[stages.REGULARISER][1], decision

@@ -27,36 +27,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
+from common import iteration0_batches  # benchmarks/common.py (the script's folder is on sys.path)
 
-from aepo_core.config import load_config
 from aepo_core.core.update import autocast_dtype, make_optimizer, update_step
-from aepo_core.io.engines import release_shared_engine
 from aepo_core.io.lora import merge_into_base, save_adapter, trainable_lora
-from aepo_core.io.models import load_policy, load_tokenizer, write_policy
-from aepo_core.pipeline import stages
+from aepo_core.io.models import write_policy
 
 VARIANTS = ("full", "lora")
-
-
-def real_batches(prompts: int, n: int, root: Path, overrides: list[str]):
-    """(config, base policy, tokenizer, policy batch, regulariser batch, decision) of iteration 0 of an
-    AEPO run of the embedded default."""
-    cfg = load_config(None, [f"rollout.prompts_per_batch={prompts}", f"rollout.n={n}", f"run.runs_root={root}",
-                             *overrides])
-    run = stages.init_run(cfg, root / "run", log=lambda *a: None)
-    for stage in (stages.prepare, stages.rollout, stages.reward):
-        stage(run, 0)
-    run.release_writer()
-    release_shared_engine()
-    rollouts = pq.read_table(run.stage_dir(0, "rollout") / "rollouts.parquet")
-    rewards = pq.read_table(run.stage_dir(0, "reward") / "rewards.parquet").column("reward").to_numpy()
-    base = stages.policy_dir(run, 0)
-    tokenizer = load_tokenizer(base)
-    batches = stages.role_batches(rollouts, rewards, tokenizer.pad_token_id)
-    decision = stages.controller_decision(run, cfg, 0)
-    return cfg, load_policy(base), tokenizer, batches[stages.POLICY][1], batches[stages.REGULARISER][1], decision
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -84,7 +62,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, pristine, tokenizer, policy_batch, reg_batch, decision = real_batches(
+        cfg, pristine, tokenizer, policy_batch, reg_batch, decision = iteration0_batches(
             args.prompts, args.n, Path(tmp), args.overrides)
     amp = autocast_dtype(torch.device("cpu"), cfg.trainer.dtype)
     print(f"batch: {len(policy_batch)} policy rows ({int(policy_batch.response_mask.sum())} response tokens), "

@@ -26,14 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
+from common import iteration0_batches  # benchmarks/common.py (the script's folder is on sys.path)
 
-from aepo_core.config import load_config
 from aepo_core.core.update import make_optimizer, update_step
-from aepo_core.io.engines import release_shared_engine
-from aepo_core.io.models import load_policy, load_tokenizer
-from aepo_core.pipeline import stages
 
 VARIANTS = {
     # name: (algorithm, trainer.dtype, recompute_old_logprobs)
@@ -43,25 +39,6 @@ VARIANTS = {
     "aepo-fp32": ("aepo", "float32", None),
     "aepo-bf16": ("aepo", "bfloat16", None),
 }
-
-
-def real_batches(prompts: int, n: int, root: Path, overrides: list[str]):
-    """Policy and regulariser batches of iteration 0 of an AEPO run (below target: T_high, k > 0)."""
-    cfg = load_config(
-        None,
-        [f"rollout.prompts_per_batch={prompts}", f"rollout.n={n}", f"run.runs_root={root}", *overrides],
-    )
-    run = stages.init_run(cfg, root / "run", log=lambda *a: None)
-    for stage in (stages.prepare, stages.rollout, stages.reward):
-        stage(run, 0)
-    release_shared_engine()
-    rollouts = pq.read_table(run.stage_dir(0, "rollout") / "rollouts.parquet")
-    rewards = pq.read_table(run.stage_dir(0, "reward") / "rewards.parquet").column("reward").to_numpy()
-    policy = load_policy(stages.policy_dir(run, 0))
-    pad_id = load_tokenizer(stages.policy_dir(run, 0)).pad_token_id
-    batches = stages.role_batches(rollouts, rewards, pad_id)
-    controller = stages.controller_decision(run, cfg, 0)
-    return cfg, policy, batches[stages.POLICY][1], batches[stages.REGULARISER][1], controller
 
 
 def main() -> None:
@@ -82,7 +59,7 @@ def main() -> None:
         raise SystemExit(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, pristine, policy_batch, reg_batch, controller = real_batches(
+        cfg, pristine, _, policy_batch, reg_batch, controller = iteration0_batches(
             args.prompts, args.n, Path(tmp), args.overrides
         )
     print(
