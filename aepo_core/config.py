@@ -71,6 +71,12 @@ class ModelConfig(_Section):
 ADDED_LATER: dict[str, Any] = {"model.lora": LoraConfig().model_dump(mode="json"),
                                 "algorithm.rollout_correction": "none", "algorithm.rollout_correction_cap": 3.0}
 
+# Keys that say how a stage is computed, not what it computes: left out of every config digest
+# whatever their value (aepo_core.pipeline.stages.digest_tree), so a run may continue with another
+# value (started on 2 ranks, resumed on 1) without a stage turning stale or the start being refused.
+# ADDED_LATER would not do for these: it leaves a key out only at the value it was added at.
+EXECUTION_ONLY: tuple[str, ...] = ("trainer.nproc",)
+
 
 class SyntheticTaskConfig(_Section):
     """The embedded task: add distinct digits mod 10 with a running-sum trace in any order."""
@@ -260,6 +266,11 @@ class TrainerConfig(_Section):
     gradient_checkpointing: bool = False
     logits_chunk: int = Field(1024, ge=1, description="sequence positions per chunk for log-probs/entropy")
     seed: int = 0
+    # processes the update stage runs on (torchrun, FSDP2; aepo_core/pipeline/distributed.py): 1 is the
+    # single-process update; N > 1 deals its micro-batches to N ranks (one GPU each, or CPU processes).
+    # Execution only (EXECUTION_ONLY): the step equals the single-process one, so a run may resume
+    # with another value
+    nproc: int = Field(1, ge=1, description="update-stage processes (torchrun ranks); 1: in the flow's own process")
 
 
 class EvaluationConfig(_Section):
@@ -305,6 +316,15 @@ class Config(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _check_distributed(self) -> Config:
+        # peft's adapters under FSDP2 would need the merge (W + BA) done on gathered weights and the
+        # KL reference's disable_adapter() on a sharded model: not built, so refused rather than faked
+        if self.trainer.nproc > 1 and self.model.lora.enabled:
+            raise ValueError("trainer.nproc > 1 with model.lora.enabled is not supported yet: the distributed "
+                             "update trains every weight; set trainer.nproc=1 for a LoRA run")
+        return self
 
     @model_validator(mode="after")
     def _warn_inert_settings(self) -> Config:
@@ -427,6 +447,15 @@ def save_config(cfg: Config, path: str | Path) -> None:
     from aepo_core.atomic import atomic_write_text
 
     atomic_write_text(path, cfg.to_yaml())
+
+
+def with_execution_of(stored: Config, cfg: Config) -> Config:
+    """`stored` with the execution-only keys (EXECUTION_ONLY) of `cfg`: what a resumed run continues
+    with when it is asked to run differently (e.g. trainer.nproc=1 for a run started on 2)."""
+    tree, values = stored.model_dump(mode="json"), cfg.flat()
+    for key in EXECUTION_ONLY:
+        _set_dotted(tree, key, values[key])
+    return Config.model_validate(tree)
 
 
 def override_changes(before: Config, after: Config, overrides: list[str]) -> dict[str, list[Any]]:

@@ -82,6 +82,7 @@ from aepo_core.core.losses import (
     rollout_correction_weights,
     rollout_mismatch,
 )
+from aepo_core.core.ranks import SINGLE, Ranks, deal, gather, micro_batch_rows
 
 
 @dataclass
@@ -184,10 +185,12 @@ def split_micro(
     return out + [current] if current else out
 
 
-def _partition(lengths: Sequence[int], trainer_cfg: TrainerConfig) -> list[list[Sequence[int]]]:
-    """Mini-batches (consecutive, in order) of micro-batches (:func:`split_micro`) of the batch's rows."""
+def _partition(lengths: Sequence[int], trainer_cfg: TrainerConfig, ranks: Ranks = SINGLE) -> list[list[Sequence[int]]]:
+    """Mini-batches (consecutive, in order) of micro-batches (:func:`split_micro`) of the batch's rows;
+    with N ranks at least N micro-batches per mini-batch of N rows or more (:func:`micro_batch_rows`)."""
     return [
-        split_micro(mb, trainer_cfg.micro_batch_size, trainer_cfg.max_tokens_per_micro_batch, lengths)
+        split_micro(mb, micro_batch_rows(len(mb), trainer_cfg.micro_batch_size, ranks),
+                    trainer_cfg.max_tokens_per_micro_batch, lengths)
         for mb in split_in_order(len(lengths), trainer_cfg.mini_batches)
     ]
 
@@ -252,6 +255,7 @@ def compute_logprobs(
     amp_dtype: torch.dtype | None = None,
     with_entropy: bool = False,
     temperatures: Tensor | None = None,
+    ranks: Ranks = SINGLE,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs (and exact entropy) of every row, without grad, micro-batch by micro-batch.
 
@@ -264,6 +268,8 @@ def compute_logprobs(
         amp_dtype: autocast dtype or None.
         with_entropy: also return the per-token exact entropy (at T = 1).
         temperatures: [B] scoring temperature per row (:func:`scoring_temperatures`); None: T = 1.
+        ranks: with N ranks each computes its share of the micro-batches (:func:`deal`, every
+            micro-batch counted) and the shares are summed, so every rank returns every row.
     Returns:
         (logp [B, L] float32, entropy [B, L] float32 or None); zeros beyond each micro-batch's
         trimmed length (padding).
@@ -275,17 +281,22 @@ def compute_logprobs(
     model.eval()
     try:
         for micro in partition:
-            for rows in micro:
+            for rows, counts in deal(micro, [True] * len(micro), ranks):
                 idx = torch.as_tensor(list(rows), dtype=torch.long, device=device)
                 mb = batch.select(idx).trimmed()
                 temps = temperatures[idx] if temperatures is not None else None
                 with _autocast(device, amp_dtype):
                     lp, _, h = _forward(model, mb, chunk, temps, with_entropy, entropy_grad=False)
+                if not counts:  # a padding pass: its forward keeps the ranks' collectives in step
+                    continue
                 logp[idx, : mb.seq_len] = lp.float()
                 if with_entropy:
                     ent[idx, : mb.seq_len] = h.float()
     finally:
         model.train(was_training)
+    if ranks.world > 1:  # each row was filled by exactly one rank, zeros elsewhere
+        for part in (logp, ent) if with_entropy else (logp,):
+            torch.distributed.all_reduce(part)
     return logp, ent
 
 
@@ -420,6 +431,16 @@ class _StepMeter:
                 continue
             self.losses[key].append(value)
 
+    def absorb(self, other: _StepMeter) -> None:
+        """Add another rank's token-weighted measurements (sums, counts, extremes, REINFORCE ratios)."""
+        for key, value in other.means.sums.items():
+            self.means.sums[key] += value
+            self.means.counts[key] += other.means.counts[key]
+        for key, value in other.extremes.items():
+            pick = max if key == "actor/ratio_max" else min
+            self.extremes[key] = pick(self.extremes[key], value)
+        self.reinforce_ratios += other.reinforce_ratios
+
     def result(self) -> dict[str, float]:
         out = {key: sum(v) / len(v) for key, v in self.losses.items() if v}
         out.update(self.means.result())
@@ -445,6 +466,11 @@ class _Mismatch:
             self.sums[key] += part[key]
         self.max_abs = max(self.max_abs, part["max_abs"])
 
+    def absorb(self, other: _Mismatch) -> None:
+        """Add another rank's sums (its policy-row tokens are not this rank's)."""
+        self.add({**other.sums, "max_abs": other.max_abs})
+        self.corrected += other.corrected
+
     def result(self) -> dict[str, float]:
         """mismatch/mean_abs_logp, max_abs_logp (nats), k3 (nats/token), corrected_fraction; {} when
         the batch carried no engine log-probs or no policy token."""
@@ -457,6 +483,47 @@ class _Mismatch:
             "mismatch/k3": self.sums["k3_sum"] / tokens,
             "mismatch/corrected_fraction": self.corrected / tokens,
         }
+
+
+def _padding_pass(policy, mb: SequenceBatch, device: torch.device, amp: torch.dtype | None) -> None:
+    """A forward and a zero-weight backward pass (:func:`aepo_core.core.ranks.deal`): every weight
+    takes part, as in a counted pass, so FSDP2 gathers and reduces each one; the gradient adds 0."""
+    with _autocast(device, amp):
+        logits = policy(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
+    (logits.float().sum() * 0.0).backward()
+
+
+def clip_grad_norm(params: list[Tensor], max_norm: float) -> float:
+    """Clip the gradients of ``params`` to total L2 norm ``max_norm``; returns the norm before clipping.
+
+    torch's clip_grad_norm_, split in its two halves so that the norm of sharded (DTensor)
+    gradients is the norm over every rank's shard (``full_tensor``: one all-reduce) before it
+    scales them; with plain tensors the same computation as ``clip_grad_norm_``.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    if hasattr(total, "full_tensor"):  # a DTensor: each rank holds its shard's part of the norm
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return float(total)
+
+
+def _merge_ranks(
+    meter: _StepMeter, mismatch: _Mismatch, mb_losses: list[dict[str, float]], ranks: Ranks
+) -> tuple[_StepMeter, _Mismatch, list[dict[str, float]]]:
+    """The whole step's measurements from this rank's (its micro-batches only): the (sum, count)
+    pairs and each mini-batch's loss parts added over ranks, in rank order. One rank: unchanged."""
+    if ranks.world == 1:
+        return meter, mismatch, mb_losses
+    parts = gather((meter, mismatch, mb_losses), ranks)
+    meter, mismatch, mb_losses = _StepMeter(), _Mismatch(), [defaultdict(float) for _ in mb_losses]
+    for other_meter, other_mismatch, other_losses in parts:
+        meter.absorb(other_meter)
+        mismatch.absorb(other_mismatch)
+        for losses, other in zip(mb_losses, other_losses, strict=True):
+            for key, value in other.items():
+                losses[key] += value
+    return meter, mismatch, [dict(losses) for losses in mb_losses]
 
 
 def update_step(
@@ -473,6 +540,7 @@ def update_step(
     ref_policy=None,
     progress: Callable[[int], None] | None = None,
     recompute_old_logprobs: bool | None = None,
+    ranks: Ranks = SINGLE,
 ) -> UpdateResult:
     """One rollout's update of ``policy``: the generic PPO epoch (trainer.mini_batches optimiser steps).
 
@@ -495,6 +563,9 @@ def update_step(
         progress: called with the number of rows done after each micro-batch (progress bars).
         recompute_old_logprobs: run the separate no-grad pass for pi_old's log-probs. None (default):
             only when needed (several mini-batches, or an algorithm that reads pi_old's entropy).
+        ranks: this process's rank and the world size when N processes train one sharded policy
+            (FSDP2 with gradient divide factor 1: gradients are summed over ranks); every rank
+            passes the same batches and gets the same result (aepo_core.core.ranks).
     Returns:
         UpdateResult(metrics, per-row records).
 
@@ -516,7 +587,7 @@ def update_step(
     # steps 4 and 8-10: advantages, and the algorithm's own rows (AEPO: positives, k, assembly)
     prepared = algo.prepare_batch(policy_batch, regulariser_batch, decision, group_size, regulariser_group_size)
     batch = prepared.batch.to(device)
-    partition = _partition(batch.attention_mask.sum(dim=1).tolist(), trainer_cfg)
+    partition = _partition(batch.attention_mask.sum(dim=1).tolist(), trainer_cfg, ranks)
     _warn_spilled_reinforce_rows(prepared.k, partition, len(batch), trainer_cfg)
     temps = scoring_temperatures(batch)
     temps = temps.to(device) if temps is not None else None
@@ -526,9 +597,10 @@ def update_step(
         recompute_old_logprobs = len(partition) > 1 or algo.needs_old_entropy
     old_logp = old_entropy = ref_logp = None
     if recompute_old_logprobs:
-        old_logp, old_entropy = compute_logprobs(policy, batch, partition, chunk, amp, algo.needs_old_entropy, temps)
+        old_logp, old_entropy = compute_logprobs(policy, batch, partition, chunk, amp, algo.needs_old_entropy, temps,
+                                                 ranks)
     if cfg.kl_coef > 0:
-        ref_logp, _ = compute_logprobs(ref_policy, batch, partition, chunk, amp, temperatures=temps)
+        ref_logp, _ = compute_logprobs(ref_policy, batch, partition, chunk, amp, temperatures=temps, ranks=ranks)
     batch = batch.with_fields(advantages=algo.shape_advantages(batch.advantages, old_entropy) * batch.response_mask)
 
     bonus_coef = algo.bonus_coef(decision)
@@ -538,24 +610,28 @@ def update_step(
     row_tokens = batch.response_mask.sum(dim=1).tolist()  # one device sync for all rows
     params = [p for p in policy.parameters() if p.requires_grad]
     meter, grad_norms, skipped, row_mini_batch = _StepMeter(), [], 0, [0] * len(batch)
-    mismatch = _Mismatch()
+    mismatch, mb_losses = _Mismatch(), []  # the loss parts of each mini-batch (this rank's micro-batches)
+    for mb_index, micro in enumerate(partition):
+        for rows in micro:
+            for r in rows:
+                row_mini_batch[r] = mb_index
 
     was_training = policy.training
     policy.train()  # activation checkpointing needs train(); dropout is switched off instead
     try:
         with dropout_disabled(policy):
-            for mb_index, micro in enumerate(partition):
+            for micro in partition:
                 optimizer.zero_grad(set_to_none=True)
                 span = _span(micro)
                 norms = _normalisers(batch, is_reinforce, span, cfg)  # known before the first forward
                 losses: dict[str, float] = defaultdict(float)
-                for rows in micro:
-                    for r in rows:
-                        row_mini_batch[r] = mb_index
-                    if not any(row_tokens[r] for r in rows):
-                        continue  # no response token: no gradient, nothing to measure
+                # a micro-batch without response tokens has no gradient and measures nothing: left out
+                for rows, counts in deal(micro, [any(row_tokens[r] for r in rows) for rows in micro], ranks):
                     sel = torch.as_tensor(list(rows), dtype=torch.long, device=device)
                     mb = batch.select(sel).trimmed()
+                    if not counts:
+                        _padding_pass(policy, mb, device, amp)
+                        continue
                     mask = mb.response_mask
                     with _autocast(device, amp):
                         logp, logp_t1, entropy = _forward(
@@ -596,10 +672,8 @@ def update_step(
                     meter.micro_batch(logp, logp_t1, old, entropy, mask, is_reinforce[sel], ind)
                     if progress is not None:
                         progress(len(rows))
-                if any(row_tokens[r] for r in span):
-                    has = {row_is_reinforce[r] for r in span if row_tokens[r]}
-                    meter.mini_batch(losses, False in has, True in has, cfg.combine == "add")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, trainer_cfg.grad_clip))
+                mb_losses.append(dict(losses))
+                grad_norm = clip_grad_norm(params, trainer_cfg.grad_clip)
                 grad_norms.append(grad_norm)
                 if math.isfinite(grad_norm):
                     optimizer.step()
@@ -609,6 +683,12 @@ def update_step(
     finally:
         policy.train(was_training)
 
+    meter, mismatch, mb_losses = _merge_ranks(meter, mismatch, mb_losses, ranks)
+    for micro, losses in zip(partition, mb_losses, strict=True):
+        span = _span(micro)
+        if any(row_tokens[r] for r in span):  # a mini-batch's loss is recorded when it has tokens
+            has = {row_is_reinforce[r] for r in span if row_tokens[r]}
+            meter.mini_batch(losses, False in has, True in has, cfg.combine == "add")
     metrics = {**meter.result(), **prepared.info, **mismatch.result()}
     metrics.update(_step_summary(batch, prepared, decision, grad_norms, skipped, row_mini_batch, bonus_coef, cfg))
     return UpdateResult(metrics=metrics, rows=_row_records(batch, row_mini_batch, row_tokens))

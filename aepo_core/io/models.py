@@ -50,7 +50,18 @@ def save_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fold
     return Path(folder)
 
 
-def write_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> None:
-    """Write model (safetensors) and tokenizer files into an existing folder."""
-    model.save_pretrained(str(folder), safe_serialization=True)
+def write_policy(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write model (safetensors) and tokenizer files into an existing folder.
+
+    state_dict: the weights to write instead of the model's own (a sharded model's gathered full
+    state, aepo_core.io.sharded.full_state_dict; ``save_pretrained`` empties the dict it is given,
+    so it gets a copy).
+    """
+    if state_dict is None:
+        model.save_pretrained(str(folder), safe_serialization=True)
+    else:
+        model.save_pretrained(str(folder), safe_serialization=True, state_dict=dict(state_dict))
     tokenizer.save_pretrained(str(folder))

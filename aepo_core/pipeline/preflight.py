@@ -163,6 +163,10 @@ def check_machine(cfg: Config) -> None:
 
     if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
         raise UserError("trainer.device=cuda but this machine has no CUDA device: set trainer.device=auto (or cpu)")
+    nproc = cfg.trainer.nproc
+    if nproc > 1 and cfg.trainer.device != "cpu" and torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise UserError(f"trainer.nproc={nproc} but this machine has {torch.cuda.device_count()} CUDA device(s): the "
+                        "distributed update runs one process per GPU; set trainer.nproc to at most that")
     if cfg.rollout.engine == "vllm":
         import importlib.util
 

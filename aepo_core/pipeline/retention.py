@@ -3,7 +3,9 @@
 Every update stage writes `policy/` (13 MB on the embedded default, ~15 GB for a 7B model in bf16)
 and `optimizer.pt` (AdamW's two moments: twice the policy in fp32). Kept, after each iteration:
 
-- `optimizer.pt` of the newest `run.keep_optimizer_states` updates (resume needs the newest), and
+- the optimiser state of the newest `run.keep_optimizer_states` updates (resume needs the newest):
+  `optimizer.pt` (a single-process update) or `optimizer/` (a distributed one, a
+  torch.distributed.checkpoint folder: aepo_core.io.sharded), and
   with LoRA (`model.lora.enabled`) their `adapter/` likewise: the next update continues from the
   adapter and its optimiser state together, as a full fine-tuning run continues from `policy/`;
 - `policy/` of the newest update (the next rollout samples it), of every iteration i with
@@ -27,9 +29,10 @@ from aepo_core.config import Config
 from aepo_core.errors import UserError
 from aepo_core.pipeline.rundir import RunDir, is_pruned
 
-POLICY, OPTIMIZER, ADAPTER = "policy/", "optimizer.pt", "adapter/"
+POLICY, OPTIMIZER, OPTIMIZER_DCP, ADAPTER = "policy/", "optimizer.pt", "optimizer/", "adapter/"
+OPTIMIZER_STATES = (OPTIMIZER, OPTIMIZER_DCP)  # either form, whichever the update wrote
 SETTING = {POLICY: "run.keep_policies_every", OPTIMIZER: "run.keep_optimizer_states",
-           ADAPTER: "run.keep_optimizer_states"}
+           OPTIMIZER_DCP: "run.keep_optimizer_states", ADAPTER: "run.keep_optimizer_states"}
 
 
 class PrunedArtifact(UserError):
@@ -42,10 +45,10 @@ def policies_every(cfg: Config) -> int:
 
 
 def keeps(cfg: Config, name: str, iteration: int, newest: int) -> bool:
-    """Whether retention keeps update output `name` (POLICY, OPTIMIZER or ADAPTER) of `iteration`
-    once iteration `newest` has finished (iteration <= newest). The adapter follows its optimiser
-    state: resuming a LoRA update needs both."""
-    if name in (OPTIMIZER, ADAPTER):
+    """Whether retention keeps update output `name` (POLICY, OPTIMIZER, OPTIMIZER_DCP or ADAPTER) of
+    `iteration` once iteration `newest` has finished (iteration <= newest). The adapter follows its
+    optimiser state: resuming a LoRA update needs both."""
+    if name in (*OPTIMIZER_STATES, ADAPTER):
         return iteration > newest - cfg.run.keep_optimizer_states
     return iteration == newest or (iteration + 1) % policies_every(cfg) == 0 or iteration == cfg.run.iterations - 1
 
@@ -66,7 +69,7 @@ def prune(run: RunDir, cfg: Config, newest: int) -> int:
             continue
         already = run.pruned(i, "update")
         folder = run.stage_dir(i, "update")
-        doomed = [name for name in (POLICY, OPTIMIZER, ADAPTER)
+        doomed = [name for name in (POLICY, *OPTIMIZER_STATES, ADAPTER)
                   if name not in already and not keeps(cfg, name, i, newest) and (folder / name).exists()]
         if not doomed:
             continue
@@ -106,6 +109,7 @@ def pruned_need(
 
 HINT = {
     OPTIMIZER: "run.keep_optimizer_states=N keeps the newest N optimiser states (set it when a run starts)",
+    OPTIMIZER_DCP: "run.keep_optimizer_states=N keeps the newest N optimiser states (set it when a run starts)",
     POLICY: "run.keep_policies_every=1 keeps every policy (set it when a run starts)",
     ADAPTER: "run.keep_optimizer_states=N keeps the newest N adapters with their optimiser states (set it when "
              "a run starts)",

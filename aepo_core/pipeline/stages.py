@@ -9,12 +9,13 @@ stage depends on; the flow skips a stage whose manifest records exactly those di
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,16 +26,37 @@ import pyarrow.parquet as pq
 import torch
 
 from aepo_core.atomic import disk_full_error
-from aepo_core.config import ADDED_LATER, Config, config_version, load_config, override_changes, save_config
+from aepo_core.config import (
+    ADDED_LATER,
+    EXECUTION_ONLY,
+    Config,
+    config_version,
+    load_config,
+    override_changes,
+    parse_override,
+    save_config,
+    with_execution_of,
+)
 from aepo_core.core.algorithms import Decision, decision_from_json, decision_to_json, make_algorithm
 from aepo_core.core.batch import SequenceBatch
+from aepo_core.core.ranks import Ranks
 from aepo_core.core.update import make_optimizer, update_step
 from aepo_core.errors import UserError
 from aepo_core.io.engines import Completion, SamplingRequest, shared_engine
 from aepo_core.io.lora import ADAPTER, AdaptersDisabled, merge_into_base, save_adapter, trainable_lora
 from aepo_core.io.models import load_policy, load_tokenizer, resolve_device, write_policy
 from aepo_core.io.prompts import encode_prompts
+from aepo_core.io.sharded import (
+    OPTIMIZER_DCP,
+    OPTIMIZER_FILE,
+    barrier,
+    full_state_dict,
+    load_optimizer,
+    save_optimizer,
+    shard_policy,
+)
 from aepo_core.io.verifiers import make_verifier
+from aepo_core.pipeline.distributed import launch_update
 from aepo_core.pipeline.evaluation import evaluate_model, write_source_names
 from aepo_core.pipeline.retention import PrunedArtifact, pruned_need
 from aepo_core.pipeline.rundir import (
@@ -58,15 +80,17 @@ class ConfigMismatch(UserError):
 def digest_tree(cfg: Config) -> dict[str, Any]:
     """The config as the digests see it: its JSON tree without the keys added after runs existed
     that still hold the value they were added at (`aepo_core.config.ADDED_LATER`), so a run made
-    before a key existed keeps its digests (its stages stay done, its default name stays)."""
+    before a key existed keeps its digests (its stages stay done, its default name stays), and
+    without the execution-only keys whatever their value (`aepo_core.config.EXECUTION_ONLY`: how many
+    processes compute a stage does not change what it computes)."""
     tree = cfg.model_dump(mode="json")
-    for dotted, added_at in ADDED_LATER.items():
+    for dotted in [*ADDED_LATER, *EXECUTION_ONLY]:
         *parents, leaf = dotted.split(".")
         node = tree
         for part in parents:
             node = node[part]
-        if node.get(leaf) == added_at:
-            del node[leaf]
+        if dotted in EXECUTION_ONLY or node.get(leaf) == ADDED_LATER[dotted]:
+            node.pop(leaf, None)
     return tree
 
 
@@ -86,7 +110,7 @@ def stage_config_digest(cfg: Config, stage: str) -> str:
             for part in dotted.split("."):
                 node = node[part]
         except KeyError:
-            if dotted in ADDED_LATER:  # left out at the value it was added at (digest_tree)
+            if dotted in ADDED_LATER or dotted in EXECUTION_ONLY:  # left out (digest_tree)
                 continue
             raise
         picked[dotted] = node
@@ -170,8 +194,13 @@ def _init_run(run: RunDir, cfg: Config, log) -> RunDir:
     root = run.root
     if run.config_path.is_file():
         stored = _check_same_config(run, cfg)
+        updated = stored
         if stored.run.iterations != cfg.run.iterations:
-            save_config(stored.model_copy(update={"run": cfg.run}), run.config_path)
+            updated = updated.model_copy(update={"run": cfg.run})
+        if any(stored.flat()[key] != cfg.flat()[key] for key in EXECUTION_ONLY):  # e.g. resumed on 1 rank
+            updated = with_execution_of(updated, cfg)
+        if updated is not stored:
+            save_config(updated, run.config_path)
         return run
     tables = load_split_tables(cfg)  # refusals first: nothing is written before they pass
     base = resolve_base(cfg, log=log)
@@ -208,11 +237,13 @@ def start_config(
     iterations: int | None = None,
     overrides: list[str] | None = None,
 ) -> Config:
-    """The config a start asks for: the run directory's stored one (when no config or override is
-    given), or the requested config."""
+    """The config a start asks for: the run directory's stored one (when no config is given and the
+    overrides set only execution-only keys, `EXECUTION_ONLY`, applied to it: `aepo run --run-dir X
+    trainer.nproc=1` resumes X on one process), or the requested config."""
     extra = [f"run.iterations={iterations}"] if iterations else []
-    if run_dir and RunDir(run_dir).config_path.is_file() and not config and not overrides:
-        return load_config(RunDir(run_dir).config_path, extra)
+    execution_only = all(parse_override(text)[0] in EXECUTION_ONLY for text in overrides or [])
+    if run_dir and RunDir(run_dir).config_path.is_file() and not config and execution_only:
+        return load_config(RunDir(run_dir).config_path, list(overrides or []) + extra)
     return load_config(config, list(overrides or []) + extra)
 
 
@@ -627,25 +658,40 @@ def training_policy(run: RunDir, cfg: Config, iteration: int, device: torch.devi
 
 def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str, Any]:
     """One AEPO (or baseline) update on this iteration's rollouts; saves policy, optimiser, batch record
-    (and, with LoRA, the adapter beside the merged policy)."""
+    (and, with LoRA, the adapter beside the merged policy).
+
+    With trainer.nproc = N > 1, called in the flow's process, it runs this same function on N
+    torchrun ranks (aepo_core.pipeline.distributed) and returns the metrics they published; called
+    in a rank, it trains its share of the step on the FSDP2-sharded policy (rank 0 publishes)."""
     started = time.perf_counter()
     cfg = run.config(iteration)
     ups = stage_inputs(run, cfg, iteration, "update")
+    ranks = Ranks.current()
+    if cfg.trainer.nproc > 1 and ranks.world == 1:
+        launch_update(run.root, iteration, cfg.trainer.nproc, show_progress)
+        published = run.manifest(iteration, "update")
+        if published is None or published["upstream"] != ups:
+            raise StageNotReady(f"the update ranks of iteration {iteration} exited without publishing "
+                                f"{run.stage_dir(iteration, 'update')}")
+        return published["metrics"]
     rollouts = pq.read_table(run.stage_dir(iteration, "rollout") / "rollouts.parquet")
     rewards = pq.read_table(run.stage_dir(iteration, "reward") / "rewards.parquet")
     if rewards.column("row_id").to_pylist() != rollouts.column("row_id").to_pylist():
         raise StageNotReady(f"{run.stage_dir(iteration, 'reward')}: rewards do not match the rollouts' rows")
     reward_of = rewards.column("reward").to_numpy()
     device = resolve_device(cfg.trainer)
+    if device.type == "cuda" and ranks.world > 1:  # each rank its own GPU (distributed.main set it)
+        device = torch.device("cuda", torch.cuda.current_device())
     source = policy_dir(run, iteration)
     lora = cfg.model.lora.enabled
     policy = training_policy(run, cfg, iteration, device)
+    if ranks.world > 1:
+        policy = shard_policy(policy, device)
     tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
     policy.train()
     optimizer = make_optimizer(policy, cfg.trainer)  # its trainable parameters: the adapters only under LoRA
-    if iteration > 0:
-        state_path = run.stage_dir(iteration - 1, "update") / "optimizer.pt"
-        optimizer.load_state_dict(torch.load(state_path, map_location=device, weights_only=True))
+    if iteration > 0:  # optimizer.pt (one process) or optimizer/ (N processes), whoever wrote it
+        load_optimizer(policy, optimizer, run.stage_dir(iteration - 1, "update"))
         for group in optimizer.param_groups:  # the moments carry on; the hyperparameters follow the config
             group.update(lr=cfg.trainer.lr, betas=cfg.trainer.betas, weight_decay=cfg.trainer.weight_decay)
     torch.manual_seed(_seed(cfg.trainer.seed, iteration))
@@ -676,6 +722,7 @@ def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str
         result = update_step(
             policy, optimizer, batches[POLICY][1], batches[REGULARISER][1], cfg.algorithm, cfg.trainer, decision,
             group_size=cfg.rollout.n, ref_policy=ref_policy, progress=bar.update if bar is not None else None,
+            ranks=ranks,
         )
     finally:
         if bar is not None:
@@ -691,20 +738,43 @@ def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str
     ]
     size = sum(t.numel() * t.element_size() for t in policy.state_dict().values())
     size += sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))
-    with run.publish(iteration, "update", ups, {"algorithm": cfg.algorithm.name}, started=started,
-                     expected_bytes=size) as (tmp, metrics):
+    weights = full_state_dict(policy) if ranks.world > 1 else None  # gathered by every rank, held by rank 0
+    with _publish_update(run, ranks, iteration, ups, {"algorithm": cfg.algorithm.name}, started,
+                         size) as (tmp, metrics):
         policy.eval()
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if ranks.world == 1:
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        else:  # each rank its shards, then all wait: rank 0 writes the rest and the manifest
+            save_optimizer(policy, optimizer, tmp / OPTIMIZER_DCP)
+            barrier()
+            if ranks.rank != 0:
+                return metrics
         if lora:  # the adapter (what the next update continues from), then the merged weights (consumes `policy`)
             save_adapter(policy, tmp / ADAPTER)
             policy = merge_into_base(policy)
-        write_policy(policy, tokenizer, tmp / "policy")
+        write_policy(policy, tokenizer, tmp / "policy", weights)
         pq.write_table(pa.Table.from_pylist(records), tmp / "update_batch.parquet")
         metrics.update(result.metrics)
         metrics.update(choice)
         metrics["step_seconds"] = seconds
         metrics["rows_trained"] = len(records)
     return metrics
+
+
+@contextlib.contextmanager
+def _publish_update(run: RunDir, ranks: Ranks, iteration: int, ups: dict[str, str], params: dict[str, Any],
+                    started: float, expected_bytes: int) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """`run.publish` on rank 0 (the one writer of the manifest); every other rank gets the same
+    temporary folder (broadcast from rank 0) to write its optimiser shards into, and no manifest."""
+    if ranks.rank == 0:
+        with run.publish(iteration, "update", ups, params, started=started, expected_bytes=expected_bytes) as out:
+            if ranks.world > 1:
+                torch.distributed.broadcast_object_list([str(out[0])], src=0)
+            yield out
+        return
+    where: list[str | None] = [None]
+    torch.distributed.broadcast_object_list(where, src=0)
+    yield Path(where[0]), {}
 
 
 def task_entropy_ceiling(measured: dict[str, Any]) -> float | None:
@@ -827,7 +897,8 @@ PIPELINE: dict[str, Stage] = {
         # prepare and data.train: the embedded task's metrics read the prompts' terms (task_metrics)
         Stage("update", ((0, "prepare"), (0, "rollout"), (0, "reward"), (-1, "update"), (-1, "entropy")),
               ("algorithm", "trainer", "rollout.n", "model.trust_remote_code", "model.lora", "data.train"), update, progress=True,
-              needs=((-1, "update", "policy/"), (-1, "update", "optimizer.pt"), (-1, "update", "adapter/"))),
+              needs=((-1, "update", "policy/"), (-1, "update", OPTIMIZER_FILE), (-1, "update", OPTIMIZER_DCP + "/"),
+                     (-1, "update", "adapter/"))),
         Stage("entropy", ((0, "update"), (-1, "entropy")), ("algorithm",), entropy),
         Stage("evaluate", ((0, "update"),),
               ("model", "evaluation", "data.verifier", "data.math_answer", "data.prompt_suffix", "rollout.engine",
