@@ -12,6 +12,7 @@ run moves between 1 and N processes in either direction.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -97,7 +98,9 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sta
     if folder.is_dir():
         # the template: this optimiser's (initialised) state by name, loaded into in place
         state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-        dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())  # one process: no group
+        with warnings.catch_warnings():  # one process reading it is intended: torch warns all the same
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
         set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"])
     elif file.is_file():
         device = next(model.parameters()).device
