@@ -151,3 +151,32 @@ def test_resume_across_world_sizes_matches_an_uninterrupted_run(model_dir, tmp_p
     assert (first_on_one / OPTIMIZER_FILE).is_file()
     one_then_two = on_ranks(case_of(first_on_one / "policy", resume_from=str(first_on_one)), tmp_path)
     assert_same(uninterrupted, one_then_two)
+
+
+def test_nproc_is_execution_only_and_lora_is_refused(tmp_path):
+    """trainer.nproc changes no digest (a run continues on another number of processes), a run
+    directory resumes with it set on top of its stored config, and LoRA on N ranks is refused."""
+    from aepo_core.config import ConfigError, load_config, save_config
+    from aepo_core.pipeline.stages import STAGES, config_digest, stage_config_digest, start_config
+
+    one, two = load_config(None, ["rollout.n=4"]), load_config(None, ["rollout.n=4", "trainer.nproc=2"])
+    assert config_digest(one) == config_digest(two)
+    assert all(stage_config_digest(one, s) == stage_config_digest(two, s) for s in STAGES)
+    assert stage_config_digest(one, "update") != stage_config_digest(load_config(None, ["rollout.n=4", "trainer.lr=1"]),
+                                                                     "update")
+    save_config(two, tmp_path / "config.yaml")
+    resumed = start_config(run_dir=tmp_path, overrides=["trainer.nproc=1"])
+    assert resumed.trainer.nproc == 1 and resumed.rollout.n == 4  # the stored config, one key changed
+    with pytest.raises(ConfigError, match="trainer.nproc > 1 with model.lora.enabled is not supported yet"):
+        load_config(None, ["trainer.nproc=2", "model.lora.enabled=true"])
+
+
+def test_a_failed_rank_is_the_stage_error_naming_run_and_iteration(tmp_path):
+    from aepo_core.pipeline.distributed import DistributedStageFailed, launch_update, root_cause
+
+    assert root_cause("noise\nValueError: bad row 3\ntorch.distributed.elastic.multiprocessing.errors."
+                      "ChildFailedError: \nmore") == "ValueError: bad row 3"
+    missing = tmp_path / "no-run"  # no config.yaml: every rank fails reading it
+    with pytest.raises(DistributedStageFailed, match=rf"the update of iteration 3 of {missing} failed on 2 processes "
+                                                     r"\(torchrun exit status 1\): .*config"):
+        launch_update(missing, 3, 2)
