@@ -14,7 +14,6 @@ stays the commit point. The flow's process holds the run directory's writer lock
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import subprocess
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from aepo_core.errors import UserError
 
-ENTRY = "aepo_core.pipeline.distributed"
+ENTRY = "aepo_core.pipeline.update_rank"  # the ranks' program (it imports the stages: its own module)
 _TAIL_BYTES = 64 * 1024  # of the ranks' stderr, kept for the error message
 
 
@@ -75,42 +74,3 @@ def launch_update(run_root: Path, iteration: int, nproc: int, show_progress: boo
             f"the update of iteration {iteration} of {run_root} failed on {nproc} processes (torchrun exit "
             f"status {status}): {root_cause(text)}\n(command: {' '.join(cmd)}; the ranks' full output is above)"
         )
-
-
-def rank_threads(threads: int | None, nproc: int) -> int:
-    """A rank's torch threads: its share of run.threads (default: the cores this process may use)."""
-    cores = threads or len(os.sched_getaffinity(0))
-    return max(1, cores // nproc)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """One rank of the distributed update stage (started by torchrun, which sets RANK, WORLD_SIZE,
-    LOCAL_RANK and the rendezvous address)."""
-    import torch
-    import torch.distributed as dist
-
-    from aepo_core.io.models import resolve_device
-    from aepo_core.pipeline import stages
-    from aepo_core.pipeline.processes import use_threads
-    from aepo_core.pipeline.rundir import RunDir
-
-    parser = argparse.ArgumentParser(prog=f"python -m {ENTRY}", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("iteration", type=int)
-    parser.add_argument("--progress", action="store_true", help="rank 0 shows a progress bar")
-    args = parser.parse_args(argv)
-    run = RunDir(args.run_dir)
-    cfg = run.config(args.iteration)
-    device = resolve_device(cfg.trainer)
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    use_threads(rank_threads(cfg.run.threads, int(os.environ.get("WORLD_SIZE", "1"))))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        stages.update(run, args.iteration, show_progress=args.progress and dist.get_rank() == 0)
-    finally:
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()
