@@ -680,7 +680,7 @@ def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str
         raise StageNotReady(f"{run.stage_dir(iteration, 'reward')}: rewards do not match the rollouts' rows")
     reward_of = rewards.column("reward").to_numpy()
     device = resolve_device(cfg.trainer)
-    if device.type == "cuda" and ranks.world > 1:  # each rank its own GPU (distributed.main set it)
+    if device.type == "cuda" and ranks.world > 1:  # each rank its own GPU (update_rank.main set it)
         device = torch.device("cuda", torch.cuda.current_device())
     source = policy_dir(run, iteration)
     lora = cfg.model.lora.enabled
