@@ -698,7 +698,8 @@ def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str
 
     batches = role_batches(rollouts, reward_of, tokenizer.pad_token_id)
     decision = controller_decision(run, cfg, iteration)
-    # the task's own view of the policy rows under pi_old (synthetic task: the valid-choice entropy)
+    # the task's own view of the policy rows under pi_old (synthetic task: the valid-choice entropy);
+    # on N ranks every rank computes it: a sharded model's forward passes are collectives
     order = batches[POLICY][0]
     texts = pq.read_table(run.stage_dir(iteration, "prepare") / "prompts.parquet").column("prompt").to_pylist()
     policy_rows = rollouts.take(order)
