@@ -32,7 +32,7 @@ def test_a_run_on_two_ranks_completes_validates_and_resumes_on_one(base_policy_d
     run_dir = tmp_path / "runs" / "two"
     overrides = tiny_overrides(base_policy_dir, tmp_path / "runs")
     first = aepo_run(["--run-dir", str(run_dir), "--iterations", "2", *overrides, "trainer.nproc=2",
-                      "run.keep_optimizer_states=2"], tmp_path)
+                      "run.keep_optimizer_states=2", "run.keep_policies_every=1"], tmp_path)
     assert "finished 2 iterations" in first.stdout
     run = RunDir(run_dir)
     cfg = run.config()
