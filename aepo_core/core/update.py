@@ -515,6 +515,7 @@ def _merge_ranks(
     pairs and each mini-batch's loss parts added over ranks, in rank order. One rank: unchanged."""
     if ranks.world == 1:
         return meter, mismatch, mb_losses
+    meter.reinforce_ratios = [t.cpu() for t in meter.reinforce_ratios]  # pickled: no device tensors across ranks
     parts = gather((meter, mismatch, mb_losses), ranks)
     meter, mismatch, mb_losses = _StepMeter(), _Mismatch(), [defaultdict(float) for _ in mb_losses]
     for other_meter, other_mismatch, other_losses in parts:
