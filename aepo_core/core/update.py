@@ -30,7 +30,8 @@ normaliser -- token_mean: the mini-batch's response-token count; seq_mean_token_
 tokens; constant: its rows times loss_constant (:func:`aepo_core.core.losses.loss_normaliser`) -- is
 counted before the first forward pass, and every micro-batch's loss SUM is divided by it, so the
 accumulated gradient is the same for any micro-batch partition (verl issue 5625 fixed the 1 / n_micro
-weighting the same way). The counts add up over rows, so a distributed step all-reduces them. The
+weighting the same way). On N ranks every rank holds the whole batch and counts the same normalisers
+(aepo_core.core.ranks: the micro-batches are dealt, the measurements added over ranks). The
 metrics are token-weighted over the whole batch (entropy, clip fractions, ratios) or one value per
 mini-batch averaged over mini-batches (losses).
 
@@ -304,7 +305,7 @@ class _TokenMeans:
     """Token-weighted means over everything a step measured: sum(value * tokens) / sum(tokens).
 
     Each micro-batch adds (its mean, its token count), so the result is the mean over all tokens
-    whatever the micro-batch partition; (sum, count) pairs are what a distributed step all-reduces.
+    whatever the micro-batch partition; on N ranks the pairs are added over ranks (:func:`_merge_ranks`).
     """
 
     def __init__(self) -> None:
