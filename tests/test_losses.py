@@ -148,6 +148,10 @@ def test_kl_k3_values():
     # token 1: identical -> 0
     torch.testing.assert_close(kl_k3(logp, ref), torch.tensor([0.193147, 0.0]), atol=1e-6, rtol=0)
     assert (kl_k3(torch.randn(50), torch.randn(50)) >= 0).all()
+    # near agreement, where float32's exp(d) - d - 1 rounds below zero
+    d = torch.linspace(-1e-3, 1e-3, 20001)
+    assert (torch.exp(d) - d - 1 < 0).any()  # the fault this guards against still exists in float32
+    assert (kl_k3(torch.zeros_like(d), d) >= 0).all()
 
 
 def test_role_losses_shared_and_separate_normalisers():

@@ -23,6 +23,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config,
 
 from aepo_core.atomic import atomic_dir
 from aepo_core.config import SyntheticTaskConfig
+from aepo_core.core.update import autocast_dtype
 from aepo_core.io.models import write_policy
 from aepo_core.io.prompts import chat_prompt_ids
 from aepo_core.task import synthetic
@@ -43,7 +44,10 @@ class BaseRecipe:
     warmup_steps: int = 600
     batch_size: int = 64
     lr: float = 7e-4
-    bf16_autocast: bool = True  # ~1.8x faster on CPUs with AVX512-BF16; part of the recipe
+    # bf16 autocast where the hardware has bf16 arithmetic (a GPU; a CPU with AVX512-BF16 or AMX,
+    # ~1.8x faster there); elsewhere float32, since emulated bf16 is ~50x slower (an AVX2-only EPYC:
+    # 38 warm-up steps in 22 minutes). Part of the recipe; aepo_base.json records what a build used.
+    bf16_autocast: bool = True
     # warm-up traces take the first term left in prompt order with this probability at each step,
     # else a uniformly random one: the base policy prefers one order without being sure of it, so its
     # entropy among valid answers sits below the uniform ceiling with room both ways
@@ -98,6 +102,13 @@ def _sft_batch(
     return ids, mask, labels
 
 
+def warmup_autocast(recipe: BaseRecipe, device: torch.device) -> torch.dtype | None:
+    """The warm-up's autocast dtype: bfloat16 if the recipe asks for it and ``device`` computes in
+    bf16 natively (trainer.dtype "auto"'s rule, :func:`aepo_core.core.update.autocast_dtype`), else
+    None (float32)."""
+    return autocast_dtype(device, "auto") if recipe.bf16_autocast else None
+
+
 def warm_up(
     model: Qwen2ForCausalLM,
     tokenizer: PreTrainedTokenizerFast,
@@ -120,13 +131,14 @@ def warm_up(
         return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    dtype = warmup_autocast(recipe, device)
     model.train()
     losses = []
     for step in range(recipe.warmup_steps):
         batch = rng.sample(problems, recipe.batch_size)
         responses = [tokenizer.encode(synthetic.worked_trace(p.terms, rng, recipe.order_bias)) + [eos] for p in batch]
         ids, mask, labels = (t.to(device) for t in _sft_batch(tokenizer, [prompt_ids[p.id] for p in batch], responses))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.bf16_autocast):
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -159,6 +171,8 @@ def build_base_policy(recipe: BaseRecipe, folder: Path, log=print) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "final_loss": sum(losses[-20:]) / min(20, len(losses)),
         "build_seconds": round(time.perf_counter() - started, 1),
+        # what the warm-up computed in on this machine (the recipe's bf16_autocast is a request)
+        "warmup_autocast": str(warmup_autocast(recipe, next(model.parameters()).device) or "float32"),
     }
     with atomic_dir(folder) as tmp:
         write_policy(model, tokenizer, tmp)
@@ -171,7 +185,7 @@ def build_base_policy(recipe: BaseRecipe, folder: Path, log=print) -> dict:
         log(f"base policy: held-out avg@8 {pr['accuracy']:.3f}, entropy {pr['entropy_nll']:.3f} nats/token "
             f"(a uniformly random valid answer: {pr['uniform_valid_entropy']:.3f}), probability on valid "
             f"choices {pr['choice/valid_prob']:.3f}, entropy among them {pr['choice/valid_entropy']:.3f} nats; "
-            f"built in {info['build_seconds']:.0f} s")
+            f"built in {info['build_seconds']:.0f} s (warm-up in {info['warmup_autocast']})")
     return info
 
 
