@@ -45,7 +45,7 @@ class BaseRecipe:
     batch_size: int = 64
     lr: float = 7e-4
     # bf16 autocast where the hardware has bf16 arithmetic (a GPU; a CPU with AVX512-BF16 or AMX,
-    # ~1.8x faster there); elsewhere float32, since emulated bf16 is ~50x slower (an AVX2-only EPYC:
+    # ~1.8x faster there); elsewhere float32, since emulated bf16 is ~25x slower than it (an AVX2-only EPYC:
     # 38 warm-up steps in 22 minutes). Part of the recipe; aepo_base.json records what a build used.
     bf16_autocast: bool = True
     # warm-up traces take the first term left in prompt order with this probability at each step,
