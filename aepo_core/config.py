@@ -75,7 +75,7 @@ ADDED_LATER: dict[str, Any] = {"model.lora": LoraConfig().model_dump(mode="json"
 # whatever their value (aepo_core.pipeline.stages.digest_tree), so a run may continue with another
 # value (started on 2 ranks, resumed on 1) without a stage turning stale or the start being refused.
 # ADDED_LATER would not do for these: it leaves a key out only at the value it was added at.
-EXECUTION_ONLY: tuple[str, ...] = ("trainer.nproc",)
+EXECUTION_ONLY: tuple[str, ...] = ("trainer.nproc", "rollout.data_parallel")
 
 
 class SyntheticTaskConfig(_Section):
@@ -142,6 +142,10 @@ class RolloutConfig(_Section):
     # and logits of large batches (256 prompts x 10 rows: peak memory 4.4 -> 2.1 GiB with the update's
     # token budget below, docs/performance.md) at no cost in speed; samples do not depend on it
     batch_size: int | None = Field(512, ge=1)
+    # engine processes the rollout and evaluation stages run on (torchrun; each a contiguous shard of
+    # the requests: aepo_core/io/engines/data_parallel.py): 1 is the engine in the flow's own process.
+    # Execution only (EXECUTION_ONLY): the table is the same for any value
+    data_parallel: int = Field(1, ge=1, description="rollout/evaluation engine processes (torchrun ranks); 1: in the flow's own process")
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
 
     @field_validator("n")
@@ -480,7 +484,8 @@ def config_version(latest: Config, records: list[dict[str, Any]], iteration: int
     computed with. The latest config is every record applied, so the starting values are recovered by
     undoing the records newest first, and the config at `iteration` is those values with the
     records that reach it applied in order (a later record wins). Records without "changes" (runs
-    written before versioning) are already in the latest config, for every iteration.
+    written before versioning) are already in the latest config, for every iteration. The
+    execution-only keys (EXECUTION_ONLY) are always the latest config's.
 
     Args:
         latest: the run's config.yaml. records: its history records. iteration: None for `latest`.
@@ -490,12 +495,16 @@ def config_version(latest: Config, records: list[dict[str, Any]], iteration: int
     versioned = [r for r in records if r.get("changes")]
     if iteration is None or all(r.get("from_iteration", 0) <= iteration for r in versioned):
         return latest
-    values = latest.flat()
+    latest_values = latest.flat()
+    values = dict(latest_values)
     for record in reversed(versioned):
         values.update({key: change[0] for key, change in record["changes"].items()})
     for record in versioned:
         if record.get("from_iteration", 0) <= iteration:
             values.update({key: change[1] for key, change in record["changes"].items()})
+    # how a stage runs (EXECUTION_ONLY: processes) is the run's current choice for every iteration,
+    # whatever a rerun recorded: a run resumed on 1 process must not launch 2 for older iterations
+    values.update({key: latest_values[key] for key in EXECUTION_ONLY})
     tree: dict[str, Any] = {}
     for key, value in values.items():
         _set_dotted(tree, key, value)

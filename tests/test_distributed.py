@@ -172,11 +172,11 @@ def test_nproc_is_execution_only_and_lora_is_refused(tmp_path):
 
 
 def test_a_failed_rank_is_the_stage_error_naming_run_and_iteration(tmp_path):
-    from aepo_core.pipeline.distributed import DistributedStageFailed, launch_update, root_cause
+    from aepo_core.pipeline.distributed import DistributedStageFailed, launch_stage, root_cause
 
     assert root_cause("noise\nValueError: bad row 3\ntorch.distributed.elastic.multiprocessing.errors."
                       "ChildFailedError: \nmore") == "ValueError: bad row 3"
     missing = tmp_path / "no-run"  # no config.yaml: every rank fails reading it
-    with pytest.raises(DistributedStageFailed, match=rf"the update of iteration 3 of {missing} failed on 2 processes "
+    with pytest.raises(DistributedStageFailed, match=rf"the update stage of iteration 3 of {missing} failed on 2 processes "
                                                      r"\(torchrun exit status 1\): .*config"):
-        launch_update(missing, 3, 2)
+        launch_stage("update", missing, 3, 2)

@@ -1,7 +1,8 @@
-"""End to end on 2 processes: `aepo run trainer.nproc=2` for 2 iterations on the real base policy (the
-update stage under torchrun, FSDP2 on CPU), its artifacts intact and complete, then the same run
-resumed for a third iteration on 1 process (`trainer.nproc=1`): nothing done before is recomputed and
-the single-process update continues from the 2-rank optimiser state."""
+"""End to end on 2 processes: `aepo run trainer.nproc=2 rollout.data_parallel=2` for 2 iterations on
+the real base policy (the update stage under torchrun, FSDP2 on CPU; rollout and evaluation on 2 HF
+engine processes), its artifacts intact and complete, the sampled tables those of one process, then
+the same run resumed for a third iteration on 1 process: nothing done before is recomputed and the
+single-process update continues from the 2-rank optimiser state."""
 
 from __future__ import annotations
 
@@ -28,15 +29,41 @@ def aepo_run(args: list[str], tmp_path) -> subprocess.CompletedProcess:
     return done
 
 
+def same_tables(run: RunDir, single, tmp_path) -> bool:
+    """Iteration 0's rollout and the base evaluation recomputed in this process (a new run of the
+    same config on one engine) against the run's: the same rows, tokens and texts, the log-probs to
+    float32 rounding (each engine's batch differs in size, and so do its kernels)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from aepo_core.pipeline import stages
+    from aepo_core.pipeline.rundir import BASE_ITERATION
+
+    copy = stages.init_run(single, tmp_path / "single", log=lambda *a: None)
+    try:
+        for stage, i in (("prepare", 0), ("rollout", 0), ("evaluate", BASE_ITERATION)):
+            stages.PIPELINE[stage].run(copy, i)
+    finally:
+        copy.release_writer()
+    for stage, i, name in (("rollout", 0, "rollouts.parquet"), ("evaluate", BASE_ITERATION, "eval.parquet")):
+        ours, theirs = (pq.read_table(r.stage_dir(i, stage) / name) for r in (copy, run))
+        floats = [c for c in ours.column_names if c in ("logprobs", "nll")]
+        assert ours.drop(floats).equals(theirs.drop(floats)), stage
+        for c in floats:
+            for a, b in zip(ours.column(c).to_pylist(), theirs.column(c).to_pylist(), strict=True):
+                assert np.allclose(a, b, atol=1e-4), (stage, c)
+    return True
+
+
 def test_a_run_on_two_ranks_completes_validates_and_resumes_on_one(base_policy_dir, tmp_path, tiny_overrides):
     run_dir = tmp_path / "runs" / "two"
     overrides = tiny_overrides(base_policy_dir, tmp_path / "runs")
     first = aepo_run(["--run-dir", str(run_dir), "--iterations", "2", *overrides, "trainer.nproc=2",
-                      "run.keep_optimizer_states=2", "run.keep_policies_every=1"], tmp_path)
+                      "rollout.data_parallel=2", "run.keep_optimizer_states=2", "run.keep_policies_every=1"], tmp_path)
     assert "finished 2 iterations" in first.stdout
     run = RunDir(run_dir)
     cfg = run.config()
-    assert cfg.trainer.nproc == 2
+    assert cfg.trainer.nproc == 2 and cfg.rollout.data_parallel == 2
     for i in range(2):
         for stage in stages_of(cfg, i):
             assert is_stage_complete(run, cfg, i, stage), (i, stage)
@@ -47,9 +74,15 @@ def test_a_run_on_two_ranks_completes_validates_and_resumes_on_one(base_policy_d
         metrics = run.manifest(i, "update")["metrics"]
         assert metrics["actor/optimizer_steps"] >= 1 and metrics["entropy/nll"] > 0
 
-    # resumed on one process: the execution-only key changes no digest, so iterations 0-1 stay done
+    # the 2 engine processes sampled what one samples: iteration 0's rollout and the base's evaluation
+    # again in this process, from the same files and seeds
+    single = load_config(run.config_path, ["rollout.data_parallel=1", "trainer.nproc=1"])
+    assert same_tables(run, single, tmp_path)
+
+    # resumed on one process: the execution-only keys change no digest, so iterations 0-1 stay done
     done_before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("_SUCCESS.json")}
-    resumed = aepo_run(["--run-dir", str(run_dir), "--iterations", "3", "trainer.nproc=1"], tmp_path)
+    resumed = aepo_run(["--run-dir", str(run_dir), "--iterations", "3", "trainer.nproc=1", "rollout.data_parallel=1"],
+                       tmp_path)
     assert "done before: prepare, rollout, reward, update, entropy" in resumed.stdout
     assert {p: p.stat().st_mtime_ns for p in done_before} == done_before
     assert load_config(run.config_path).trainer.nproc == 1

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from aepo_core.config import load_config
-from aepo_core.pipeline.retention import OPTIMIZER, OPTIMIZER_DCP, POLICY, PrunedArtifact, keeps
+from aepo_core.pipeline.retention import OPTIMIZER, OPTIMIZER_DIR, POLICY, PrunedArtifact, keeps
 from aepo_core.pipeline.rundir import MANIFEST, RunDir
 
 
@@ -18,7 +18,7 @@ def test_what_is_kept_computed_by_hand():
     # optimiser states: the newest two (6, 7)
     assert [i for i in range(newest + 1) if keeps(cfg, OPTIMIZER, i, newest)] == [6, 7]
     # a distributed update's optimiser state (a DCP folder) is kept exactly as long
-    assert [i for i in range(newest + 1) if keeps(cfg, OPTIMIZER_DCP, i, newest)] == [6, 7]
+    assert [i for i in range(newest + 1) if keeps(cfg, OPTIMIZER_DIR, i, newest)] == [6, 7]
     # policies: every 4th iteration (3, 7) and the newest (5 while 5 is the newest)
     assert [i for i in range(newest + 1) if keeps(cfg, POLICY, i, newest)] == [3, 7]
     assert [i for i in range(6) if keeps(cfg, POLICY, i, 5)] == [3, 5]

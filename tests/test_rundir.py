@@ -111,3 +111,20 @@ def test_a_reruns_overrides_apply_from_its_iteration_on():
     assert override_changes(third, third, ["evaluation.n=16"]) == {"evaluation.n": [16, 16]}
     # records written before versioning carry no changes: already in config.yaml, for every iteration
     assert config_version(start, [{"rerun": "reward@0", "overrides": ["evaluation.n=8"]}], 0) is start
+
+
+def test_execution_only_keys_are_the_latest_configs_for_every_iteration():
+    """A rerun that recorded trainer.nproc=2 from iteration 3, then a resume on 1 process: every
+    iteration, the rerun's included, runs on 1 (how a stage runs is not what it computed)."""
+    from aepo_core.config import config_version, override_changes
+
+    start = load_config(None)
+    two = load_config(None, ["trainer.nproc=2", "rollout.data_parallel=2"])
+    lr = load_config(None, ["trainer.nproc=2", "rollout.data_parallel=2", "trainer.lr=0.002"])
+    records = [
+        {"from_iteration": 3, "changes": override_changes(start, two, ["trainer.nproc=2", "rollout.data_parallel=2"])},
+        {"from_iteration": 7, "changes": override_changes(two, lr, ["trainer.lr=0.002"])},
+    ]
+    resumed = load_config(None, ["trainer.lr=0.002"])  # the run's config.yaml after `trainer.nproc=1` etc.
+    seen = [(c.trainer.nproc, c.rollout.data_parallel, c.trainer.lr) for c in (config_version(resumed, records, i) for i in (1, 5, 8))]
+    assert seen == [(1, 1, start.trainer.lr), (1, 1, start.trainer.lr), (1, 1, 0.002)]

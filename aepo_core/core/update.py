@@ -373,7 +373,8 @@ def _enable_checkpointing(policy) -> None:
 # ---------------------------------------------------------------------------------------- the step
 @dataclass
 class _Normalisers:
-    """A mini-batch's loss normalisers (counts; all-reduced when rows are spread over ranks)."""
+    """A mini-batch's loss normalisers (counts over the whole mini-batch: on N ranks every rank holds
+    every row and counts the same numbers, so nothing is reduced)."""
 
     grpo: float
     reinforce: float

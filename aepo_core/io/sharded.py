@@ -42,17 +42,21 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-def shard_policy(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def shard_policy(model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Shard `model` in place over the default process group with FSDP2: each decoder layer, then
     the root (embeddings, final norm, LM head). Returns `model` (its class now an FSDP module).
 
-    On GPUs the parameters are gathered in bfloat16 and gradients reduced in float32
-    (MixedPrecisionPolicy); on CPUs everything stays in float32. Gradients are SUMMED over ranks
+    amp_dtype: the update's autocast dtype (:func:`aepo_core.core.update.autocast_dtype` of
+    trainer.dtype). On GPUs with bfloat16 the parameters are gathered in bfloat16 and gradients
+    reduced in float32 (MixedPrecisionPolicy); otherwise (trainer.dtype float32, or a CPU) the shards
+    stay float32, as the single process's parameters do. Gradients are SUMMED over ranks
     (divide factor 1), not averaged: each rank's loss is its micro-batches' loss sums over the
     whole mini-batch's normaliser (aepo_core.core.ranks), so the sum is the single-process gradient.
     """
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
-        else MixedPrecisionPolicy()
+    # the single process's precision (trainer.dtype: autocast_dtype): bf16 passes only where it
+    # autocasts to bf16; on CPUs the update's own autocast does that over fp32 shards
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" and amp_dtype == torch.bfloat16 else MixedPrecisionPolicy()
     model.to(device)
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp)

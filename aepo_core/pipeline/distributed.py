@@ -1,15 +1,21 @@
-"""The update stage on N processes (``trainer.nproc`` > 1): torchrun, started by the stage function.
+"""Stages on N processes: torchrun, started by the stage function.
 
-    flow process (Prefect task "update")            torchrun --standalone --nproc_per_node N
-      stages.update(run, i)  ── nproc > 1 ──►  rank 0 .. N-1: python -m aepo_core.pipeline.distributed RUN i
-        waits; exit status and the ranks'         each: init_process_group (gloo on CPU, nccl on GPU),
-        stderr become the stage's error           stages.update(run, i) with the FSDP2-sharded policy;
-        (DistributedStageFailed)                  rank 0 publishes the stage (policy/, manifest)
+    flow process (Prefect task)                   torchrun --standalone --nproc_per_node N
+      stages.<stage>(run, i) ── N > 1 ──►  rank 0 .. N-1: python -m aepo_core.pipeline.stage_rank STAGE RUN i
+        waits; exit status and the ranks'          each: init_process_group, stages.<stage>(run, i) as
+        stderr become the stage's error            this rank; rank 0 publishes the stage
+        (DistributedStageFailed)
 
-Every rank reads the same files and computes the same batch; the micro-batches are dealt to the
-ranks (aepo_core.core.ranks); rank 0 writes ``policy/`` and the manifest after the ranks have written
-the optimiser state (aepo_core.io.sharded) and met at a barrier, so the rename of the stage's folder
-stays the commit point. The flow's process holds the run directory's writer lock meanwhile.
+- update (``trainer.nproc``): the FSDP2-sharded policy, its micro-batches dealt to the ranks
+  (aepo_core.core.ranks); rank 0 writes ``policy/`` and the manifest after the ranks have written
+  the optimiser state (aepo_core.io.sharded) and met at a barrier.
+- rollout and evaluate (``rollout.data_parallel``): one engine per rank, each sampling a contiguous
+  shard of the requests, the completions gathered on every rank
+  (aepo_core.io.engines.data_parallel); rank 0 writes the table and the manifest.
+
+Every rank reads the same files and computes the same requests and batches, so the rename of the
+stage's folder by rank 0 stays the commit point. The flow's process holds the run directory's
+writer lock meanwhile.
 """
 
 from __future__ import annotations
@@ -22,20 +28,22 @@ from pathlib import Path
 
 from aepo_core.errors import UserError
 
-ENTRY = "aepo_core.pipeline.update_rank"  # the ranks' program (it imports the stages: its own module)
+ENTRY = "aepo_core.pipeline.stage_rank"  # the ranks' program (it imports the stages: its own module)
+# the stages that run on ranks, and the config key saying on how many
+RANKED_STAGES = {"update": "trainer.nproc", "rollout": "rollout.data_parallel", "evaluate": "rollout.data_parallel"}
 _TAIL_BYTES = 64 * 1024  # of the ranks' stderr, kept for the error message
 
 
 class DistributedStageFailed(UserError):
-    """The update stage's torchrun processes failed; the message names the run, the iteration and
+    """A stage's torchrun processes failed; the message names the stage, the run, the iteration and
     the ranks' error."""
 
 
-def torchrun_command(run_dir: Path, iteration: int, nproc: int, progress: bool = False) -> list[str]:
-    """`torchrun --standalone --nproc_per_node N -m aepo_core.pipeline.distributed RUN ITERATION`,
+def torchrun_command(stage: str, run_dir: Path, iteration: int, nproc: int, progress: bool = False) -> list[str]:
+    """`torchrun --standalone --nproc_per_node N -m aepo_core.pipeline.stage_rank STAGE RUN ITERATION`,
     with this interpreter (``python -m torch.distributed.run`` is torchrun)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", ENTRY, str(run_dir), str(iteration)] + (["--progress"] if progress else [])
+            "-m", ENTRY, stage, str(run_dir), str(iteration)] + (["--progress"] if progress else [])
 
 
 def root_cause(stderr: str) -> str:
@@ -50,15 +58,15 @@ def root_cause(stderr: str) -> str:
     return lines[-1].strip() if lines else "(no output)"
 
 
-def launch_update(run_root: Path, iteration: int, nproc: int, show_progress: bool = False) -> None:
-    """Run the update stage of `iteration` on `nproc` processes and wait for it.
+def launch_stage(stage: str, run_root: Path, iteration: int, nproc: int, show_progress: bool = False) -> None:
+    """Run `stage` (one of RANKED_STAGES) of `iteration` on `nproc` processes and wait for it.
 
     The ranks' stderr is passed through as it comes (warnings, progress) and its tail kept: a
-    non-zero exit status raises DistributedStageFailed naming the run directory, the iteration, the
-    exit status and the ranks' error. The ranks inherit this process's environment (PYTHONPATH,
-    OMP_NUM_THREADS, AEPO_* settings).
+    non-zero exit status raises DistributedStageFailed naming the stage, the run directory, the
+    iteration, the exit status and the ranks' error. The ranks inherit this process's environment
+    (PYTHONPATH, OMP_NUM_THREADS, AEPO_* settings).
     """
-    cmd = torchrun_command(run_root, iteration, nproc, show_progress)
+    cmd = torchrun_command(stage, run_root, iteration, nproc, show_progress)
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     tail = b""
     out = getattr(sys.stderr, "buffer", None)
@@ -71,6 +79,6 @@ def launch_update(run_root: Path, iteration: int, nproc: int, show_progress: boo
     if status != 0:
         text = tail.decode(errors="replace")
         raise DistributedStageFailed(
-            f"the update of iteration {iteration} of {run_root} failed on {nproc} processes (torchrun exit "
+            f"the {stage} stage of iteration {iteration} of {run_root} failed on {nproc} processes (torchrun exit "
             f"status {status}): {root_cause(text)}\n(command: {' '.join(cmd)}; the ranks' full output is above)"
         )

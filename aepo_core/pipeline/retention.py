@@ -29,10 +29,10 @@ from aepo_core.config import Config
 from aepo_core.errors import UserError
 from aepo_core.pipeline.rundir import RunDir, is_pruned
 
-POLICY, OPTIMIZER, OPTIMIZER_DCP, ADAPTER = "policy/", "optimizer.pt", "optimizer/", "adapter/"
-OPTIMIZER_STATES = (OPTIMIZER, OPTIMIZER_DCP)  # either form, whichever the update wrote
+POLICY, OPTIMIZER, OPTIMIZER_DIR, ADAPTER = "policy/", "optimizer.pt", "optimizer/", "adapter/"
+OPTIMIZER_STATES = (OPTIMIZER, OPTIMIZER_DIR)  # either form, whichever the update wrote
 SETTING = {POLICY: "run.keep_policies_every", OPTIMIZER: "run.keep_optimizer_states",
-           OPTIMIZER_DCP: "run.keep_optimizer_states", ADAPTER: "run.keep_optimizer_states"}
+           OPTIMIZER_DIR: "run.keep_optimizer_states", ADAPTER: "run.keep_optimizer_states"}
 
 
 class PrunedArtifact(UserError):
@@ -45,7 +45,7 @@ def policies_every(cfg: Config) -> int:
 
 
 def keeps(cfg: Config, name: str, iteration: int, newest: int) -> bool:
-    """Whether retention keeps update output `name` (POLICY, OPTIMIZER, OPTIMIZER_DCP or ADAPTER) of
+    """Whether retention keeps update output `name` (POLICY, OPTIMIZER, OPTIMIZER_DIR or ADAPTER) of
     `iteration` once iteration `newest` has finished (iteration <= newest). The adapter follows its
     optimiser state: resuming a LoRA update needs both."""
     if name in (*OPTIMIZER_STATES, ADAPTER):
@@ -109,7 +109,7 @@ def pruned_need(
 
 HINT = {
     OPTIMIZER: "run.keep_optimizer_states=N keeps the newest N optimiser states (set it when a run starts)",
-    OPTIMIZER_DCP: "run.keep_optimizer_states=N keeps the newest N optimiser states (set it when a run starts)",
+    OPTIMIZER_DIR: "run.keep_optimizer_states=N keeps the newest N optimiser states (set it when a run starts)",
     POLICY: "run.keep_policies_every=1 keeps every policy (set it when a run starts)",
     ADAPTER: "run.keep_optimizer_states=N keeps the newest N adapters with their optimiser states (set it when "
              "a run starts)",

@@ -40,9 +40,10 @@ from aepo_core.config import (
 from aepo_core.core.algorithms import Decision, decision_from_json, decision_to_json, make_algorithm
 from aepo_core.core.batch import SequenceBatch
 from aepo_core.core.ranks import Ranks
-from aepo_core.core.update import make_optimizer, update_step
+from aepo_core.core.update import autocast_dtype, make_optimizer, update_step
 from aepo_core.errors import UserError
-from aepo_core.io.engines import Completion, SamplingRequest, shared_engine
+from aepo_core.io.engines import Completion, RolloutEngine, SamplingRequest, shared_engine
+from aepo_core.io.engines.data_parallel import DataParallelEngine
 from aepo_core.io.lora import ADAPTER, AdaptersDisabled, merge_into_base, save_adapter, trainable_lora
 from aepo_core.io.models import load_policy, load_tokenizer, resolve_device, write_policy
 from aepo_core.io.prompts import encode_prompts
@@ -56,7 +57,7 @@ from aepo_core.io.sharded import (
     shard_policy,
 )
 from aepo_core.io.verifiers import make_verifier
-from aepo_core.pipeline.distributed import launch_update
+from aepo_core.pipeline.distributed import RANKED_STAGES, launch_stage
 from aepo_core.pipeline.evaluation import evaluate_model, write_source_names
 from aepo_core.pipeline.retention import PrunedArtifact, pruned_need
 from aepo_core.pipeline.rundir import (
@@ -427,6 +428,33 @@ def prepare(run: RunDir, iteration: int) -> dict[str, Any]:
     return metrics
 
 
+def on_ranks(run: RunDir, cfg: Config, iteration: int, stage: str, ups: dict[str, str],
+             show_progress: bool = False) -> dict[str, Any] | None:
+    """Run `stage` on the processes its config asks for (RANKED_STAGES: trainer.nproc for the update,
+    rollout.data_parallel for rollout and evaluate) when that is more than one and this process is
+    not already one of them; returns the metrics the ranks published, or None: compute it here.
+
+    Raises DistributedStageFailed (a rank failed) or StageNotReady (the ranks exited without
+    publishing the stage for these upstream digests)."""
+    nproc = int(cfg.flat()[RANKED_STAGES[stage]])
+    if nproc == 1 or Ranks.current().world > 1:
+        return None
+    launch_stage(stage, run.root, iteration, nproc, show_progress)
+    published = run.manifest(iteration, stage)
+    if published is None or published["upstream"] != ups:
+        raise StageNotReady(f"the {stage} ranks of iteration {iteration} exited without publishing "
+                            f"{run.stage_dir(iteration, stage)}")
+    return published["metrics"]
+
+
+def stage_engine(cfg: Config, model_path: Path) -> RolloutEngine:
+    """The process's engine (shared_engine); on the ranks of a data-parallel stage, this rank's
+    engine as its part of one engine over all ranks (DataParallelEngine: a collective)."""
+    engine = shared_engine(cfg, model_path)
+    ranks = Ranks.current()
+    return DataParallelEngine(engine, ranks) if ranks.world > 1 else engine
+
+
 def sample_rollout(
     engine, cfg: Config, policy: list[SamplingRequest], regulariser: list[SamplingRequest], golds: list[str], seed: int
 ) -> tuple[list[Completion], int, int]:
@@ -487,9 +515,11 @@ def rollout(run: RunDir, iteration: int, show_progress: bool = False) -> dict[st
     started = time.perf_counter()
     cfg = run.config(iteration)
     ups = stage_inputs(run, cfg, iteration, "rollout")
+    if (published := on_ranks(run, cfg, iteration, "rollout", ups, show_progress)) is not None:
+        return published  # sampled by rollout.data_parallel engine processes
     prompts = pq.read_table(run.stage_dir(iteration, "prepare") / "prompts.parquet")
     decision = controller_decision(run, cfg, iteration)
-    engine = shared_engine(cfg, policy_dir(run, iteration))
+    engine = stage_engine(cfg, policy_dir(run, iteration))
     engine.show_progress = show_progress
     r = cfg.rollout
     seed = _seed(r.seed, iteration)
@@ -528,6 +558,8 @@ def rollout(run: RunDir, iteration: int, show_progress: bool = False) -> dict[st
     )
     tokens = sum(len(c.token_ids) for c in completions)
     params = {"regulariser_temperature": reg_temperature, "seed": seed}
+    if Ranks.current().rank != 0:  # every rank holds the whole table; rank 0 writes it
+        return {}
     with run.publish(iteration, "rollout", ups, params, started=started) as (tmp, metrics):
         pq.write_table(table, tmp / "rollouts.parquet")
         metrics.update(
@@ -667,26 +699,21 @@ def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str
     cfg = run.config(iteration)
     ups = stage_inputs(run, cfg, iteration, "update")
     ranks = Ranks.current()
-    if cfg.trainer.nproc > 1 and ranks.world == 1:
-        launch_update(run.root, iteration, cfg.trainer.nproc, show_progress)
-        published = run.manifest(iteration, "update")
-        if published is None or published["upstream"] != ups:
-            raise StageNotReady(f"the update ranks of iteration {iteration} exited without publishing "
-                                f"{run.stage_dir(iteration, 'update')}")
-        return published["metrics"]
+    if (published := on_ranks(run, cfg, iteration, "update", ups, show_progress)) is not None:
+        return published
     rollouts = pq.read_table(run.stage_dir(iteration, "rollout") / "rollouts.parquet")
     rewards = pq.read_table(run.stage_dir(iteration, "reward") / "rewards.parquet")
     if rewards.column("row_id").to_pylist() != rollouts.column("row_id").to_pylist():
         raise StageNotReady(f"{run.stage_dir(iteration, 'reward')}: rewards do not match the rollouts' rows")
     reward_of = rewards.column("reward").to_numpy()
     device = resolve_device(cfg.trainer)
-    if device.type == "cuda" and ranks.world > 1:  # each rank its own GPU (update_rank.main set it)
+    if device.type == "cuda" and ranks.world > 1:  # each rank its own GPU (stage_rank.main set it)
         device = torch.device("cuda", torch.cuda.current_device())
     source = policy_dir(run, iteration)
     lora = cfg.model.lora.enabled
     policy = training_policy(run, cfg, iteration, device)
     if ranks.world > 1:
-        policy = shard_policy(policy, device)
+        policy = shard_policy(policy, device, autocast_dtype(device, cfg.trainer.dtype))
     tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
     policy.train()
     optimizer = make_optimizer(policy, cfg.trainer)  # its trainable parameters: the adapters only under LoRA
@@ -841,11 +868,15 @@ def evaluate_stage(run: RunDir, iteration: int, show_progress: bool = False) -> 
     started = time.perf_counter()
     cfg = run.config(iteration)
     ups = stage_inputs(run, cfg, iteration, "evaluate")
+    if (published := on_ranks(run, cfg, iteration, "evaluate", ups, show_progress)) is not None:
+        return published  # sampled by rollout.data_parallel engine processes
     policy = policy_dir(run, iteration + 1)
     table = pq.read_table(run.dataset_path("eval"))
-    engine = shared_engine(cfg, policy)
+    engine = stage_engine(cfg, policy)
     engine.show_progress = show_progress  # an evaluation samples the most rows of any stage: say so
     records, results = evaluate_model(cfg, policy, table, engine=engine)
+    if Ranks.current().rank != 0:  # every rank holds every record; rank 0 writes them
+        return {}
     with run.publish(iteration, "evaluate", ups, started=started) as (tmp, metrics):
         pq.write_table(records, tmp / "eval.parquet")
         write_source_names(records, tmp)  # source -> metric name part of the per-source metrics

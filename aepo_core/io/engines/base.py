@@ -18,7 +18,7 @@ class SamplingRequest:
     """One prompt to sample `n` responses for.
 
     seed: this request's own random stream (None: derived from the call's seed and the request's
-    position in the call). With a seed, a request's samples do not depend on what else is sampled
+    position in the call, `first_index` + its index in the list). With a seed, a request's samples do not depend on what else is sampled
     with it: the same request alone, in another order or in another batch gives the same responses
     (HF engine; vLLM on GPUs).
     """
@@ -58,8 +58,14 @@ class RolloutEngine(Protocol):
     tokenizer: PreTrainedTokenizerBase  # the policy's tokenizer: prompts are encoded with it
     show_progress: bool  # show a progress bar while generating (the rollout stage sets it per call)
 
-    def generate(self, requests: list[SamplingRequest], seed: int) -> list[Completion]:
-        """All completions, ordered by request then sample index (request i's n rows are contiguous)."""
+    def generate(self, requests: list[SamplingRequest], seed: int, first_index: int = 0) -> list[Completion]:
+        """All completions, ordered by request then sample index (request i's n rows are contiguous).
+
+        first_index: the position of requests[0] in a larger call this one is a contiguous shard of
+        (data-parallel rollout, :class:`aepo_core.io.engines.data_parallel.DataParallelEngine`): an
+        unseeded request draws the random stream of its position in the whole call, and completions
+        carry that position as their request_index, so the shards' completions concatenated are
+        the whole call's."""
         ...
 
     def load_weights(self, folder: str | Path) -> None:

@@ -86,8 +86,8 @@ class HFRolloutEngine:
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
 
-    def generate(self, requests: list[SamplingRequest], seed: int) -> list[Completion]:
-        rows = [(i, j, req) for i, req in enumerate(requests) for j in range(req.n)]
+    def generate(self, requests: list[SamplingRequest], seed: int, first_index: int = 0) -> list[Completion]:
+        rows = [(i, j, req) for i, req in enumerate(requests, start=first_index) for j in range(req.n)]
         if not rows:
             return []
         # one random stream per response, from its request's seed (or the call's seed and the request's

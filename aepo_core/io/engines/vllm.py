@@ -81,7 +81,7 @@ class VLLMRolloutEngine:
             )
         return LLM(**kwargs)
 
-    def generate(self, requests: list[SamplingRequest], seed: int) -> list[Completion]:
+    def generate(self, requests: list[SamplingRequest], seed: int, first_index: int = 0) -> list[Completion]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -100,11 +100,11 @@ class VLLMRolloutEngine:
                 logprobs=0,  # only the sampled token's log-prob
                 seed=(r.seed if r.seed is not None else seed + i) if per_request_seed else None,
             )
-            for i, r in enumerate(requests)
+            for i, r in enumerate(requests, start=first_index)
         ]
         outputs = self.llm.generate(prompts, params, use_tqdm=self.show_progress)
         completions = []
-        for i, (req, out) in enumerate(zip(requests, outputs, strict=True)):
+        for i, (req, out) in enumerate(zip(requests, outputs, strict=True), start=first_index):
             samples = sorted(out.outputs, key=lambda o: o.index)
             if req.temperature == 0:
                 samples = samples * req.n  # greedy decoding is deterministic: n identical rows

@@ -1,5 +1,5 @@
-"""One rank of the distributed update stage: `python -m aepo_core.pipeline.update_rank RUN_DIR ITERATION`,
-started by torchrun (aepo_core.pipeline.distributed.launch_update), which sets RANK, WORLD_SIZE,
+"""One rank of a stage on N processes: `python -m aepo_core.pipeline.stage_rank STAGE RUN_DIR ITERATION`,
+started by torchrun (aepo_core.pipeline.distributed.launch_stage), which sets RANK, WORLD_SIZE,
 LOCAL_RANK and the rendezvous address."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from aepo_core.io.models import resolve_device
 from aepo_core.pipeline import stages
-from aepo_core.pipeline.distributed import ENTRY
+from aepo_core.pipeline.distributed import ENTRY, RANKED_STAGES
 from aepo_core.pipeline.processes import use_threads
 from aepo_core.pipeline.rundir import RunDir
 
@@ -25,22 +25,25 @@ def rank_threads(threads: int | None, nproc: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Join the process group (nccl on GPUs, one device per local rank; gloo on CPUs) and run the
-    update stage's function as this rank."""
-    parser = argparse.ArgumentParser(prog=f"python -m {ENTRY}", description="one rank of the distributed update stage")
+    """Join the process group and run the stage's function as this rank: one GPU per local rank
+    where the stage runs on GPUs; nccl for the update's sharded tensors there, gloo otherwise (the
+    rollout ranks exchange only their completions, as Python objects)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {ENTRY}", description="one rank of a stage on N processes")
+    parser.add_argument("stage", choices=sorted(RANKED_STAGES))
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("iteration", type=int)
     parser.add_argument("--progress", action="store_true", help="rank 0 shows a progress bar")
     args = parser.parse_args(argv)
     run = RunDir(args.run_dir)
     cfg = run.config(args.iteration)
-    device = resolve_device(cfg.trainer)
+    device = resolve_device(cfg.trainer)  # where the update trains and the HF engine samples
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     use_threads(rank_threads(cfg.run.threads, int(os.environ.get("WORLD_SIZE", "1"))))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" and args.stage == "update" else "gloo")
+    stage = {"update": stages.update, "rollout": stages.rollout, "evaluate": stages.evaluate_stage}[args.stage]
     try:
-        stages.update(run, args.iteration, show_progress=args.progress and dist.get_rank() == 0)
+        stage(run, args.iteration, show_progress=args.progress and dist.get_rank() == 0)
     finally:
         dist.destroy_process_group()
 
