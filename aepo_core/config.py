@@ -75,7 +75,7 @@ ADDED_LATER: dict[str, Any] = {"model.lora": LoraConfig().model_dump(mode="json"
 # whatever their value (aepo_core.pipeline.stages.digest_tree), so a run may continue with another
 # value (started on 2 ranks, resumed on 1) without a stage turning stale or the start being refused.
 # ADDED_LATER would not do for these: it leaves a key out only at the value it was added at.
-EXECUTION_ONLY: tuple[str, ...] = ("trainer.nproc", "rollout.data_parallel")
+EXECUTION_ONLY: tuple[str, ...] = ("trainer.nproc", "rollout.data_parallel", "run.ray_address")
 
 
 class SyntheticTaskConfig(_Section):
@@ -301,6 +301,12 @@ class RunConfig(_Section):
     # torch's intra-op threads (None: torch's default, the cores in this process's affinity mask).
     # Several runs on one machine: give each cores / runs, or their threads spin against each other
     threads: int | None = Field(None, ge=1, description="torch threads of this process (None: the cores it may use)")
+    # where the stages on more than one process run (trainer.nproc, rollout.data_parallel > 1): None is
+    # torchrun on this machine; a Ray cluster's address ("auto", "HOST:6379", "ray://HOST:10001") runs
+    # the update under Ray Train's TorchTrainer and the rollout engines as Ray actors, on any of its
+    # nodes (aepo_core/pipeline/ray_cluster.py). Execution only (EXECUTION_ONLY): the results are the same
+    ray_address: str | None = Field(
+        None, description="Ray cluster for the stages on N processes (None: torchrun on this machine)")
     # retention (aepo_core.pipeline.retention): what each update stage's outputs cost on disk
     keep_optimizer_states: int = Field(1, ge=1, description="optimiser states kept: the newest N updates' (resume needs 1)")
     keep_policies_every: int | None = Field(

@@ -2,23 +2,27 @@
 the real base policy (the update stage under torchrun, FSDP2 on CPU; rollout and evaluation on 2 HF
 engine processes), its artifacts intact and complete, the sampled tables those of one process, then
 the same run resumed for a third iteration on 1 process: nothing done before is recomputed and the
-single-process update continues from the 2-rank optimiser state."""
+single-process update continues from the 2-rank optimiser state. The same run on a local Ray cluster
+(run.ray_address: the update under Ray Train, the engines as Ray actors) equals the torchrun one."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from aepo_core.config import load_config
 from aepo_core.io.sharded import OPTIMIZER_DCP, OPTIMIZER_FILE
-from aepo_core.pipeline.rundir import RunDir
+from aepo_core.pipeline.rundir import BASE_ITERATION, RunDir
 from aepo_core.pipeline.stages import STAGES, is_stage_complete, stages_of
 
 pytestmark = pytest.mark.slow
-
 
 def aepo_run(args: list[str], tmp_path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), OMP_NUM_THREADS="1")
@@ -55,12 +59,22 @@ def same_tables(run: RunDir, single, tmp_path) -> bool:
     return True
 
 
-def test_a_run_on_two_ranks_completes_validates_and_resumes_on_one(base_policy_dir, tmp_path, tiny_overrides):
+TWO_RANKS = ["trainer.nproc=2", "rollout.data_parallel=2", "run.keep_optimizer_states=2", "run.keep_policies_every=1"]
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(base_policy_dir, tmp_path_factory, tiny_overrides) -> tuple[Path, list[str]]:
+    """A 2-iteration run on 2 torchrun ranks: (its run directory, the overrides it was started with)."""
+    tmp_path = tmp_path_factory.mktemp("torchrun")
     run_dir = tmp_path / "runs" / "two"
-    overrides = tiny_overrides(base_policy_dir, tmp_path / "runs")
-    first = aepo_run(["--run-dir", str(run_dir), "--iterations", "2", *overrides, "trainer.nproc=2",
-                      "rollout.data_parallel=2", "run.keep_optimizer_states=2", "run.keep_policies_every=1"], tmp_path)
+    overrides = [*tiny_overrides(base_policy_dir, tmp_path / "runs"), *TWO_RANKS]
+    first = aepo_run(["--run-dir", str(run_dir), "--iterations", "2", *overrides], tmp_path)
     assert "finished 2 iterations" in first.stdout
+    return run_dir, overrides
+
+
+def test_a_run_on_two_ranks_completes_validates_and_resumes_on_one(two_rank_run, tmp_path):
+    run_dir, _ = two_rank_run
     run = RunDir(run_dir)
     cfg = run.config()
     assert cfg.trainer.nproc == 2 and cfg.rollout.data_parallel == 2
@@ -90,3 +104,74 @@ def test_a_run_on_two_ranks_completes_validates_and_resumes_on_one(base_policy_d
     for stage in STAGES:
         if stage in stages_of(run.config(2), 2):
             assert run.damage(2, stage) is None, stage
+
+
+# ------------------------------------------------------------------------------------------ Ray
+@pytest.fixture
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs (`ray start --head`), its address; stopped afterwards."""
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([ray_cli, "start", "--head", "--num-cpus=2", f"--port={port}", "--node-ip-address=127.0.0.1",
+                    "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                   env=env, check=True, capture_output=True, timeout=300)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        import ray
+
+        ray.shutdown()
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=300)
+
+
+def test_the_ray_path_equals_torchrun(two_rank_run, ray_cluster, tmp_path):
+    """`aepo run ... run.ray_address=HOST:PORT` on a local Ray cluster (2 CPU workers): the update
+    under Ray Train's TorchTrainer, rollout and evaluation on 2 engine actors. Iteration 0 and the
+    base evaluation equal the torchrun run's to the bit (tables, weights, metrics); a failed worker is
+    the stage's error."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    from safetensors.torch import load_file
+
+    from aepo_core.pipeline.distributed import DistributedStageFailed
+    from aepo_core.pipeline.ray_cluster import launch_update
+
+    torchrun_dir, overrides = two_rank_run
+    ray_dir = tmp_path / "runs" / "ray"
+    done = aepo_run(["--run-dir", str(ray_dir), "--iterations", "1", *overrides, f"run.ray_address={ray_cluster}"],
+                    tmp_path)
+    assert "finished 1 iterations" in done.stdout
+    assert "RayTrainWorker" in done.stderr and "EngineActor" in done.stderr  # it did run on the cluster
+    ours, theirs = RunDir(ray_dir), RunDir(torchrun_dir)
+    for i, stage, name in ((BASE_ITERATION, "evaluate", "eval.parquet"), (0, "prepare", "prompts.parquet"),
+                           (0, "rollout", "rollouts.parquet"), (0, "reward", "rewards.parquet"),
+                           (0, "update", "update_batch.parquet")):
+        assert pq.read_table(ours.stage_dir(i, stage) / name).equals(pq.read_table(theirs.stage_dir(i, stage) / name)), stage
+    a, b = (load_file(r.stage_dir(0, "update") / "policy" / "model.safetensors") for r in (ours, theirs))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    assert (ours.stage_dir(0, "update") / OPTIMIZER_DCP / ".metadata").is_file()
+    timing = ("seconds", "tokens_per_s", "duration")
+    metrics = [{k: v for k, v in json.loads((r.stage_dir(0, "update") / "_SUCCESS.json").read_text())["metrics"].items()
+                if not any(t in k for t in timing)} for r in (ours, theirs)]
+    assert metrics[0] == metrics[1]
+    for stage in stages_of(ours.config(), 0):
+        assert ours.damage(0, stage) is None, stage
+
+    # a worker's exception is the stage's error: iteration 5 has no rollouts to train on
+    with pytest.raises(DistributedStageFailed, match=r"update stage of iteration 5 of .* failed on 2 Ray Train workers .*StageNotReady: .*iter_0005.prepare has no _SUCCESS.json"):
+        launch_update(ours.config(0), ray_dir, 5, 2)
+
+
+def test_an_address_where_no_cluster_answers_is_a_clear_error():
+    from aepo_core.errors import UserError
+    from aepo_core.pipeline.ray_cluster import connect
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    with pytest.raises(UserError, match=rf"run.ray_address=127.0.0.1:{port}: no Ray cluster answers there"):
+        connect(f"127.0.0.1:{port}")

@@ -434,12 +434,23 @@ def on_ranks(run: RunDir, cfg: Config, iteration: int, stage: str, ups: dict[str
     rollout.data_parallel for rollout and evaluate) when that is more than one and this process is
     not already one of them; returns the metrics the ranks published, or None: compute it here.
 
+    Where: torchrun on this machine (aepo_core.pipeline.distributed), or with run.ray_address the
+    update on Ray Train workers (aepo_core.pipeline.ray_cluster); rollout and evaluate on Ray stay
+    here and sample through engine actors (`stage_engine`).
+
     Raises DistributedStageFailed (a rank failed) or StageNotReady (the ranks exited without
     publishing the stage for these upstream digests)."""
     nproc = int(cfg.flat()[RANKED_STAGES[stage]])
     if nproc == 1 or Ranks.current().world > 1:
         return None
-    launch_stage(stage, run.root, iteration, nproc, show_progress)
+    if cfg.run.ray_address is None:
+        launch_stage(stage, run.root, iteration, nproc, show_progress)
+    elif stage == "update":
+        from aepo_core.pipeline.ray_cluster import launch_update
+
+        launch_update(cfg, run.root, iteration, nproc, show_progress)
+    else:
+        return None
     published = run.manifest(iteration, stage)
     if published is None or published["upstream"] != ups:
         raise StageNotReady(f"the {stage} ranks of iteration {iteration} exited without publishing "
@@ -447,12 +458,23 @@ def on_ranks(run: RunDir, cfg: Config, iteration: int, stage: str, ups: dict[str
     return published["metrics"]
 
 
-def stage_engine(cfg: Config, model_path: Path) -> RolloutEngine:
-    """The process's engine (shared_engine); on the ranks of a data-parallel stage, this rank's
-    engine as its part of one engine over all ranks (DataParallelEngine: a collective)."""
+@contextlib.contextmanager
+def stage_engine(cfg: Config, model_path: Path) -> Iterator[RolloutEngine]:
+    """The stage's engine: the process's (shared_engine, kept after the stage); on the ranks of a
+    data-parallel stage, this rank's engine as its part of one engine over all ranks
+    (DataParallelEngine: a collective); with run.ray_address and rollout.data_parallel D > 1, D
+    engine actors on the cluster (RayEngine), released when the stage's sampling is done."""
+    ranks, world = Ranks.current(), cfg.rollout.data_parallel
+    if ranks.world == 1 and world > 1 and cfg.run.ray_address is not None:
+        from aepo_core.io.engines.ray_actors import RayEngine
+        from aepo_core.pipeline.ray_cluster import connect, worker_cpus
+
+        connect(cfg.run.ray_address)
+        with RayEngine(cfg, model_path, world, worker_cpus(cfg.run.threads, world)) as engine:
+            yield engine
+        return
     engine = shared_engine(cfg, model_path)
-    ranks = Ranks.current()
-    return DataParallelEngine(engine, ranks) if ranks.world > 1 else engine
+    yield DataParallelEngine(engine, ranks) if ranks.world > 1 else engine
 
 
 def sample_rollout(
@@ -519,24 +541,24 @@ def rollout(run: RunDir, iteration: int, show_progress: bool = False) -> dict[st
         return published  # sampled by rollout.data_parallel engine processes
     prompts = pq.read_table(run.stage_dir(iteration, "prepare") / "prompts.parquet")
     decision = controller_decision(run, cfg, iteration)
-    engine = stage_engine(cfg, policy_dir(run, iteration))
-    engine.show_progress = show_progress
-    r = cfg.rollout
-    seed = _seed(r.seed, iteration)
-    prompt_ids = encode_prompts(engine.tokenizer, prompts.column("prompt").to_pylist(), cfg.data.prompt_suffix)
-    # one random stream per (batch, prompt): a response does not depend on what is sampled with it
-    policy = [SamplingRequest(ids, r.n, r.temperature, r.top_p, r.max_new_tokens, seed=_seed(seed, 0, p))
-              for p, ids in enumerate(prompt_ids)]
-    regulariser = []
-    reg_temperature = make_algorithm(cfg.algorithm).regulariser_temperature(decision)
-    if reg_temperature is not None:
-        num_reg = math.ceil(cfg.algorithm.reg_prompt_fraction * len(prompt_ids))
-        regulariser = [SamplingRequest(ids, r.n, reg_temperature, r.top_p, r.max_new_tokens, seed=_seed(seed, 1, p))
-                       for p, ids in enumerate(prompt_ids[:num_reg])]
-    gen_started = time.perf_counter()
-    completions, reg_prompts, calls = sample_rollout(
-        engine, cfg, policy, regulariser, prompts.column("answer").to_pylist(), seed)
-    seconds = time.perf_counter() - gen_started
+    with stage_engine(cfg, policy_dir(run, iteration)) as engine:
+        engine.show_progress = show_progress
+        r = cfg.rollout
+        seed = _seed(r.seed, iteration)
+        prompt_ids = encode_prompts(engine.tokenizer, prompts.column("prompt").to_pylist(), cfg.data.prompt_suffix)
+        # one random stream per (batch, prompt): a response does not depend on what is sampled with it
+        policy = [SamplingRequest(ids, r.n, r.temperature, r.top_p, r.max_new_tokens, seed=_seed(seed, 0, p))
+                  for p, ids in enumerate(prompt_ids)]
+        regulariser = []
+        reg_temperature = make_algorithm(cfg.algorithm).regulariser_temperature(decision)
+        if reg_temperature is not None:
+            num_reg = math.ceil(cfg.algorithm.reg_prompt_fraction * len(prompt_ids))
+            regulariser = [SamplingRequest(ids, r.n, reg_temperature, r.top_p, r.max_new_tokens, seed=_seed(seed, 1, p))
+                           for p, ids in enumerate(prompt_ids[:num_reg])]
+        gen_started = time.perf_counter()
+        completions, reg_prompts, calls = sample_rollout(
+            engine, cfg, policy, regulariser, prompts.column("answer").to_pylist(), seed)
+        seconds = time.perf_counter() - gen_started
     requests = policy + regulariser
     roles = [POLICY] * len(policy) + [REGULARISER] * len(regulariser)
     num_prompts = len(prompt_ids)
@@ -872,9 +894,9 @@ def evaluate_stage(run: RunDir, iteration: int, show_progress: bool = False) -> 
         return published  # sampled by rollout.data_parallel engine processes
     policy = policy_dir(run, iteration + 1)
     table = pq.read_table(run.dataset_path("eval"))
-    engine = stage_engine(cfg, policy)
-    engine.show_progress = show_progress  # an evaluation samples the most rows of any stage: say so
-    records, results = evaluate_model(cfg, policy, table, engine=engine)
+    with stage_engine(cfg, policy) as engine:
+        engine.show_progress = show_progress  # an evaluation samples the most rows of any stage: say so
+        records, results = evaluate_model(cfg, policy, table, engine=engine)
     if Ranks.current().rank != 0:  # every rank holds every record; rank 0 writes them
         return {}
     with run.publish(iteration, "evaluate", ups, started=started) as (tmp, metrics):
