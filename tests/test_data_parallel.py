@@ -50,12 +50,23 @@ def test_shards_sampled_apart_are_the_whole_call(engine, tokenizer, seeded, worl
         assert [c.token_ids for c in engine.generate(tail, seed=11)] != [c.token_ids for c in whole[6:]]
 
 
-def test_one_rank_is_the_engine_itself(engine, tokenizer):
-    """DataParallelEngine over a world of one (no process group) samples the whole call."""
-    requests = _requests(tokenizer, seeded=True)
-    dp = DataParallelEngine(engine, Ranks())
-    assert [c.token_ids for c in dp.generate(requests, seed=5)] == [c.token_ids for c in engine.generate(requests, seed=5)]
-    assert dp.tokenizer is engine.tokenizer
+@pytest.mark.parametrize("world", [1, 2, 3, 7])
+def test_each_rank_samples_its_shard_and_the_gather_is_the_whole_call(engine, tokenizer, world, monkeypatch):
+    """DataParallelEngine as rank r of `world` (5 requests: with 7 ranks, two sample nothing): what
+    each rank hands to the all-gather, concatenated in rank order, is the whole call. The gather is
+    replaced by one that records this rank's part (no process group in this process)."""
+    import aepo_core.io.engines.data_parallel as dp_module
+
+    requests = _requests(tokenizer, seeded=False)  # unseeded: a wrong first_index would change tokens
+    handed: list[list] = []
+    monkeypatch.setattr(dp_module, "gather", lambda mine, ranks: handed.append(mine) or [mine])
+    for rank in range(world):
+        DataParallelEngine(engine, Ranks(rank, world)).generate(requests, seed=5)
+    whole = engine.generate(requests, seed=5)
+    key = lambda c: (c.request_index, c.sample_index, c.token_ids)  # noqa: E731
+    assert [key(c) for part in handed for c in part] == [key(c) for c in whole]
+    assert sum(1 for part in handed if part) == min(world, len(requests))
+    assert DataParallelEngine(engine, Ranks(0, world)).tokenizer is engine.tokenizer
 
 
 def test_execution_only_key_changes_no_digest():

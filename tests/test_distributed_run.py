@@ -137,8 +137,9 @@ def test_the_ray_path_equals_torchrun(two_rank_run, ray_cluster, tmp_path):
     import pyarrow.parquet as pq
     from safetensors.torch import load_file
 
+    from aepo_core.pipeline import stages
     from aepo_core.pipeline.distributed import DistributedStageFailed
-    from aepo_core.pipeline.ray_cluster import launch_update
+    from aepo_core.pipeline.ray_cluster import launch_on_ray
 
     torchrun_dir, overrides = two_rank_run
     ray_dir = tmp_path / "runs" / "ray"
@@ -163,7 +164,7 @@ def test_the_ray_path_equals_torchrun(two_rank_run, ray_cluster, tmp_path):
 
     # a worker's exception is the stage's error: iteration 5 has no rollouts to train on
     with pytest.raises(DistributedStageFailed, match=r"update stage of iteration 5 of .* failed on 2 Ray Train workers .*StageNotReady: .*iter_0005.prepare has no _SUCCESS.json"):
-        launch_update(ours.config(0), ray_dir, 5, 2)
+        launch_on_ray(stages.update, ours.config(0), ray_dir, 5, 2)
 
 
 def test_an_address_where_no_cluster_answers_is_a_clear_error():

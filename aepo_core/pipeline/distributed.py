@@ -20,6 +20,7 @@ writer lock meanwhile.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -39,11 +40,14 @@ class DistributedStageFailed(UserError):
     the ranks' error."""
 
 
-def torchrun_command(stage: str, run_dir: Path, iteration: int, nproc: int, progress: bool = False) -> list[str]:
+def torchrun_command(stage: str, run_dir: Path, iteration: int, nproc: int, progress: bool = False,
+                     upstream: dict[str, str] | None = None) -> list[str]:
     """`torchrun --standalone --nproc_per_node N -m aepo_core.pipeline.stage_rank STAGE RUN ITERATION`,
-    with this interpreter (``python -m torch.distributed.run`` is torchrun)."""
+    with this interpreter (``python -m torch.distributed.run`` is torchrun); `upstream`: the stage's
+    input digests, checked by the caller (``--upstream JSON``; without it every rank checks them)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", ENTRY, stage, str(run_dir), str(iteration)] + (["--progress"] if progress else [])
+            "-m", ENTRY, stage, str(run_dir), str(iteration)] + (["--progress"] if progress else []) + (
+            ["--upstream", json.dumps(upstream, sort_keys=True)] if upstream is not None else [])
 
 
 def root_cause(stderr: str) -> str:
@@ -58,7 +62,8 @@ def root_cause(stderr: str) -> str:
     return lines[-1].strip() if lines else "(no output)"
 
 
-def launch_stage(stage: str, run_root: Path, iteration: int, nproc: int, show_progress: bool = False) -> None:
+def launch_stage(stage: str, run_root: Path, iteration: int, nproc: int, show_progress: bool = False,
+                 upstream: dict[str, str] | None = None) -> None:
     """Run `stage` (one of RANKED_STAGES) of `iteration` on `nproc` processes and wait for it.
 
     The ranks' stderr is passed through as it comes (warnings, progress) and its tail kept: a
@@ -66,7 +71,7 @@ def launch_stage(stage: str, run_root: Path, iteration: int, nproc: int, show_pr
     iteration, the exit status and the ranks' error. The ranks inherit this process's environment
     (PYTHONPATH, OMP_NUM_THREADS, AEPO_* settings).
     """
-    cmd = torchrun_command(stage, run_root, iteration, nproc, show_progress)
+    cmd = torchrun_command(stage, run_root, iteration, nproc, show_progress, upstream)
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     tail = b""
     out = getattr(sys.stderr, "buffer", None)

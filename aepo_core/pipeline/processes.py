@@ -119,3 +119,9 @@ def use_threads(threads: int | None) -> int:
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)
     return torch.get_num_threads()
+
+
+def rank_threads(threads: int | None, nproc: int) -> int:
+    """A rank's torch threads: its share of run.threads (default: the cores this process may use)."""
+    cores = threads or len(os.sched_getaffinity(0))
+    return max(1, cores // nproc)

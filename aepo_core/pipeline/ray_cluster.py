@@ -9,7 +9,7 @@
         RayEngine over D actors
 
 The update is the torchrun one under another launcher: Ray Train starts the N workers, gives them a
-process group (gloo on CPU, nccl one GPU per worker) and calls :func:`update_worker`, which runs
+process group (gloo on CPU, nccl one GPU per worker) and calls :func:`rank_worker`, which runs
 ``stages.update`` as its rank; rank 0 publishes. The rollout and evaluation stages stay in the
 flow's process (the regulariser's in-order loop and the verifier run once) and only the sampling
 goes to the actors; the actors live for one stage, so the update's workers get their CPUs or GPUs.
@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aepo_core.errors import UserError
 from aepo_core.pipeline.distributed import DistributedStageFailed, root_cause
+from aepo_core.pipeline.processes import rank_threads
 
 
 def require_ray():
@@ -73,21 +75,13 @@ def unreachable(address: str, timeout: float = 5.0) -> str | None:
     return None
 
 
-def worker_cpus(threads: int | None, nproc: int) -> int:
-    """The CPUs each of `nproc` Ray workers reserves (and uses as torch threads): its share of
-    run.threads, or of this machine's cores."""
-    from aepo_core.pipeline.stage_rank import rank_threads
-
-    return rank_threads(threads, nproc)
-
-
-def update_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker of the update: this rank's part of ``stages.update`` (the process group
-    is Ray Train's). `config`: run_dir, iteration, cpus, progress."""
+def rank_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: this rank's part of the stage function ``config["stage"]`` (the process
+    group is Ray Train's). `config`: stage (a function such as ``stages.update``, pickled by name),
+    run_dir, iteration, cpus, progress, upstream (:func:`launch_on_ray`)."""
     import torch
 
     from aepo_core.io.models import resolve_device
-    from aepo_core.pipeline import stages
     from aepo_core.pipeline.processes import use_threads
     from aepo_core.pipeline.rundir import RunDir
 
@@ -98,12 +92,15 @@ def update_worker(config: dict[str, Any]) -> None:
 
         torch.cuda.set_device(ray.train.torch.get_device())
     use_threads(config["cpus"])
-    stages.update(run, config["iteration"], show_progress=config["progress"] and torch.distributed.get_rank() == 0)
+    config["stage"](run, config["iteration"], show_progress=config["progress"] and torch.distributed.get_rank() == 0,
+                    upstream=config["upstream"])
 
 
-def launch_update(cfg, run_root: Path, iteration: int, nproc: int, show_progress: bool = False) -> None:
-    """Run the update of `iteration` on `nproc` Ray Train workers of the cluster at run.ray_address
-    (one GPU each where the trainer runs on GPUs) and wait for it.
+def launch_on_ray(stage: Callable[..., Any], cfg, run_root: Path, iteration: int, nproc: int,
+                  show_progress: bool = False, upstream: dict[str, str] | None = None) -> None:
+    """Run `stage` (the update stage function) of `iteration` on `nproc` Ray Train workers of the
+    cluster at run.ray_address (one GPU each where the trainer runs on GPUs) and wait for it.
+    `upstream`: the stage's input digests, checked by the caller (None: every worker checks them).
 
     Raises DistributedStageFailed naming the stage, the run, the iteration and the worker's error."""
     from aepo_core.io.models import resolve_device
@@ -113,18 +110,19 @@ def launch_update(cfg, run_root: Path, iteration: int, nproc: int, show_progress
     from ray.train.torch import TorchConfig, TorchTrainer
 
     gpu = resolve_device(cfg.trainer).type == "cuda"
-    cpus = worker_cpus(cfg.run.threads, nproc)
+    cpus = rank_threads(cfg.run.threads, nproc)  # reserved by each worker, and its torch threads
+    name = stage.__name__
     trainer = TorchTrainer(
-        update_worker,
-        train_loop_config={"run_dir": str(Path(run_root).resolve()), "iteration": iteration, "cpus": cpus,
-                           "progress": show_progress},
+        rank_worker,
+        train_loop_config={"stage": stage, "run_dir": str(Path(run_root).resolve()), "iteration": iteration,
+                           "cpus": cpus, "progress": show_progress, "upstream": upstream},
         scaling_config=ScalingConfig(num_workers=nproc, use_gpu=gpu, resources_per_worker={"CPU": cpus}),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        run_config=RunConfig(name=f"aepo-update-{Path(run_root).name}-{iteration}"),
+        run_config=RunConfig(name=f"aepo-{name}-{Path(run_root).name}-{iteration}"),
     )
     try:
         trainer.fit()
     except TrainingFailedError as exc:
         raise DistributedStageFailed(
-            f"the update stage of iteration {iteration} of {run_root} failed on {nproc} Ray Train workers "
+            f"the {name} stage of iteration {iteration} of {run_root} failed on {nproc} Ray Train workers "
             f"({cfg.run.ray_address}): {root_cause(str(exc))}") from None

@@ -27,9 +27,12 @@ import shutil
 from aepo_core.atomic import bytes_under
 from aepo_core.config import Config
 from aepo_core.errors import UserError
+from aepo_core.io.sharded import OPTIMIZER_DCP, OPTIMIZER_FILE
 from aepo_core.pipeline.rundir import RunDir, is_pruned
 
-POLICY, OPTIMIZER, OPTIMIZER_DIR, ADAPTER = "policy/", "optimizer.pt", "optimizer/", "adapter/"
+# the update stage's outputs retention may delete (a folder ends in "/"); the optimiser state's two
+# forms are the writer's (aepo_core.io.sharded): one process's file, N processes' DCP folder
+POLICY, OPTIMIZER, OPTIMIZER_DIR, ADAPTER = "policy/", OPTIMIZER_FILE, OPTIMIZER_DCP + "/", "adapter/"
 OPTIMIZER_STATES = (OPTIMIZER, OPTIMIZER_DIR)  # either form, whichever the update wrote
 SETTING = {POLICY: "run.keep_policies_every", OPTIMIZER: "run.keep_optimizer_states",
            OPTIMIZER_DIR: "run.keep_optimizer_states", ADAPTER: "run.keep_optimizer_states"}

@@ -5,6 +5,7 @@ LOCAL_RANK and the rendezvous address."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -14,14 +15,8 @@ import torch.distributed as dist
 from aepo_core.io.models import resolve_device
 from aepo_core.pipeline import stages
 from aepo_core.pipeline.distributed import ENTRY, RANKED_STAGES
-from aepo_core.pipeline.processes import use_threads
+from aepo_core.pipeline.processes import rank_threads, use_threads
 from aepo_core.pipeline.rundir import RunDir
-
-
-def rank_threads(threads: int | None, nproc: int) -> int:
-    """A rank's torch threads: its share of run.threads (default: the cores this process may use)."""
-    cores = threads or len(os.sched_getaffinity(0))
-    return max(1, cores // nproc)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("iteration", type=int)
     parser.add_argument("--progress", action="store_true", help="rank 0 shows a progress bar")
+    parser.add_argument("--upstream", type=json.loads, default=None,
+                        help="the stage's input digests as JSON, checked by the launcher (default: check them here)")
     args = parser.parse_args(argv)
     run = RunDir(args.run_dir)
     cfg = run.config(args.iteration)
@@ -43,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" and args.stage == "update" else "gloo")
     stage = {"update": stages.update, "rollout": stages.rollout, "evaluate": stages.evaluate_stage}[args.stage]
     try:
-        stage(run, args.iteration, show_progress=args.progress and dist.get_rank() == 0)
+        stage(run, args.iteration, show_progress=args.progress and dist.get_rank() == 0, upstream=args.upstream)
     finally:
         dist.destroy_process_group()
 

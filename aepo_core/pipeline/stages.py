@@ -57,6 +57,7 @@ from aepo_core.io.sharded import (
     shard_policy,
 )
 from aepo_core.io.verifiers import make_verifier
+from aepo_core.pipeline import retention
 from aepo_core.pipeline.distributed import RANKED_STAGES, launch_stage
 from aepo_core.pipeline.evaluation import evaluate_model, write_source_names
 from aepo_core.pipeline.retention import PrunedArtifact, pruned_need
@@ -198,7 +199,8 @@ def _init_run(run: RunDir, cfg: Config, log) -> RunDir:
         updated = stored
         if stored.run.iterations != cfg.run.iterations:
             updated = updated.model_copy(update={"run": cfg.run})
-        if any(stored.flat()[key] != cfg.flat()[key] for key in EXECUTION_ONLY):  # e.g. resumed on 1 rank
+        before, now = stored.flat(), cfg.flat()
+        if any(before[key] != now[key] for key in EXECUTION_ONLY):  # e.g. resumed on 1 rank
             updated = with_execution_of(updated, cfg)
         if updated is not stored:
             save_config(updated, run.config_path)
@@ -438,17 +440,20 @@ def on_ranks(run: RunDir, cfg: Config, iteration: int, stage: str, ups: dict[str
     update on Ray Train workers (aepo_core.pipeline.ray_cluster); rollout and evaluate on Ray stay
     here and sample through engine actors (`stage_engine`).
 
+    The ranks are given `ups`, the digests this process has just checked, rather than hashing the
+    inputs again each (for a large policy, its checkpoint and optimiser state N times over).
+
     Raises DistributedStageFailed (a rank failed) or StageNotReady (the ranks exited without
     publishing the stage for these upstream digests)."""
     nproc = int(cfg.flat()[RANKED_STAGES[stage]])
     if nproc == 1 or Ranks.current().world > 1:
         return None
     if cfg.run.ray_address is None:
-        launch_stage(stage, run.root, iteration, nproc, show_progress)
+        launch_stage(stage, run.root, iteration, nproc, show_progress, upstream=ups)
     elif stage == "update":
-        from aepo_core.pipeline.ray_cluster import launch_update
+        from aepo_core.pipeline.ray_cluster import launch_on_ray
 
-        launch_update(cfg, run.root, iteration, nproc, show_progress)
+        launch_on_ray(update, cfg, run.root, iteration, nproc, show_progress, upstream=ups)
     else:
         return None
     published = run.manifest(iteration, stage)
@@ -467,10 +472,11 @@ def stage_engine(cfg: Config, model_path: Path) -> Iterator[RolloutEngine]:
     ranks, world = Ranks.current(), cfg.rollout.data_parallel
     if ranks.world == 1 and world > 1 and cfg.run.ray_address is not None:
         from aepo_core.io.engines.ray_actors import RayEngine
-        from aepo_core.pipeline.ray_cluster import connect, worker_cpus
+        from aepo_core.pipeline.processes import rank_threads
+        from aepo_core.pipeline.ray_cluster import connect
 
         connect(cfg.run.ray_address)
-        with RayEngine(cfg, model_path, world, worker_cpus(cfg.run.threads, world)) as engine:
+        with RayEngine(cfg, model_path, world, rank_threads(cfg.run.threads, world)) as engine:
             yield engine
         return
     engine = shared_engine(cfg, model_path)
@@ -530,13 +536,14 @@ def sample_rollout(
         verifier.close()
 
 
-def rollout(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str, Any]:
+def rollout(run: RunDir, iteration: int, show_progress: bool = False,
+            upstream: dict[str, str] | None = None) -> dict[str, Any]:
     """Sample the policy batch (n per prompt at rollout.temperature) and, for AEPO, the regulariser
     batch (of the first reg_prompt_fraction of prompts, at the controller's temperature; in prompt
     order until the REINFORCE term has its rows: `sample_rollout`)."""
     started = time.perf_counter()
     cfg = run.config(iteration)
-    ups = stage_inputs(run, cfg, iteration, "rollout")
+    ups = upstream if upstream is not None else stage_inputs(run, cfg, iteration, "rollout")  # a rank: checked by its launcher
     if (published := on_ranks(run, cfg, iteration, "rollout", ups, show_progress)) is not None:
         return published  # sampled by rollout.data_parallel engine processes
     prompts = pq.read_table(run.stage_dir(iteration, "prepare") / "prompts.parquet")
@@ -710,7 +717,8 @@ def training_policy(run: RunDir, cfg: Config, iteration: int, device: torch.devi
     return trainable_lora(base, cfg.model.lora, previous, seed=_seed(cfg.trainer.seed, iteration))
 
 
-def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str, Any]:
+def update(run: RunDir, iteration: int, show_progress: bool = False,
+           upstream: dict[str, str] | None = None) -> dict[str, Any]:
     """One AEPO (or baseline) update on this iteration's rollouts; saves policy, optimiser, batch record
     (and, with LoRA, the adapter beside the merged policy).
 
@@ -719,7 +727,7 @@ def update(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str
     in a rank, it trains its share of the step on the FSDP2-sharded policy (rank 0 publishes)."""
     started = time.perf_counter()
     cfg = run.config(iteration)
-    ups = stage_inputs(run, cfg, iteration, "update")
+    ups = upstream if upstream is not None else stage_inputs(run, cfg, iteration, "update")  # a rank: checked by its launcher
     ranks = Ranks.current()
     if (published := on_ranks(run, cfg, iteration, "update", ups, show_progress)) is not None:
         return published
@@ -884,12 +892,13 @@ def entropy(run: RunDir, iteration: int) -> dict[str, Any]:
     return metrics
 
 
-def evaluate_stage(run: RunDir, iteration: int, show_progress: bool = False) -> dict[str, Any]:
+def evaluate_stage(run: RunDir, iteration: int, show_progress: bool = False,
+                   upstream: dict[str, str] | None = None) -> dict[str, Any]:
     """Held-out accuracy of this iteration's policy (after its update) at the configured temperature,
     n and length; iteration BASE_ITERATION (-1): the base policy, before any update."""
     started = time.perf_counter()
     cfg = run.config(iteration)
-    ups = stage_inputs(run, cfg, iteration, "evaluate")
+    ups = upstream if upstream is not None else stage_inputs(run, cfg, iteration, "evaluate")  # a rank: checked by its launcher
     if (published := on_ranks(run, cfg, iteration, "evaluate", ups, show_progress)) is not None:
         return published  # sampled by rollout.data_parallel engine processes
     policy = policy_dir(run, iteration + 1)
@@ -951,8 +960,7 @@ PIPELINE: dict[str, Stage] = {
         # prepare and data.train: the embedded task's metrics read the prompts' terms (task_metrics)
         Stage("update", ((0, "prepare"), (0, "rollout"), (0, "reward"), (-1, "update"), (-1, "entropy")),
               ("algorithm", "trainer", "rollout.n", "model.trust_remote_code", "model.lora", "data.train"), update, progress=True,
-              needs=((-1, "update", "policy/"), (-1, "update", OPTIMIZER_FILE), (-1, "update", OPTIMIZER_DCP + "/"),
-                     (-1, "update", "adapter/"))),
+              needs=tuple((-1, "update", name) for name in (retention.POLICY, *retention.OPTIMIZER_STATES, retention.ADAPTER))),
         Stage("entropy", ((0, "update"), (-1, "entropy")), ("algorithm",), entropy),
         Stage("evaluate", ((0, "update"),),
               ("model", "evaluation", "data.verifier", "data.math_answer", "data.prompt_suffix", "rollout.engine",

@@ -22,10 +22,11 @@ class EngineActor:
     """One engine in a Ray actor's process (``ray.remote(EngineActor)``): `threads` torch threads."""
 
     def __init__(self, cfg: Config, model_path: str, threads: int):
-        from aepo_core.io.engines import make_engine
-        from aepo_core.pipeline.processes import use_threads
+        import torch
 
-        use_threads(threads)
+        from aepo_core.io.engines import make_engine
+
+        torch.set_num_threads(threads)  # the CPUs the actor reserved (Ray also sets OMP_NUM_THREADS to them)
         self.engine = make_engine(cfg, model_path)
 
     def generate(self, requests: list[SamplingRequest], seed: int, first_index: int, progress: bool) -> list[Completion]:
