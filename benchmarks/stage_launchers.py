@@ -98,6 +98,9 @@ def main() -> None:
             rows.append({"way": name, "rollout": rollout, "update": update})
             print(f"{name}: rollout {rollout['walls']}, update {update['walls']}", file=sys.stderr, flush=True)
     finally:
+        import ray
+
+        ray.shutdown()  # leave the cluster before stopping it
         if stop:
             subprocess.run(stop, capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
