@@ -145,7 +145,7 @@ class RolloutConfig(_Section):
     # engine processes the rollout and evaluation stages run on (torchrun; each a contiguous shard of
     # the requests: aepo_core/io/engines/data_parallel.py): 1 is the engine in the flow's own process.
     # Execution only (EXECUTION_ONLY): the table is the same for any value
-    data_parallel: int = Field(1, ge=1, description="rollout/evaluation engine processes (torchrun ranks); 1: in the flow's own process")
+    data_parallel: int = Field(1, ge=1, description="rollout/evaluation engine processes (torchrun ranks, or Ray actors with run.ray_address); 1: in the flow's own process")
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
 
     @field_validator("n")
@@ -274,7 +274,7 @@ class TrainerConfig(_Section):
     # single-process update; N > 1 deals its micro-batches to N ranks (one GPU each, or CPU processes).
     # Execution only (EXECUTION_ONLY): the step equals the single-process one, so a run may resume
     # with another value
-    nproc: int = Field(1, ge=1, description="update-stage processes (torchrun ranks); 1: in the flow's own process")
+    nproc: int = Field(1, ge=1, description="update-stage processes (torchrun ranks, or Ray Train workers with run.ray_address); 1: in the flow's own process")
 
 
 class EvaluationConfig(_Section):
@@ -306,7 +306,14 @@ class RunConfig(_Section):
     # the update under Ray Train's TorchTrainer and the rollout engines as Ray actors, on any of its
     # nodes (aepo_core/pipeline/ray_cluster.py). Execution only (EXECUTION_ONLY): the results are the same
     ray_address: str | None = Field(
-        None, description="Ray cluster for the stages on N processes (None: torchrun on this machine)")
+        None, description="Ray cluster for the stages on N processes (None / null: torchrun on this machine)")
+
+    @field_validator("ray_address")
+    @classmethod
+    def _no_empty_address(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("an empty address: give HOST:PORT, 'auto' or ray://HOST:PORT, or null for torchrun")
+        return value
     # retention (aepo_core.pipeline.retention): what each update stage's outputs cost on disk
     keep_optimizer_states: int = Field(1, ge=1, description="optimiser states kept: the newest N updates' (resume needs 1)")
     keep_policies_every: int | None = Field(

@@ -16,16 +16,15 @@ The rollout tables of the three ways are checked equal (rows, tokens, texts).
 
     python benchmarks/stage_launchers.py [--prompts 16] [--n 8] [--repeats 3] [--ray-address HOST:PORT]
 
-Without --ray-address a local cluster of 2 CPUs is started (`ray start --head`) and stopped after.
+Without --ray-address a local cluster of 2 CPUs is started (ray_cluster.local_cluster) and stopped after.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,18 +33,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import make_run, print_table, setup_process, spread, write_json  # noqa: E402
-
-
-def start_local_ray() -> tuple[str, list[str]]:
-    """A 2-CPU Ray head on 127.0.0.1: (its address, the command that stops it)."""
-    ray_cli = str(Path(sys.executable).parent / "ray")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    subprocess.run([ray_cli, "start", "--head", "--num-cpus=2", f"--port={port}", "--node-ip-address=127.0.0.1",
-                    "--include-dashboard=false", "--disable-usage-stats",
-                    f"--temp-dir={tempfile.mkdtemp(prefix='ray', dir='/tmp')}"], check=True, capture_output=True)
-    return f"127.0.0.1:{port}", [ray_cli, "stop", "--force"]
 
 
 def timed_calls(run, stage_fn, stage: str, repeats: int, inner_key: str) -> dict:
@@ -61,23 +48,13 @@ def timed_calls(run, stage_fn, stage: str, repeats: int, inner_key: str) -> dict
     return {"wall": spread(walls), "inner": spread(inner), "walls": walls}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--n", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--ray-address", default=None, help="an existing cluster (default: start a local one)")
-    parser.add_argument("--out", default="benchmarks/results/stage_launchers.json")
-    args = parser.parse_args()
-    setup_process(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-
+def measure(address: str, args) -> tuple[list[dict], dict]:
+    """Each way's timed calls and its rollout table (without log-probs)."""
     import pyarrow.parquet as pq
 
     from aepo_core.io.engines import release_shared_engine
     from aepo_core.pipeline import stages
 
-    address, stop = (args.ray_address, None) if args.ray_address else start_local_ray()
     two = ["trainer.nproc=2", "rollout.data_parallel=2"]
     ways = {"1 process": [], "torchrun, 2 ranks": two, "Ray, 2 workers/actors": [*two, f"run.ray_address={address}"]}
     base = [f"rollout.prompts_per_batch={args.prompts}", f"rollout.n={args.n}", "run.threads=1"]
@@ -98,12 +75,25 @@ def main() -> None:
             rows.append({"way": name, "rollout": rollout, "update": update})
             print(f"{name}: rollout {rollout['walls']}, update {update['walls']}", file=sys.stderr, flush=True)
     finally:
-        import ray
-
-        ray.shutdown()  # leave the cluster before stopping it
-        if stop:
-            subprocess.run(stop, capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+    return rows, tables
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ray-address", default=None, help="an existing cluster (default: start a local one)")
+    parser.add_argument("--out", default="benchmarks/results/stage_launchers.json")
+    args = parser.parse_args()
+    setup_process(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+    from aepo_core.pipeline.ray_cluster import local_cluster
+
+    with contextlib.nullcontext(args.ray_address) if args.ray_address else local_cluster(cpus=2) as address:
+        rows, tables = measure(address, args)
     first = next(iter(tables.values()))
     same = {name: t.equals(first) for name, t in tables.items()}
     one = rows[0]

@@ -12,7 +12,7 @@ import pytest
 from aepo_core.core.ranks import Ranks
 from aepo_core.core.update import split_in_order
 from aepo_core.io.engines import SamplingRequest
-from aepo_core.io.engines.data_parallel import DataParallelEngine
+from aepo_core.io.engines.data_parallel import DataParallelEngine, request_shards
 from aepo_core.io.engines.hf import HFRolloutEngine
 
 
@@ -77,3 +77,9 @@ def test_execution_only_key_changes_no_digest():
     assert config_digest(one) == config_digest(two)
     for stage in ("rollout", "evaluate", "update"):
         assert stage_config_digest(one, stage) == stage_config_digest(two, stage)
+
+
+def test_request_shards_are_contiguous_in_order_and_one_per_engine():
+    assert request_shards(10, 4) == [range(0, 3), range(3, 6), range(6, 8), range(8, 10)]
+    assert request_shards(5, 7) == [range(0, 1), range(1, 2), range(2, 3), range(3, 4), range(4, 5), range(5, 5), range(5, 5)]
+    assert request_shards(0, 2) == [range(0, 0), range(0, 0)]

@@ -7,12 +7,9 @@ single-process update continues from the 2-rank optimiser state. The same run on
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -110,29 +107,18 @@ def test_a_run_on_two_ranks_completes_validates_and_resumes_on_one(two_rank_run,
 @pytest.fixture
 def ray_cluster():
     """A local Ray cluster of 2 CPUs (`ray start --head`), its address; stopped afterwards."""
-    ray_cli = str(Path(sys.executable).parent / "ray")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([ray_cli, "start", "--head", "--num-cpus=2", f"--port={port}", "--node-ip-address=127.0.0.1",
-                    "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
-                   env=env, check=True, capture_output=True, timeout=300)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        import ray
+    from aepo_core.pipeline.ray_cluster import local_cluster
 
-        ray.shutdown()
-        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=300)
+    with local_cluster(cpus=2) as address:
+        yield address
 
 
 def test_the_ray_path_equals_torchrun(two_rank_run, ray_cluster, tmp_path):
-    """`aepo run ... run.ray_address=HOST:PORT` on a local Ray cluster (2 CPU workers): the update
-    under Ray Train's TorchTrainer, rollout and evaluation on 2 engine actors. Iteration 0 and the
-    base evaluation equal the torchrun run's to the bit (tables, weights, metrics); a failed worker is
-    the stage's error."""
+    """`aepo run ... run.ray_address=HOST:PORT` on a local Ray cluster (2 CPUs): the update under Ray
+    Train's TorchTrainer on 2 workers, rollout and evaluation on 2 engine actors, 2 iterations (the
+    second resumes the optimiser state the Ray workers wrote and samples the updated policy). Both
+    iterations and the base evaluation equal the torchrun run's to the bit (tables, weights, update
+    metrics); a failed worker is the stage's error."""
     import numpy as np
     import pyarrow.parquet as pq
     from safetensors.torch import load_file
@@ -143,36 +129,36 @@ def test_the_ray_path_equals_torchrun(two_rank_run, ray_cluster, tmp_path):
 
     torchrun_dir, overrides = two_rank_run
     ray_dir = tmp_path / "runs" / "ray"
-    done = aepo_run(["--run-dir", str(ray_dir), "--iterations", "1", *overrides, f"run.ray_address={ray_cluster}"],
+    done = aepo_run(["--run-dir", str(ray_dir), "--iterations", "2", *overrides, f"run.ray_address={ray_cluster}"],
                     tmp_path)
-    assert "finished 1 iterations" in done.stdout
-    assert "RayTrainWorker" in done.stderr and "EngineActor" in done.stderr  # it did run on the cluster
+    assert "finished 2 iterations" in done.stdout
     ours, theirs = RunDir(ray_dir), RunDir(torchrun_dir)
-    for i, stage, name in ((BASE_ITERATION, "evaluate", "eval.parquet"), (0, "prepare", "prompts.parquet"),
-                           (0, "rollout", "rollouts.parquet"), (0, "reward", "rewards.parquet"),
-                           (0, "update", "update_batch.parquet")):
-        assert pq.read_table(ours.stage_dir(i, stage) / name).equals(pq.read_table(theirs.stage_dir(i, stage) / name)), stage
-    a, b = (load_file(r.stage_dir(0, "update") / "policy" / "model.safetensors") for r in (ours, theirs))
-    assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
-    assert (ours.stage_dir(0, "update") / OPTIMIZER_DCP / ".metadata").is_file()
+    compared = [(BASE_ITERATION, "evaluate", "eval.parquet"), (1, "evaluate", "eval.parquet")] + [
+        (i, stage, name) for i in (0, 1) for stage, name in (("prepare", "prompts.parquet"), ("rollout", "rollouts.parquet"),
+                                                             ("reward", "rewards.parquet"), ("update", "update_batch.parquet"))]
+    for i, stage, name in compared:
+        assert pq.read_table(ours.stage_dir(i, stage) / name).equals(pq.read_table(theirs.stage_dir(i, stage) / name)), (i, stage)
+    # sampled by the engine actors, trained by Ray Train's workers (which write the DCP optimiser folder)
+    for i, stage in ((BASE_ITERATION, "evaluate"), (0, "rollout"), (1, "rollout"), (1, "evaluate")):
+        assert ours.manifest(i, stage)["params"]["sampled_by"] == "RayEngine", (i, stage)
+        assert theirs.manifest(i, stage)["params"]["sampled_by"] == "DataParallelEngine", (i, stage)
     timing = ("seconds", "tokens_per_s", "duration")
-    metrics = [{k: v for k, v in json.loads((r.stage_dir(0, "update") / "_SUCCESS.json").read_text())["metrics"].items()
-                if not any(t in k for t in timing)} for r in (ours, theirs)]
-    assert metrics[0] == metrics[1]
-    for stage in stages_of(ours.config(), 0):
-        assert ours.damage(0, stage) is None, stage
+    for i in (0, 1):
+        a, b = (load_file(r.stage_dir(i, "update") / "policy" / "model.safetensors") for r in (ours, theirs))
+        assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a), i
+        assert (ours.stage_dir(i, "update") / OPTIMIZER_DCP / ".metadata").is_file()
+        metrics = [{k: v for k, v in r.manifest(i, "update")["metrics"].items() if not any(t in k for t in timing)}
+                   for r in (ours, theirs)]
+        assert metrics[0] == metrics[1], i
+        for stage in stages_of(ours.config(), i):
+            assert ours.damage(i, stage) is None, (i, stage)
 
     # a worker's exception is the stage's error: iteration 5 has no rollouts to train on
-    with pytest.raises(DistributedStageFailed, match=r"update stage of iteration 5 of .* failed on 2 Ray Train workers .*StageNotReady: .*iter_0005.prepare has no _SUCCESS.json"):
+    with pytest.raises(DistributedStageFailed, match=r"update stage of iteration 5 of .* failed on 2 Ray Train workers "
+                                                     r".*StageNotReady: .*iter_0005.prepare has no _SUCCESS.json"):
         launch_on_ray(stages.update, ours.config(0), ray_dir, 5, 2)
-
-
-def test_an_address_where_no_cluster_answers_is_a_clear_error():
-    from aepo_core.errors import UserError
-    from aepo_core.pipeline.ray_cluster import connect
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
-    with pytest.raises(UserError, match=rf"run.ray_address=127.0.0.1:{port}: no Ray cluster answers there"):
-        connect(f"127.0.0.1:{port}")
+    # a rank compares the digests its launcher checked with the run directory it sees
+    with pytest.raises(DistributedStageFailed, match=r"differs from what the flow checked for update of iteration 1 "
+                                                     r"\(rollout\): is the run directory on a filesystem every node shares"):
+        launch_on_ray(stages.update, ours.config(1), ray_dir, 1, 2,
+                      upstream={**stages.upstream(ours, ours.config(1), 1, "update"), "rollout": "0" * 64})

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -313,8 +314,10 @@ def evaluation_due(cfg: Config, iteration: int) -> bool:
     return (iteration + 1) % cfg.evaluation.every == 0 or iteration == cfg.run.iterations - 1
 
 
-def upstream(run: RunDir, cfg: Config, iteration: int, stage: str) -> dict[str, str]:
-    """Digests of what `stage` of `iteration` reads; StageNotReady when one is missing."""
+def upstream(run: RunDir, cfg: Config, iteration: int, stage: str, verify: bool = True) -> dict[str, str]:
+    """Digests of what `stage` of `iteration` reads; StageNotReady when one is missing. `verify`:
+    check each input's files against its manifest (DamagedStage); False reads the recorded digests
+    only (what a rank does with the digests its launcher checked: `rank_inputs`)."""
     if stage not in PIPELINE:
         raise ValueError(f"unknown stage '{stage}' (stages: {', '.join(STAGES)})")
     ups: dict[str, str] = {}
@@ -322,9 +325,11 @@ def upstream(run: RunDir, cfg: Config, iteration: int, stage: str) -> dict[str, 
         i = iteration + offset
         key = name if offset == 0 else f"previous_{name}"
         if i >= 0:
-            ups[key] = run.digest(i, name)  # checks its files against its manifest (DamagedStage)
+            ups[key] = run.digest(i, name, verify=verify)  # checks its files against its manifest (DamagedStage)
+        elif name == "update":
+            ups[key] = verified_base_digest(run) if verify else run.read_json("base.json")["digest"]
         else:
-            ups[key] = verified_base_digest(run) if name == "update" else "initial"
+            ups[key] = "initial"
     if stage == "prepare":
         ups["dataset"] = file_digest(run.dataset_path("train"))
     if stage == "evaluate":
@@ -348,6 +353,23 @@ def stage_inputs(run: RunDir, cfg: Config, iteration: int, stage: str) -> dict[s
     file it opens was deleted by retention (`require_unpruned`)."""
     require_unpruned(run, iteration, stage)
     return upstream(run, cfg, iteration, stage)
+
+
+def rank_inputs(run: RunDir, cfg: Config, iteration: int, stage: str, checked: dict[str, str] | None) -> dict[str, str]:
+    """What a stage reads, as `stage_inputs`; on a rank given the digests its launcher has just
+    checked (`checked`), those, after comparing them with the digests recorded in the run directory
+    as this process sees it (no hashing: a cheap check that every node sees the same files).
+
+    Raises StageNotReady when they differ (the run directory is not shared, or not yet in sync)."""
+    if checked is None:
+        return stage_inputs(run, cfg, iteration, stage)
+    seen = upstream(run, cfg, iteration, stage, verify=False)
+    if seen != checked:
+        differ = sorted(k for k in set(seen) | set(checked) if seen.get(k) != checked.get(k))
+        raise StageNotReady(
+            f"{run.root} as {socket.gethostname()} sees it differs from what the flow checked for {stage} of iteration "
+            f"{iteration} ({', '.join(differ)}): is the run directory on a filesystem every node shares?")
+    return checked
 
 
 def check_rerun_possible(run: RunDir, config_of: Callable[[int], Config], iteration: int, stage: str) -> None:
@@ -440,8 +462,9 @@ def on_ranks(run: RunDir, cfg: Config, iteration: int, stage: str, ups: dict[str
     update on Ray Train workers (aepo_core.pipeline.ray_cluster); rollout and evaluate on Ray stay
     here and sample through engine actors (`stage_engine`).
 
-    The ranks are given `ups`, the digests this process has just checked, rather than hashing the
-    inputs again each (for a large policy, its checkpoint and optimiser state N times over).
+    The ranks are given `ups`, the digests this process has just checked, and compare them with the
+    digests recorded in the run directory they see (`rank_inputs`) rather than hashing the inputs
+    again each (for a large policy, its checkpoint and optimiser state N times over).
 
     Raises DistributedStageFailed (a rank failed) or StageNotReady (the ranks exited without
     publishing the stage for these upstream digests)."""
@@ -464,19 +487,17 @@ def on_ranks(run: RunDir, cfg: Config, iteration: int, stage: str, ups: dict[str
 
 
 @contextlib.contextmanager
-def stage_engine(cfg: Config, model_path: Path) -> Iterator[RolloutEngine]:
+def stage_engine(cfg: Config, model_path: Path, what: str) -> Iterator[RolloutEngine]:
     """The stage's engine: the process's (shared_engine, kept after the stage); on the ranks of a
     data-parallel stage, this rank's engine as its part of one engine over all ranks
     (DataParallelEngine: a collective); with run.ray_address and rollout.data_parallel D > 1, D
-    engine actors on the cluster (RayEngine), released when the stage's sampling is done."""
-    ranks, world = Ranks.current(), cfg.rollout.data_parallel
-    if ranks.world == 1 and world > 1 and cfg.run.ray_address is not None:
-        from aepo_core.io.engines.ray_actors import RayEngine
-        from aepo_core.pipeline.processes import rank_threads
-        from aepo_core.pipeline.ray_cluster import connect
+    engine actors on the cluster, released when the stage's sampling is done (`what`: the stage,
+    iteration and run, for their errors)."""
+    ranks = Ranks.current()
+    if ranks.world == 1 and cfg.rollout.data_parallel > 1 and cfg.run.ray_address is not None:
+        from aepo_core.pipeline.ray_cluster import engine_actors
 
-        connect(cfg.run.ray_address)
-        with RayEngine(cfg, model_path, world, rank_threads(cfg.run.threads, world)) as engine:
+        with engine_actors(cfg, model_path, what) as engine:
             yield engine
         return
     engine = shared_engine(cfg, model_path)
@@ -543,12 +564,12 @@ def rollout(run: RunDir, iteration: int, show_progress: bool = False,
     order until the REINFORCE term has its rows: `sample_rollout`)."""
     started = time.perf_counter()
     cfg = run.config(iteration)
-    ups = upstream if upstream is not None else stage_inputs(run, cfg, iteration, "rollout")  # a rank: checked by its launcher
+    ups = rank_inputs(run, cfg, iteration, "rollout", upstream)  # upstream: a rank, given what its launcher checked
     if (published := on_ranks(run, cfg, iteration, "rollout", ups, show_progress)) is not None:
         return published  # sampled by rollout.data_parallel engine processes
     prompts = pq.read_table(run.stage_dir(iteration, "prepare") / "prompts.parquet")
     decision = controller_decision(run, cfg, iteration)
-    with stage_engine(cfg, policy_dir(run, iteration)) as engine:
+    with stage_engine(cfg, policy_dir(run, iteration), f"the rollout stage of iteration {iteration} of {run.root}") as engine:
         engine.show_progress = show_progress
         r = cfg.rollout
         seed = _seed(r.seed, iteration)
@@ -586,7 +607,8 @@ def rollout(run: RunDir, iteration: int, show_progress: bool = False,
         }
     )
     tokens = sum(len(c.token_ids) for c in completions)
-    params = {"regulariser_temperature": reg_temperature, "seed": seed}
+    # which engine sampled (HFRolloutEngine, VLLMRolloutEngine; DataParallelEngine on torchrun ranks, RayEngine)
+    params = {"regulariser_temperature": reg_temperature, "seed": seed, "sampled_by": type(engine).__name__}
     if Ranks.current().rank != 0:  # every rank holds the whole table; rank 0 writes it
         return {}
     with run.publish(iteration, "rollout", ups, params, started=started) as (tmp, metrics):
@@ -727,7 +749,7 @@ def update(run: RunDir, iteration: int, show_progress: bool = False,
     in a rank, it trains its share of the step on the FSDP2-sharded policy (rank 0 publishes)."""
     started = time.perf_counter()
     cfg = run.config(iteration)
-    ups = upstream if upstream is not None else stage_inputs(run, cfg, iteration, "update")  # a rank: checked by its launcher
+    ups = rank_inputs(run, cfg, iteration, "update", upstream)  # upstream: a rank, given what its launcher checked
     ranks = Ranks.current()
     if (published := on_ranks(run, cfg, iteration, "update", ups, show_progress)) is not None:
         return published
@@ -898,17 +920,17 @@ def evaluate_stage(run: RunDir, iteration: int, show_progress: bool = False,
     n and length; iteration BASE_ITERATION (-1): the base policy, before any update."""
     started = time.perf_counter()
     cfg = run.config(iteration)
-    ups = upstream if upstream is not None else stage_inputs(run, cfg, iteration, "evaluate")  # a rank: checked by its launcher
+    ups = rank_inputs(run, cfg, iteration, "evaluate", upstream)  # upstream: a rank, given what its launcher checked
     if (published := on_ranks(run, cfg, iteration, "evaluate", ups, show_progress)) is not None:
         return published  # sampled by rollout.data_parallel engine processes
     policy = policy_dir(run, iteration + 1)
     table = pq.read_table(run.dataset_path("eval"))
-    with stage_engine(cfg, policy) as engine:
+    with stage_engine(cfg, policy, f"the evaluate stage of iteration {iteration} of {run.root}") as engine:
         engine.show_progress = show_progress  # an evaluation samples the most rows of any stage: say so
         records, results = evaluate_model(cfg, policy, table, engine=engine)
     if Ranks.current().rank != 0:  # every rank holds every record; rank 0 writes them
         return {}
-    with run.publish(iteration, "evaluate", ups, started=started) as (tmp, metrics):
+    with run.publish(iteration, "evaluate", ups, {"sampled_by": type(engine).__name__}, started=started) as (tmp, metrics):
         pq.write_table(records, tmp / "eval.parquet")
         write_source_names(records, tmp)  # source -> metric name part of the per-source metrics
         metrics.update(results)

@@ -23,6 +23,14 @@ from aepo_core.core.update import split_in_order
 from aepo_core.io.engines.base import Completion, RolloutEngine, SamplingRequest
 
 
+def request_shards(num_requests: int, world: int) -> list[range]:
+    """The requests each of `world` engines samples: contiguous, in order, sizes differing by at most
+    one (``split_in_order``), padded with empty ranges to exactly `world` (fewer requests than
+    engines). E.g. request_shards(5, 7) -> [0:1], [1:2], [2:3], [3:4], [4:5], [5:5], [5:5]."""
+    shards = split_in_order(num_requests, world)
+    return shards + [range(num_requests, num_requests)] * (world - len(shards))
+
+
 class DataParallelEngine:
     """One rank's view of D engines that sample one call together (a :class:`RolloutEngine`).
 
@@ -44,10 +52,8 @@ class DataParallelEngine:
 
     def generate(self, requests: list[SamplingRequest], seed: int, first_index: int = 0) -> list[Completion]:
         """The whole call's completions, on every rank: this rank samples requests
-        ``split_in_order(len(requests), D)[rank]`` (contiguous, sizes differing by at most one) and
-        the shards are gathered in rank order."""
-        shards = split_in_order(len(requests), self.ranks.world)  # fewer than D when requests are fewer
-        shard = shards[self.ranks.rank] if self.ranks.rank < len(shards) else range(len(requests), len(requests))
+        ``request_shards(len(requests), D)[rank]`` and the shards are gathered in rank order."""
+        shard = request_shards(len(requests), self.ranks.world)[self.ranks.rank]
         mine = self.engine.generate(requests[shard.start : shard.stop], seed, first_index=first_index + shard.start) \
             if len(shard) else []
         return [c for part in gather(mine, self.ranks) for c in part]
