@@ -125,7 +125,7 @@ def rank_worker(config: dict[str, Any]) -> None:
 
     use_threads(config["cpus"])
     config["stage"](RunDir(Path(config["run_dir"])), config["iteration"],
-                    show_progress=config["progress"] and torch.distributed.get_rank() == 0, upstream=config["upstream"])
+                    show_progress=config["progress"] and torch.distributed.get_rank() == 0, checked=config["upstream"])
 
 
 def launch_on_ray(stage: Callable[..., Any], cfg: Config, run_root: Path, iteration: int, nproc: int,

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" and args.stage == "update" else "gloo")
     stage = {"update": stages.update, "rollout": stages.rollout, "evaluate": stages.evaluate_stage}[args.stage]
     try:
-        stage(run, args.iteration, show_progress=args.progress and dist.get_rank() == 0, upstream=args.upstream)
+        stage(run, args.iteration, show_progress=args.progress and dist.get_rank() == 0, checked=args.upstream)
     finally:
         dist.destroy_process_group()
 

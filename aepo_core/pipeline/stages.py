@@ -558,13 +558,13 @@ def sample_rollout(
 
 
 def rollout(run: RunDir, iteration: int, show_progress: bool = False,
-            upstream: dict[str, str] | None = None) -> dict[str, Any]:
+            checked: dict[str, str] | None = None) -> dict[str, Any]:
     """Sample the policy batch (n per prompt at rollout.temperature) and, for AEPO, the regulariser
     batch (of the first reg_prompt_fraction of prompts, at the controller's temperature; in prompt
     order until the REINFORCE term has its rows: `sample_rollout`)."""
     started = time.perf_counter()
     cfg = run.config(iteration)
-    ups = rank_inputs(run, cfg, iteration, "rollout", upstream)  # upstream: a rank, given what its launcher checked
+    ups = rank_inputs(run, cfg, iteration, "rollout", checked)  # checked: a rank, given what its launcher checked
     if (published := on_ranks(run, cfg, iteration, "rollout", ups, show_progress)) is not None:
         return published  # sampled by rollout.data_parallel engine processes
     prompts = pq.read_table(run.stage_dir(iteration, "prepare") / "prompts.parquet")
@@ -740,16 +740,18 @@ def training_policy(run: RunDir, cfg: Config, iteration: int, device: torch.devi
 
 
 def update(run: RunDir, iteration: int, show_progress: bool = False,
-           upstream: dict[str, str] | None = None) -> dict[str, Any]:
+           checked: dict[str, str] | None = None) -> dict[str, Any]:
     """One AEPO (or baseline) update on this iteration's rollouts; saves policy, optimiser, batch record
     (and, with LoRA, the adapter beside the merged policy).
 
     With trainer.nproc = N > 1, called in the flow's process, it runs this same function on N
-    torchrun ranks (aepo_core.pipeline.distributed) and returns the metrics they published; called
-    in a rank, it trains its share of the step on the FSDP2-sharded policy (rank 0 publishes)."""
+    torchrun ranks (aepo_core.pipeline.distributed) or Ray Train workers (run.ray_address) and
+    returns the metrics they published; called in a rank, it trains its share of the step on the
+    FSDP2-sharded policy (rank 0 publishes). `checked`: on a rank, the input digests its launcher
+    checked (`rank_inputs`; the same for rollout and evaluate_stage)."""
     started = time.perf_counter()
     cfg = run.config(iteration)
-    ups = rank_inputs(run, cfg, iteration, "update", upstream)  # upstream: a rank, given what its launcher checked
+    ups = rank_inputs(run, cfg, iteration, "update", checked)  # checked: a rank, given what its launcher checked
     ranks = Ranks.current()
     if (published := on_ranks(run, cfg, iteration, "update", ups, show_progress)) is not None:
         return published
@@ -915,12 +917,12 @@ def entropy(run: RunDir, iteration: int) -> dict[str, Any]:
 
 
 def evaluate_stage(run: RunDir, iteration: int, show_progress: bool = False,
-                   upstream: dict[str, str] | None = None) -> dict[str, Any]:
+                   checked: dict[str, str] | None = None) -> dict[str, Any]:
     """Held-out accuracy of this iteration's policy (after its update) at the configured temperature,
     n and length; iteration BASE_ITERATION (-1): the base policy, before any update."""
     started = time.perf_counter()
     cfg = run.config(iteration)
-    ups = rank_inputs(run, cfg, iteration, "evaluate", upstream)  # upstream: a rank, given what its launcher checked
+    ups = rank_inputs(run, cfg, iteration, "evaluate", checked)  # checked: a rank, given what its launcher checked
     if (published := on_ranks(run, cfg, iteration, "evaluate", ups, show_progress)) is not None:
         return published  # sampled by rollout.data_parallel engine processes
     policy = policy_dir(run, iteration + 1)
