@@ -113,6 +113,16 @@ def worker_resources(n: int, gpus_each: int, threads: int | None, cluster: dict[
     return {"CPU": cpus, "GPU": gpus_each}
 
 
+def cluster_resources_each(cfg: Config, n: int, gpus_on_gpus: int, key: str) -> dict[str, float]:
+    """What each of `n` workers asks of the joined cluster: `gpus_on_gpus` GPUs where the cluster's
+    GPUs are used (`uses_gpus`), CPUs as `worker_resources` decides (UserError when they do not fit)."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    gpus = gpus_on_gpus if uses_gpus(cfg.trainer.device, cluster) else 0
+    return worker_resources(n, gpus, cfg.run.threads, cluster, key)
+
+
 def rank_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: this rank's part of the stage function ``config["stage"]`` (the process
     group is Ray Train's, which also set this worker's GPU). `config`: stage (a function such as
@@ -137,14 +147,12 @@ def launch_on_ray(stage: Callable[..., Any], cfg: Config, run_root: Path, iterat
 
     Raises DistributedStageFailed naming the stage, the run, the iteration and the worker's error;
     UserError when the workers do not fit the cluster."""
-    ray = require_ray()
-    connect(cfg.run.ray_address)
+    connect(cfg.run.ray_address)  # UserError when Ray is not installed or no cluster answers
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    cluster = ray.cluster_resources()
-    gpu = uses_gpus(cfg.trainer.device, cluster)
-    resources = worker_resources(nproc, 1 if gpu else 0, cfg.run.threads, cluster, "trainer.nproc")
+    resources = cluster_resources_each(cfg, nproc, 1, "trainer.nproc")
+    gpu = resources["GPU"] > 0
     name = stage.__name__
     trainer = TorchTrainer(
         rank_worker,
@@ -175,10 +183,9 @@ def engine_actors(cfg: Config, model_path: Path, what: str) -> Iterator[Any]:
 
     ray = require_ray()
     connect(cfg.run.ray_address)
-    n, cluster = cfg.rollout.data_parallel, ray.cluster_resources()
-    gpus = (cfg.rollout.vllm.tensor_parallel_size if cfg.rollout.engine == "vllm" else 1) \
-        if uses_gpus(cfg.trainer.device, cluster) else 0
-    resources = worker_resources(n, gpus, cfg.run.threads, cluster, "rollout.data_parallel")
+    n = cfg.rollout.data_parallel
+    resources = cluster_resources_each(cfg, n, cfg.rollout.vllm.tensor_parallel_size if cfg.rollout.engine == "vllm" else 1,
+                                       "rollout.data_parallel")
     try:
         with RayEngine(cfg, model_path, n, resources) as engine:
             yield engine
