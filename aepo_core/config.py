@@ -191,6 +191,11 @@ class AlgorithmConfig(_Section):
     # gain 0.25, T wound up to 1.45 and entropy overshot 25%); the proportional term damps it.
     adaptive_gain: float = Field(0.05, ge=0.0, description="adaptive controller: integral gain (dT/iteration per unit relative error)")
     adaptive_kp: float = Field(1.0, ge=0.0, description="adaptive controller: proportional gain (dT per unit relative error)")
+    # derivative gain: the temperature taken off per unit of the smoothed reading's relative rise per
+    # iteration; 0 is the PI law. The optimiser's momentum delays a step's effect on entropy by about
+    # ten steps, and acting on the trend answers that lag (aepo_core.core.aepo.adaptive_output).
+    adaptive_kd: float = Field(0.0, ge=0.0, description="adaptive controller: derivative gain (dT per unit relative change per iteration)")
+    adaptive_smoothing: float = Field(0.8, ge=0.0, lt=1.0, description="adaptive controller: weight of the past in the derivative's smoothed reading")
     # Iterations the actuator may sit at a clamp, the error keeping its sign, before the entropy stage
     # says the target is not reached (aepo_core.core.algorithms.reachability).
     reach_window: int = Field(10, ge=1)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from aepo_core.config import AlgorithmConfig, ConfigError, load_config, save_config
-from aepo_core.core.aepo import ControllerState, adaptive_integral, adaptive_output
+from aepo_core.core.aepo import ControllerState, adaptive_integral, adaptive_output, smoothed_slope
 from aepo_core.core.algorithms import (
     Decision,
     decision_from_json,
@@ -32,6 +32,46 @@ def test_adaptive_output_by_hand():
     assert adaptive_output(1.0, 0.4, 0.2, 1.0, 0.8, 1.5) == 0.8
     # kp 0: the output is the integral (pure integral action)
     assert adaptive_output(1.3, 0.1, 0.2, 0.0, 0.8, 1.5) == 1.3
+
+
+def test_derivative_term_by_hand():
+    # T = I + kp * e - kd * slope / H*: I 1.0, e = (0.2 - 0.2) / 0.2 = 0, slope +0.01, H* 0.2, kd 4
+    # -> 1.0 - 4 * 0.05 = 0.8 (entropy rising: T comes down before the error shows it)
+    assert adaptive_output(1.0, 0.2, 0.2, 1.0, 0.6, 1.5, slope=0.01, kd=4.0) == pytest.approx(0.8)
+    # falling at the same rate with e = 0.25 (h 0.15): 1.0 + 0.25 + 0.2 = 1.45
+    assert adaptive_output(1.0, 0.15, 0.2, 1.0, 0.6, 1.5, slope=-0.01, kd=4.0) == pytest.approx(1.45)
+    # kd 0 is the PI law whatever the slope; the clamps still hold
+    assert adaptive_output(1.0, 0.15, 0.2, 1.0, 0.6, 1.5, slope=-0.5, kd=0.0) == pytest.approx(1.25)
+    assert adaptive_output(1.0, 0.2, 0.2, 1.0, 0.6, 1.5, slope=-0.5, kd=4.0) == 1.5
+
+
+def test_smoothed_slope_by_hand():
+    # first reading: no past, the smoothed reading is the reading and the slope 0
+    assert smoothed_slope(None, 0.1, 0.8) == (0.1, 0.0)
+    # S' = 0.8 * 0.1 + 0.2 * 0.15 = 0.11, slope 0.01
+    smooth, slope = smoothed_slope(0.1, 0.15, 0.8)
+    assert smooth == pytest.approx(0.11) and slope == pytest.approx(0.01)
+    # smoothing 0: the raw difference
+    assert smoothed_slope(0.1, 0.15, 0.0) == pytest.approx((0.15, 0.05))
+
+
+def test_adaptive_state_carries_the_smoothed_reading():
+    """next_state moves the integral and the derivative's filter from the same reading, and the next
+    decision's temperature includes -kd * slope / H*."""
+    cfg = AlgorithmConfig(**{**ADAPTIVE, "adaptive_kd": 2.0, "adaptive_smoothing": 0.5, "adaptive_gain": 0.0})
+    algo = make_algorithm(cfg)
+    metric = algo.entropy_metric()
+    state = ControllerState.initial(cfg)
+    for h in (0.2, 0.3):  # readings 0.2 then 0.3: S 0.2 -> 0.25, slope 0.05
+        decision = algo.decide(state)
+        state = algo.next_state(state, decision, {metric: h})
+    assert state.adaptive_h_smooth == pytest.approx(0.25) and state.adaptive_slope == pytest.approx(0.05)
+    # T = I (1.0, gain 0) + kp * (0.2 - 0.3) / 0.2 - 2.0 * 0.05 / 0.2 = 1.0 - 0.5 - 0.5 = 0.0 -> clamp 0.8
+    assert algo.decide(state).temperature == pytest.approx(0.8)
+    # the state round-trips through controller.json, and files written before these fields still load
+    assert ControllerState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
+    old = {k: v for k, v in state.to_dict().items() if k not in ("adaptive_h_smooth", "adaptive_slope")}
+    assert ControllerState.from_dict(old).adaptive_slope == 0.0
 
 
 def test_adaptive_integral_by_hand():

@@ -2,7 +2,7 @@
 
 One step (aepo-algorithm.md):
   T   = T_high if H_prev <= H* else T_low                     (bang-bang controller; or "adaptive":
-                                                                PI action on T, adaptive_output)
+                                                                PID action on T, adaptive_output)
   POS = rows of the regulariser batch B_T with A_T > threshold
   k   = min(K, |POS|), halved (k // 2) when H_prev > H*      (weaker push downwards; bang-bang only)
   X   = POS[:k] + B[k:]  ("replace", the reference code)  or  POS[:k] + B  ("add", paper's alpha)
@@ -47,6 +47,10 @@ class ControllerState:
         sign (aepo_core.core.algorithms.reachability); 0 when it is not at a clamp.
     clamp_side: "max" (T at its maximum, entropy still below H*) or "min" (T at its minimum,
         entropy still above H*) while at_clamp_iterations > 0, else None.
+    adaptive_h_smooth: the adaptive controller's smoothed reading (nats/token, an exponential
+        moving average of the readings, :func:`smoothed_slope`); None before the first measurement.
+    adaptive_slope: the smoothed reading's change at the last measurement (nats/token per
+        iteration), what the derivative term acts on; 0.0 before the second measurement.
 
     Fields added after the first release have defaults, so older controller.json files still load.
     """
@@ -60,6 +64,8 @@ class ControllerState:
     adaptive_t: float | None = None
     at_clamp_iterations: int = 0
     clamp_side: str | None = None
+    adaptive_h_smooth: float | None = None
+    adaptive_slope: float = 0.0
 
     @classmethod
     def initial(cls, algo_cfg: AlgorithmConfig) -> ControllerState:
@@ -89,8 +95,11 @@ def relative_error(h: float, target: float) -> float:
     return (target - h) / target
 
 
-def adaptive_output(integral: float, h: float, target: float, kp: float, t_min: float, t_max: float) -> float:
-    """The adaptive controller's temperature: T = clip(I + kp * e, t_min, t_max).
+def adaptive_output(
+    integral: float, h: float, target: float, kp: float, t_min: float, t_max: float,
+    slope: float = 0.0, kd: float = 0.0,
+) -> float:
+    """The adaptive controller's temperature: T = clip(I + kp * e - kd * slope / H*, t_min, t_max).
 
     Args:
         integral: I, the integral state (the temperature at which the regulariser balances GRPO's
@@ -98,14 +107,42 @@ def adaptive_output(integral: float, h: float, target: float, kp: float, t_min: 
         h: the last measured entropy (nats/token, the controller's estimator and rows); target: H* > 0.
         kp: proportional gain, temperature per unit of relative error e = (H* - h) / H*.
         t_min, t_max: the clamps.
+        slope: the smoothed reading's change per iteration (nats/token; :func:`smoothed_slope`).
+        kd: derivative gain, temperature per unit of relative change per iteration (slope / H*).
     Returns:
         T in [t_min, t_max].
 
     Why a proportional term: T sets the *rate* at which entropy moves (the plant integrates), so
     integral action alone makes a double integrator that oscillates undamped; kp * e answers the
-    current error at once and damps the loop.
+    current error at once and damps the loop. Why a derivative term: the update's optimiser
+    (AdamW, beta1 0.9) spreads a step's push over about ten later steps, so entropy keeps moving
+    after T has turned; acting on the reading's trend (on the measurement, not the error, so a
+    changed target does not kick T) adds the phase lead that lag takes away (docs/architecture.md,
+    "The controller"). kd 0 is the PI law.
     """
-    return float(min(max(integral + kp * relative_error(h, target), t_min), t_max))
+    t = integral + kp * relative_error(h, target) - kd * slope / target
+    return float(min(max(t, t_min), t_max))
+
+
+def smoothed_slope(smooth: float | None, h: float, smoothing: float) -> tuple[float, float]:
+    """One step of the derivative term's filter: S' = smoothing * S + (1 - smoothing) * h.
+
+    Args:
+        smooth: S, the smoothed reading so far (nats/token); None before the first reading.
+        h: the new reading (nats/token).
+        smoothing: in [0, 1); the weight of the past (0: the raw reading's difference).
+    Returns:
+        (S', S' - S): the new smoothed reading and its change this iteration (nats/token per
+        iteration); the change is 0.0 at the first reading, where there is no S.
+
+    Why smooth: one iteration's reading has noise of about 0.006 nats at 16 x 8 rows (7% of a 0.08
+    target), and a difference of raw readings doubles its variance; at smoothing 0.8 the slope's
+    noise is about a third of the raw difference's.
+    """
+    if smooth is None:
+        return float(h), 0.0
+    new = smoothing * smooth + (1.0 - smoothing) * h
+    return float(new), float(new - smooth)
 
 
 def clamp_side(temperature: float | None, below: bool, above: bool, t_min: float, t_max: float) -> str | None:
@@ -158,8 +195,9 @@ def controller_temperature(state: ControllerState, algo_cfg: AlgorithmConfig) ->
 
     controller "bang_bang": :func:`choose_temperature` on state.h_prev; "fixed" (ablation): always
     algo_cfg.fixed_temperature; "adaptive": :func:`adaptive_output` of the integral state
-    state.adaptive_t (moved by :func:`adaptive_integral` after each measurement) and the last
-    measurement, adaptive_t_init before the first one (state.step == 0).
+    state.adaptive_t (moved by :func:`adaptive_integral` after each measurement), the last
+    measurement and the smoothed reading's slope, adaptive_t_init before the first one
+    (state.step == 0).
     """
     if algo_cfg.controller == "fixed":
         return float(algo_cfg.fixed_temperature)
@@ -167,7 +205,8 @@ def controller_temperature(state: ControllerState, algo_cfg: AlgorithmConfig) ->
         c = algo_cfg
         if state.step == 0 or state.adaptive_t is None:  # nothing measured yet: no error to act on
             return float(c.adaptive_t_init)
-        return adaptive_output(state.adaptive_t, state.h_prev, c.target_entropy, c.adaptive_kp, c.adaptive_t_min, c.adaptive_t_max)
+        return adaptive_output(state.adaptive_t, state.h_prev, c.target_entropy, c.adaptive_kp, c.adaptive_t_min,
+                               c.adaptive_t_max, slope=state.adaptive_slope, kd=c.adaptive_kd)
     return choose_temperature(state.h_prev, algo_cfg.target_entropy, algo_cfg.t_high, algo_cfg.t_low)
 
 

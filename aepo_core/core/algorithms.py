@@ -39,6 +39,7 @@ from aepo_core.core.aepo import (
     controller_temperature,
     select_correct_samples,
     select_positive_samples,
+    smoothed_slope,
 )
 from aepo_core.core.baselines import (
     clip_cov_selection,
@@ -235,9 +236,10 @@ class AEPO(Algorithm):
             # step sampled at decides whether the integrator is held at a clamp (anti-windup)
             integral = state.adaptive_t if state.adaptive_t is not None else c.adaptive_t_init
             sampled = decision.temperature if decision.temperature is not None else c.adaptive_t_init
+            smooth, slope = smoothed_slope(state.adaptive_h_smooth, new.h_prev, c.adaptive_smoothing)
             new = replace(new, adaptive_t=adaptive_integral(
                 integral, sampled, new.h_prev, c.target_entropy, c.adaptive_gain, c.adaptive_t_min, c.adaptive_t_max
-            ))
+            ), adaptive_h_smooth=smooth, adaptive_slope=slope)
         clamps = self.clamps()
         if clamps is None:
             return replace(new, at_clamp_iterations=0, clamp_side=None)
