@@ -17,8 +17,9 @@ at the order of magnitude; docs/architecture.md "The controller"):
                                                          update that T acts on)
 
 The controller is the project's own law (aepo_core.core.aepo.adaptive_integral / adaptive_output /
-smoothed_slope, conditional integration at the clamps and the derivative term included). Scored like the results: mean |h - H*| / H* of the
-*reading* over iterations 50-99, so the reading's noise alone puts a floor under every setting.
+smoothed_slope, conditional integration at the clamps and the derivative term included). Scored like
+the results: mean |h - H*| / H* of the *reading* over iterations 50-99, so the reading's noise alone
+puts a floor under every setting.
 
 What it shows (and why gain 0.1 was tried at H* 0.08; the default stays 0.05, docs/results.md): a PI loop around an integrating
 plant follows a balance temperature that drifts at r per iteration with a steady relative error of
