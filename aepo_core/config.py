@@ -196,6 +196,12 @@ class AlgorithmConfig(_Section):
     # ten steps, and acting on the trend answers that lag (aepo_core.core.aepo.adaptive_output).
     adaptive_kd: float = Field(0.0, ge=0.0, description="adaptive controller: derivative gain (dT per unit relative change per iteration)")
     adaptive_smoothing: float = Field(0.8, ge=0.0, lt=1.0, description="adaptive controller: weight of the past in the derivative's smoothed reading")
+    # The second actuator (split range; off at 0): once T sits at a clamp the controller's output goes
+    # on past it and scales alpha, alpha * (1 + adaptive_alpha_gain * distance past the clamp), up to
+    # alpha * adaptive_alpha_max, in both directions -- near T = 1.5 the tempered batch has few correct
+    # rows left to push up with, and at T = 0.6 the push down is weak (aepo_core.core.aepo.split_range).
+    adaptive_alpha_gain: float = Field(0.0, ge=0.0, description="adaptive controller: alpha's scale per unit of output past T's clamps (0: T only)")
+    adaptive_alpha_max: float = Field(3.0, ge=1.0, description="adaptive controller: the most alpha is scaled by")
     # Iterations the actuator may sit at a clamp, the error keeping its sign, before the entropy stage
     # says the target is not reached (aepo_core.core.algorithms.reachability).
     reach_window: int = Field(10, ge=1)
@@ -250,6 +256,9 @@ class AlgorithmConfig(_Section):
         if not self.adaptive_t_min <= self.adaptive_t_init <= self.adaptive_t_max:
             raise ValueError(f"adaptive_t_init ({self.adaptive_t_init}) must lie in [adaptive_t_min, adaptive_t_max] "
                              f"= [{self.adaptive_t_min}, {self.adaptive_t_max}]")
+        if self.adaptive_alpha_gain > 0 and (self.controller != "adaptive" or self.combine != "add"):
+            raise ValueError("adaptive_alpha_gain > 0 moves the REINFORCE weight alpha: it needs controller 'adaptive' "
+                             f"and combine 'add' (got controller {self.controller!r}, combine {self.combine!r})")
         if self.controller == "adaptive" and self.target_entropy <= 0:
             raise ValueError("controller 'adaptive' divides by target_entropy (relative error): set it above 0")
         if self.loss_agg == "constant" and self.loss_constant is None:

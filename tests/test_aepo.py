@@ -10,7 +10,7 @@ from aepo_core.core.aepo import (
     ControllerState,
     assemble_batch,
     choose_temperature,
-    controller_temperature,
+    controller_action,
     reinforce_count,
     select_positive_samples,
 )
@@ -27,10 +27,10 @@ def test_bang_bang_temperature():
 
 def test_fixed_controller_ignores_entropy():
     cfg = AlgorithmConfig(controller="fixed", fixed_temperature=1.5)
-    assert controller_temperature(ControllerState(h_prev=9.0), cfg) == 1.5
-    assert controller_temperature(ControllerState(h_prev=0.0), cfg) == 1.5
+    assert controller_action(ControllerState(h_prev=9.0), cfg).temperature == 1.5
+    assert controller_action(ControllerState(h_prev=0.0), cfg).temperature == 1.5
     bang = AlgorithmConfig(target_entropy=0.5, t_high=1.3, t_low=0.7)
-    assert controller_temperature(ControllerState(h_prev=0.6), bang) == 0.7
+    assert controller_action(ControllerState(h_prev=0.6), bang).temperature == 0.7
 
 
 def test_select_positive_samples_strictly_above_threshold():
@@ -161,5 +161,5 @@ def test_reinforce_at_temperature_one_is_a_fixed_point():
 def test_boundary_h_prev_equal_to_target_raises_entropy_without_halving():
     cfg = AlgorithmConfig(target_entropy=0.5, t_high=1.2, t_low=0.8, reinforce_sample_num=8)
     state = ControllerState(h_prev=0.5)
-    assert controller_temperature(state, cfg) == 1.2  # T_high
+    assert controller_action(state, cfg).temperature == 1.2  # T_high
     assert reinforce_count(10, cfg.reinforce_sample_num, state.h_prev, cfg.target_entropy) == 8

@@ -12,6 +12,7 @@ from aepo_core.core.aepo import ControllerState, adaptive_integral, adaptive_out
 from aepo_core.core.algorithms import (
     Decision,
     decision_from_json,
+    decision_to_json,
     make_algorithm,
     reachability,
     reachability_message,
@@ -372,3 +373,60 @@ def test_clamp_side_float32_temperature():
     assert clamp_side(None, below=True, above=False, t_min=0.6, t_max=1.5) is None
     # conditional integration holds at that clamp: e < 0 (h above H*) does not lower I further
     assert adaptive_integral(0.7, t32, 0.3, 0.2, 0.25, 0.6, 1.5) == 0.7
+
+
+# ------------------------------------------------------------------------------ the second actuator (alpha)
+SPLIT = dict(ADAPTIVE, combine="add", alpha=1.0, adaptive_alpha_gain=4.0, adaptive_alpha_max=3.0, adaptive_gain=0.1)
+
+
+def test_split_range_by_hand():
+    from aepo_core.core.aepo import output_range, split_range
+
+    # (alpha_max - 1) / gain = 2 / 4 = 0.5 past each clamp
+    assert output_range(0.8, 1.5, 4.0, 3.0) == pytest.approx((0.3, 2.0))
+    assert output_range(0.8, 1.5, 0.0, 3.0) == (0.8, 1.5)  # off: T's clamps
+    # inside T's range alpha is untouched; past it alpha rises by 4 per unit of output
+    assert split_range(1.2, 0.8, 1.5, 4.0) == (1.2, 1.0)
+    assert split_range(1.75, 0.8, 1.5, 4.0) == pytest.approx((1.5, 2.0))  # 1 + 4 * 0.25
+    assert split_range(0.55, 0.8, 1.5, 4.0) == pytest.approx((0.8, 2.0))  # both directions
+    assert split_range(2.0, 0.8, 1.5, 0.0) == (1.5, 1.0)
+
+
+def test_second_actuator_through_the_algorithm():
+    """Entropy far below: T first goes to its clamp, then the output goes on past it and raises alpha;
+    the integral keeps moving out there (it is clamped only at the wider range); alpha reaches the
+    update's REINFORCE rows; the decision round-trips through controller.json."""
+    algo = make_algorithm(AlgorithmConfig(**SPLIT))
+    metric = algo.entropy_metric()
+    state = ControllerState(h_prev=0.1, adaptive_t=1.48, step=5)
+    # u = 1.48 + 1.0 * (0.2 - 0.1) / 0.2 = 1.98: T 1.5, alpha 1 + 4 * 0.48 = 2.92
+    d = algo.decide(state)
+    assert (d.temperature, d.output, d.alpha) == (pytest.approx(1.5), pytest.approx(1.98), pytest.approx(2.92))
+    # the integral is not held at T's clamp: 1.48 + 0.1 * 0.5 = 1.53 (output range [0.3, 2.0])
+    state = algo.next_state(state, d, {metric: 0.1})
+    assert state.adaptive_t == pytest.approx(1.53) and state.at_clamp_iterations == 0
+    # at the wider range's top (u 2.03 -> 2.0, alpha 3): held there, and reachability counts
+    d = algo.decide(state)
+    assert (d.output, d.alpha) == (pytest.approx(2.0), pytest.approx(3.0))
+    held = algo.next_state(state, d, {metric: 0.1})
+    assert held.adaptive_t == pytest.approx(1.53) and held.clamp_side == "max" and held.at_clamp_iterations == 1
+    text = reachability_message(held.__class__(**{**held.to_dict(), "at_clamp_iterations": 10}), 0.2, "nll",
+                                "policy", 0.8, 1.5, 10, alpha_max=3.0)
+    assert "T at its maximum 1.5 and alpha at 3 for 10 iterations" in text
+    # at T's clamp with alpha still below its maximum is not "at the clamp"
+    inside = algo.next_state(state, Decision(1.5, 8, False, state, alpha=2.0, output=1.75), {metric: 0.1})
+    assert inside.at_clamp_iterations == 0
+    # entropy above the target: the output comes back through alpha's range to T's, below 0.8 alpha rises again
+    d = algo.decide(ControllerState(h_prev=0.3, adaptive_t=0.9, step=9))  # u = 0.9 - 0.5 = 0.4: T 0.8, alpha 2.6
+    assert (d.temperature, d.alpha) == (pytest.approx(0.8), pytest.approx(2.6))
+    again = decision_from_json(json.loads(json.dumps(decision_to_json(d, "nll", {}, 0.2))))
+    assert (again.alpha, again.output) == (pytest.approx(2.6), pytest.approx(0.4))
+
+
+
+def test_second_actuator_needs_the_adaptive_controller_and_add():
+    with pytest.raises(ConfigError, match="adaptive_alpha_gain"):
+        load_config(None, ["algorithm.adaptive_alpha_gain=4", "algorithm.controller=adaptive",
+                           "algorithm.target_entropy=0.1"])  # combine replace (the default)
+    with pytest.raises(ConfigError, match="adaptive_alpha_gain"):
+        load_config(None, ["algorithm.adaptive_alpha_gain=4", "algorithm.combine=add"])  # bang-bang

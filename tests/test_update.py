@@ -703,3 +703,18 @@ def test_rollout_mismatch_is_measured_and_corrected_only_when_the_log_probs_diff
     assert masked["actor/grad_norm"] == pytest.approx(shifted["actor/grad_norm"], rel=1e-6)
     # without engine log-probs (a batch built by hand) nothing is measured
     assert not [k for k in step(AlgorithmConfig(name="grpo"), trainer).metrics if k.startswith("mismatch/")]
+
+
+def test_the_controllers_alpha_weights_the_reinforce_rows():
+    """The adaptive controller's second actuator sets the "add"-mode weight of the REINFORCE rows
+    (Decision.alpha); without it they carry algorithm.alpha."""
+    cfg = AlgorithmConfig(name="aepo", controller="adaptive", combine="add", alpha=0.5, target_entropy=0.2,
+                          adaptive_t_min=0.8, adaptive_t_max=1.5, adaptive_alpha_gain=4.0, adaptive_alpha_max=3.0)
+    # u = 1.45 + (0.2 - 0.1) / 0.2 = 1.95: T 1.5, alpha 0.5 * (1 + 4 * 0.45) = 1.4
+    state = ControllerState(h_prev=0.1, adaptive_t=1.45, step=3)
+    prepared = prepare_update_batch(policy_batch(), reg_batch(1.5), cfg, state, group_size=2)
+    assert prepared.k == 2 and prepared.batch.weights[:2].tolist() == pytest.approx([1.4, 1.4])
+    assert prepared.batch.weights[2:].tolist() == [1.0] * 8
+    plain = cfg.model_copy(update={"adaptive_alpha_gain": 0.0})
+    prepared = prepare_update_batch(policy_batch(), reg_batch(1.5), plain, state, group_size=2)
+    assert prepared.batch.weights[:2].tolist() == [0.5, 0.5]

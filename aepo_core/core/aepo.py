@@ -2,7 +2,8 @@
 
 One step (aepo-algorithm.md):
   T   = T_high if H_prev <= H* else T_low                     (bang-bang controller; or "adaptive":
-                                                                PID action on T, adaptive_output)
+                                                                PID action on T, adaptive_output,
+                                                                and on alpha beyond T's clamps)
   POS = rows of the regulariser batch B_T with A_T > threshold
   k   = min(K, |POS|), halved (k // 2) when H_prev > H*      (weaker push downwards; bang-bang only)
   X   = POS[:k] + B[k:]  ("replace", the reference code)  or  POS[:k] + B  ("add", paper's alpha)
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -99,18 +100,20 @@ def adaptive_output(
     integral: float, h: float, target: float, kp: float, t_min: float, t_max: float,
     slope: float = 0.0, kd: float = 0.0,
 ) -> float:
-    """The adaptive controller's temperature: T = clip(I + kp * e - kd * slope / H*, t_min, t_max).
+    """The adaptive controller's output: u = clip(I + kp * e - kd * slope / H*, t_min, t_max).
+
+    u is the temperature itself unless the second actuator is on (:func:`split_range`).
 
     Args:
         integral: I, the integral state (the temperature at which the regulariser balances GRPO's
             pull, as the controller has learnt it).
         h: the last measured entropy (nats/token, the controller's estimator and rows); target: H* > 0.
         kp: proportional gain, temperature per unit of relative error e = (H* - h) / H*.
-        t_min, t_max: the clamps.
+        t_min, t_max: the clamps: T's, or :func:`output_range` with the second actuator (alpha).
         slope: the smoothed reading's change per iteration (nats/token; :func:`smoothed_slope`).
         kd: derivative gain, temperature per unit of relative change per iteration (slope / H*).
     Returns:
-        T in [t_min, t_max].
+        u in [t_min, t_max].
 
     Why a proportional term: T sets the *rate* at which entropy moves (the plant integrates), so
     integral action alone makes a double integrator that oscillates undamped; kp * e answers the
@@ -175,7 +178,7 @@ def adaptive_integral(
         sampled: the temperature the measured step sampled at (the controller's output then).
         h: what that step measured; target: H* > 0 (e = (H* - h) / H*).
         gain: integral gain, temperature per iteration per unit of relative error.
-        t_min, t_max: the clamps.
+        t_min, t_max: the clamps: T's, or :func:`output_range` with the second actuator (alpha).
     Returns:
         I_next in [t_min, t_max].
 
@@ -190,24 +193,75 @@ def adaptive_integral(
     return float(min(max(integral + gain * error, t_min), t_max))
 
 
-def controller_temperature(state: ControllerState, algo_cfg: AlgorithmConfig) -> float:
-    """The temperature to sample the regulariser batch at this step.
+def output_range(t_min: float, t_max: float, alpha_gain: float, alpha_max: float) -> tuple[float, float]:
+    """The adaptive controller's output range (lo, hi), in temperature units.
+
+    Without the second actuator (alpha_gain 0) it is T's clamps. With it (split range), the output
+    u continues past each clamp by (alpha_max - 1) / alpha_gain, the stretch over which alpha rises
+    from 1 to alpha_max (:func:`split_range`). E.g. T in [0.6, 1.5], alpha_gain 4, alpha_max 3:
+    (0.1, 2.0).
+    """
+    if alpha_gain <= 0:
+        return float(t_min), float(t_max)
+    reach = (float(alpha_max) - 1.0) / float(alpha_gain)
+    return float(t_min) - reach, float(t_max) + reach
+
+
+def split_range(output: float, t_min: float, t_max: float, alpha_gain: float) -> tuple[float, float]:
+    """Split the adaptive controller's output u between its two actuators: (T, alpha scale).
+
+    Args:
+        output: u, in temperature units, inside :func:`output_range`.
+        t_min, t_max: T's clamps.
+        alpha_gain: the alpha scale's rise per unit of u beyond a clamp (0: T only).
+    Returns:
+        T = clip(u, t_min, t_max) and s = 1 + alpha_gain * |u - T|: inside T's range alpha is left as
+        configured (s = 1); past t_max the tempered positives' push *up* is made s times stronger,
+        past t_min their push *down* (at t_min the regulariser sharpens: aepo-push table,
+        docs/results.md). Split-range control (one integral, two actuators in sequence): T first,
+        since it moves entropy without changing the loss's scale, alpha only once T is spent.
+    """
+    temperature = min(max(float(output), float(t_min)), float(t_max))
+    return temperature, 1.0 + float(alpha_gain) * abs(float(output) - temperature)
+
+
+class Action(NamedTuple):
+    """What the controller sets for one step.
+
+    temperature: the regulariser batch's sampling temperature.
+    alpha: the REINFORCE rows' weight in combine "add" (None: algorithm.alpha, as configured).
+    output: the adaptive controller's output u in temperature units (None for the other
+        controllers); equal to the temperature unless the second actuator (alpha) is in use.
+    """
+
+    temperature: float
+    alpha: float | None = None
+    output: float | None = None
+
+
+def controller_action(state: ControllerState, algo_cfg: AlgorithmConfig) -> Action:
+    """The regulariser's temperature (and, for the adaptive controller, alpha) for this step.
 
     controller "bang_bang": :func:`choose_temperature` on state.h_prev; "fixed" (ablation): always
     algo_cfg.fixed_temperature; "adaptive": :func:`adaptive_output` of the integral state
     state.adaptive_t (moved by :func:`adaptive_integral` after each measurement), the last
-    measurement and the smoothed reading's slope, adaptive_t_init before the first one
-    (state.step == 0).
+    measurement and the smoothed reading's slope, within :func:`output_range`, split by
+    :func:`split_range` into T and alpha = algo_cfg.alpha * s; adaptive_t_init before the first
+    measurement (state.step == 0).
     """
-    if algo_cfg.controller == "fixed":
-        return float(algo_cfg.fixed_temperature)
-    if algo_cfg.controller == "adaptive":
-        c = algo_cfg
+    c = algo_cfg
+    if c.controller == "fixed":
+        return Action(float(c.fixed_temperature))
+    if c.controller == "adaptive":
+        lo, hi = output_range(c.adaptive_t_min, c.adaptive_t_max, c.adaptive_alpha_gain, c.adaptive_alpha_max)
         if state.step == 0 or state.adaptive_t is None:  # nothing measured yet: no error to act on
-            return float(c.adaptive_t_init)
-        return adaptive_output(state.adaptive_t, state.h_prev, c.target_entropy, c.adaptive_kp, c.adaptive_t_min,
-                               c.adaptive_t_max, slope=state.adaptive_slope, kd=c.adaptive_kd)
-    return choose_temperature(state.h_prev, algo_cfg.target_entropy, algo_cfg.t_high, algo_cfg.t_low)
+            u = float(c.adaptive_t_init)
+        else:
+            u = adaptive_output(state.adaptive_t, state.h_prev, c.target_entropy, c.adaptive_kp, lo, hi,
+                                slope=state.adaptive_slope, kd=c.adaptive_kd)
+        temperature, scale = split_range(u, c.adaptive_t_min, c.adaptive_t_max, c.adaptive_alpha_gain)
+        return Action(temperature, float(c.alpha) * scale, u)
+    return Action(choose_temperature(state.h_prev, c.target_entropy, c.t_high, c.t_low))
 
 
 def select_positive_samples(tempered_advantages: Tensor, threshold: float = 0.05) -> Tensor:

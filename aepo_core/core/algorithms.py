@@ -36,7 +36,8 @@ from aepo_core.core.aepo import (
     adaptive_integral,
     assemble_batch,
     clamp_side,
-    controller_temperature,
+    controller_action,
+    output_range,
     select_correct_samples,
     select_positive_samples,
     smoothed_slope,
@@ -61,12 +62,23 @@ class Decision:
     k_cap: the most REINFORCE rows the update may use (K, or K // 2 when halved; 0 without one).
     halve_k: k = min(K, |POS|) // 2 instead of min(K, |POS|) (aepo-algorithm.md: halved above H*).
     state: the controller state the decision was made from (h_prev, entropy coefficient, ...).
+    alpha: the REINFORCE rows' weight in combine "add" (None: algorithm.alpha; the adaptive
+        controller's second actuator sets it, :func:`aepo_core.core.aepo.split_range`).
+    output: the adaptive controller's output u in temperature units (None for the others): what its
+        anti-windup and the reachability warning compare with its output range.
     """
 
     temperature: float | None
     k_cap: int
     halve_k: bool
     state: ControllerState
+    alpha: float | None = None
+    output: float | None = None
+
+    def actuator(self) -> float | None:
+        """Where the step's actuator stood, in temperature units: the adaptive controller's output u,
+        else the temperature (other controllers, and decisions written before u was recorded)."""
+        return self.output if self.output is not None else self.temperature
 
 
 @dataclass
@@ -208,7 +220,8 @@ class AEPO(Algorithm):
 
     Controller (aepo-algorithm.md): ``bang_bang`` T_high iff h_prev <= H* else T_low (the paper's
     reference controller), ``fixed`` (ablation), or ``adaptive`` (PI action on T within
-    [adaptive_t_min, adaptive_t_max], :func:`aepo_core.core.aepo.adaptive_output`).
+    [adaptive_t_min, adaptive_t_max], :func:`aepo_core.core.aepo.adaptive_output`, and on alpha past
+    those clamps when adaptive_alpha_gain > 0, :func:`aepo_core.core.aepo.split_range`).
     k = min(K, |POS|), halved when h_prev > H* (``halve_above_target``; never under ``adaptive``:
     halving is bang-bang's asymmetry, the adaptive controller weakens its push through T).
     """
@@ -228,38 +241,50 @@ class AEPO(Algorithm):
             return float(c.adaptive_t_min), float(c.adaptive_t_max)
         return None
 
+    def output_range(self) -> tuple[float, float] | None:
+        """The controller output's (lowest, highest): the clamps, or for the adaptive controller with
+        its second actuator the wider range that reaches alpha's maximum past them."""
+        c = self.cfg
+        if c.controller == "adaptive":
+            return output_range(c.adaptive_t_min, c.adaptive_t_max, c.adaptive_alpha_gain, c.adaptive_alpha_max)
+        return self.clamps()
+
     def next_state(self, state, decision, metrics):
         new = super().next_state(state, decision, metrics)
         c = self.cfg
         if c.controller == "adaptive" and self.entropy_metric() in metrics:
             # integrate the measured error (no measurement: no integration); the output the measured
-            # step sampled at decides whether the integrator is held at a clamp (anti-windup)
+            # step used decides whether the integrator is held at a clamp (anti-windup)
+            lo, hi = self.output_range()
             integral = state.adaptive_t if state.adaptive_t is not None else c.adaptive_t_init
-            sampled = decision.temperature if decision.temperature is not None else c.adaptive_t_init
+            sampled = decision.actuator() if decision.actuator() is not None else c.adaptive_t_init
             smooth, slope = smoothed_slope(state.adaptive_h_smooth, new.h_prev, c.adaptive_smoothing)
             new = replace(new, adaptive_t=adaptive_integral(
-                integral, sampled, new.h_prev, c.target_entropy, c.adaptive_gain, c.adaptive_t_min, c.adaptive_t_max
+                integral, sampled, new.h_prev, c.target_entropy, c.adaptive_gain, lo, hi
             ), adaptive_h_smooth=smooth, adaptive_slope=slope)
-        clamps = self.clamps()
-        if clamps is None:
+        span = self.output_range()
+        if span is None:
             return replace(new, at_clamp_iterations=0, clamp_side=None)
         # bang-bang raises T at h == H* (its tie rule), so an equal reading counts as "still below" there
-        return reachability(new, decision, c.target_entropy, *clamps, tie_is_below=c.controller == "bang_bang")
+        return reachability(new, decision, c.target_entropy, *span, tie_is_below=c.controller == "bang_bang")
 
     def decide(self, state: ControllerState) -> Decision:
         c = self.cfg
-        temperature = controller_temperature(state, c)
+        action = controller_action(state, c)
         halve = c.controller != "adaptive" and c.halve_above_target and state.h_prev > c.target_entropy
         k_cap = c.reinforce_sample_num // 2 if halve else c.reinforce_sample_num
-        return Decision(temperature=temperature, k_cap=k_cap, halve_k=halve, state=state)
+        return Decision(temperature=action.temperature, k_cap=k_cap, halve_k=halve, state=state,
+                        alpha=action.alpha, output=action.output)
 
     def reachability_message(self, state, entropy_ceiling=None):
         clamps = self.clamps()
         if clamps is None:
             return None
         c = self.cfg
+        alpha_max = c.alpha * c.adaptive_alpha_max if c.controller == "adaptive" and c.adaptive_alpha_gain > 0 else None
         return reachability_message(
-            state, c.target_entropy, c.entropy_estimator, c.entropy_rows, *clamps, c.reach_window, entropy_ceiling
+            state, c.target_entropy, c.entropy_estimator, c.entropy_rows, *clamps, c.reach_window, entropy_ceiling,
+            alpha_max=alpha_max,
         )
 
     def regulariser_candidates(self, rewards: Tensor, group_size: int) -> Tensor:
@@ -296,7 +321,8 @@ class AEPO(Algorithm):
         if c.combine == "replace":
             k = min(k, len(policy_batch))
         policy_rows = prepared.batch
-        batch = assemble_batch(policy_rows, regulariser_batch, positives, k, c.combine, c.alpha)
+        alpha = decision.alpha if decision.alpha is not None else c.alpha  # the controller's, when it sets it
+        batch = assemble_batch(policy_rows, regulariser_batch, positives, k, c.combine, alpha)
         prepared.info["aepo/regulariser_reward_mean"] = regulariser_batch.rewards.float().mean().item()
         return PreparedBatch(batch=batch, num_positives=len(positives), k=k, info=prepared.info)
 
@@ -380,15 +406,16 @@ def reachability(
 
     Args:
         state: the state after the step (h_prev: what the step measured).
-        decision: the decision the step ran under (its temperature: what it sampled at).
+        decision: the decision the step ran under (:meth:`Decision.actuator`: where its actuator stood).
         target: H*, in h_prev's units.
-        t_min, t_max: the actuator's clamps (temperatures; compared with a 1e-6 relative tolerance).
+        t_min, t_max: the actuator's clamps (temperatures, or the adaptive controller's output range;
+            compared with a 1e-6 relative tolerance).
     Returns:
         ``state`` with at_clamp_iterations and clamp_side moved (pure; the state is persisted in
         controller.json, so the count survives a resume).
     """
     below = state.h_prev <= target if tie_is_below else state.h_prev < target
-    side = clamp_side(decision.temperature, below, state.h_prev > target, t_min, t_max)
+    side = clamp_side(decision.actuator(), below, state.h_prev > target, t_min, t_max)
     if side is None:
         return replace(state, at_clamp_iterations=0, clamp_side=None)
     count = state.at_clamp_iterations + 1 if state.clamp_side == side else 1
@@ -404,6 +431,7 @@ def reachability_message(
     t_max: float,
     window: int,
     entropy_ceiling: float | None = None,
+    alpha_max: float | None = None,
 ) -> str | None:
     """The plain sentence the entropy stage shows while the target is out of reach, else None.
 
@@ -417,13 +445,16 @@ def reachability_message(
         entropy_ceiling: an upper reference for the entropy in nats/token (the entropy of a uniform
             policy over the valid answers) where the task knows it; named only on the "max" side,
             where it tells whether the target is above what any sensible policy reaches.
+        alpha_max: alpha's highest value when the controller's second actuator is on (then the
+            clamp is reached only with T at its clamp *and* alpha at this value), else None.
     """
     if state.clamp_side is None or state.at_clamp_iterations < window:
         return None
     word, bound = ("maximum", t_max) if state.clamp_side == "max" else ("minimum", t_min)
     text = (
         f"target {target:.2f} not reached: entropy {state.h_prev:.2f} ({estimator}, {rows} rows), "
-        f"T at its {word} {bound:g} for {state.at_clamp_iterations} iterations"
+        f"T at its {word} {bound:g}" + (f" and alpha at {alpha_max:g}" if alpha_max is not None else "")
+        + f" for {state.at_clamp_iterations} iterations"
     )
     if entropy_ceiling is not None and state.clamp_side == "max":
         text += f"; a uniformly random valid answer has {entropy_ceiling:.2f} nats/token"
@@ -440,6 +471,8 @@ def decision_to_json(decision: Decision, estimator: str, measured: dict[str, Any
         "next_k_cap": decision.k_cap,
         "state": decision.state.to_dict(),
         "next_k_halved": decision.halve_k,
+        "next_alpha": decision.alpha,
+        "next_output": decision.output,
     }
 
 
@@ -450,4 +483,7 @@ def decision_from_json(data: dict[str, Any]) -> Decision:
         k_cap=int(data["next_k_cap"]),
         halve_k=bool(data["next_k_halved"]),
         state=ControllerState.from_dict(data["state"]),
+        alpha=data.get("next_alpha"),  # absent in controller.json files written before it existed
+        output=data.get("next_output"),
     )
+

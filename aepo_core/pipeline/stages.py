@@ -909,6 +909,8 @@ def entropy(run: RunDir, iteration: int) -> dict[str, Any]:
             target=a.target_entropy,
             next_temperature=next_t if next_t is not None else float("nan"),
             next_k_cap=decision["next_k_cap"],
+            # the REINFORCE weight the next update uses (the adaptive controller's second actuator moves it)
+            next_alpha=next_decision.alpha if next_decision.alpha is not None else a.alpha,
             entropy_coef=state.entropy_coef,
             at_clamp_iterations=state.at_clamp_iterations,
             target_unreached=float(message is not None),
