@@ -393,30 +393,36 @@ def test_split_range_by_hand():
 
 
 def test_second_actuator_through_the_algorithm():
-    """Entropy far below: T first goes to its clamp, then the output goes on past it and raises alpha;
-    the integral keeps moving out there (it is clamped only at the wider range); alpha reaches the
-    update's REINFORCE rows; the decision round-trips through controller.json."""
+    """Entropy far below: T goes to its clamp, and what the proportional part asks beyond it raises
+    alpha; the integral stays within T's clamps (held there, anti-windup); alpha reaches the update's
+    REINFORCE rows; the decision round-trips through controller.json."""
     algo = make_algorithm(AlgorithmConfig(**SPLIT))
     metric = algo.entropy_metric()
     state = ControllerState(h_prev=0.1, adaptive_t=1.48, step=5)
     # u = 1.48 + 1.0 * (0.2 - 0.1) / 0.2 = 1.98: T 1.5, alpha 1 + 4 * 0.48 = 2.92
     d = algo.decide(state)
     assert (d.temperature, d.output, d.alpha) == (pytest.approx(1.5), pytest.approx(1.98), pytest.approx(2.92))
-    # the integral is not held at T's clamp: 1.48 + 0.1 * 0.5 = 1.53 (output range [0.3, 2.0])
+    # T sat at its clamp with the error pushing outwards: the integral holds (it would be 1.53)
     state = algo.next_state(state, d, {metric: 0.1})
-    assert state.adaptive_t == pytest.approx(1.53) and state.at_clamp_iterations == 0
-    # at the wider range's top (u 2.03 -> 2.0, alpha 3): held there, and reachability counts
+    assert state.adaptive_t == pytest.approx(1.48) and state.at_clamp_iterations == 0
+    # inside T's range it integrates as without alpha: I 1.0, h 0.18 (e 0.1): u 1.1, alpha 1; I -> 1.01
+    inside = ControllerState(h_prev=0.18, adaptive_t=1.0, step=5)
+    d_in = algo.decide(inside)
+    assert (d_in.temperature, d_in.alpha) == (pytest.approx(1.1), 1.0)
+    assert algo.next_state(inside, d_in, {metric: 0.18}).adaptive_t == pytest.approx(1.01)
+    # far below (h 0.05, e 0.75): u 2.23 -> the range's top 2.0, alpha 3; reachability counts only there
+    state = ControllerState(h_prev=0.05, adaptive_t=1.48, step=6)
     d = algo.decide(state)
     assert (d.output, d.alpha) == (pytest.approx(2.0), pytest.approx(3.0))
-    held = algo.next_state(state, d, {metric: 0.1})
-    assert held.adaptive_t == pytest.approx(1.53) and held.clamp_side == "max" and held.at_clamp_iterations == 1
+    held = algo.next_state(state, d, {metric: 0.05})
+    assert held.adaptive_t == pytest.approx(1.48) and held.clamp_side == "max" and held.at_clamp_iterations == 1
     text = reachability_message(held.__class__(**{**held.to_dict(), "at_clamp_iterations": 10}), 0.2, "nll",
                                 "policy", 0.8, 1.5, 10, alpha_max=3.0)
     assert "T at its maximum 1.5 and alpha at 3 for 10 iterations" in text
     # at T's clamp with alpha still below its maximum is not "at the clamp"
-    inside = algo.next_state(state, Decision(1.5, 8, False, state, alpha=2.0, output=1.75), {metric: 0.1})
-    assert inside.at_clamp_iterations == 0
-    # entropy above the target: the output comes back through alpha's range to T's, below 0.8 alpha rises again
+    below_max = algo.next_state(state, Decision(1.5, 8, False, state, alpha=2.0, output=1.75), {metric: 0.1})
+    assert below_max.at_clamp_iterations == 0
+    # entropy above the target: below T's minimum alpha rises too (the push down made stronger)
     d = algo.decide(ControllerState(h_prev=0.3, adaptive_t=0.9, step=9))  # u = 0.9 - 0.5 = 0.4: T 0.8, alpha 2.6
     assert (d.temperature, d.alpha) == (pytest.approx(0.8), pytest.approx(2.6))
     again = decision_from_json(json.loads(json.dumps(decision_to_json(d, "nll", {}, 0.2))))

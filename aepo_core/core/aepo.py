@@ -218,8 +218,11 @@ def split_range(output: float, t_min: float, t_max: float, alpha_gain: float) ->
         T = clip(u, t_min, t_max) and s = 1 + alpha_gain * |u - T|: inside T's range alpha is left as
         configured (s = 1); past t_max the tempered positives' push *up* is made s times stronger,
         past t_min their push *down* (at t_min the regulariser sharpens: aepo-push table,
-        docs/results.md). Split-range control (one integral, two actuators in sequence): T first,
-        since it moves entropy without changing the loss's scale, alpha only once T is spent.
+        docs/results.md). Split range (two actuators in sequence): T first, since it moves entropy
+        without changing the loss's scale, alpha only once T is spent. The integral stays within T's
+        clamps (:func:`adaptive_integral`), so alpha answers the proportional and derivative parts
+        only: an integral free to run into alpha's range ran down to 0.30 while a run came from 0.15
+        to 0.08, and T then stayed at its minimum while entropy undershot (docs/architecture.md).
     """
     temperature = min(max(float(output), float(t_min)), float(t_max))
     return temperature, 1.0 + float(alpha_gain) * abs(float(output) - temperature)

@@ -64,8 +64,8 @@ class Decision:
     state: the controller state the decision was made from (h_prev, entropy coefficient, ...).
     alpha: the REINFORCE rows' weight in combine "add" (None: algorithm.alpha; the adaptive
         controller's second actuator sets it, :func:`aepo_core.core.aepo.split_range`).
-    output: the adaptive controller's output u in temperature units (None for the others): what its
-        anti-windup and the reachability warning compare with its output range.
+    output: the adaptive controller's output u in temperature units (None for the others): what the
+        reachability warning compares with its output range.
     """
 
     temperature: float | None
@@ -253,14 +253,15 @@ class AEPO(Algorithm):
         new = super().next_state(state, decision, metrics)
         c = self.cfg
         if c.controller == "adaptive" and self.entropy_metric() in metrics:
-            # integrate the measured error (no measurement: no integration); the output the measured
-            # step used decides whether the integrator is held at a clamp (anti-windup)
-            lo, hi = self.output_range()
+            # integrate the measured error (no measurement: no integration); the temperature the
+            # measured step sampled at decides whether the integrator is held at a clamp (anti-windup).
+            # The integral is T's balance point, so it stays within T's clamps even when the second
+            # actuator is on: alpha answers only what the proportional part asks beyond them.
             integral = state.adaptive_t if state.adaptive_t is not None else c.adaptive_t_init
-            sampled = decision.actuator() if decision.actuator() is not None else c.adaptive_t_init
+            sampled = decision.temperature if decision.temperature is not None else c.adaptive_t_init
             smooth, slope = smoothed_slope(state.adaptive_h_smooth, new.h_prev, c.adaptive_smoothing)
             new = replace(new, adaptive_t=adaptive_integral(
-                integral, sampled, new.h_prev, c.target_entropy, c.adaptive_gain, lo, hi
+                integral, sampled, new.h_prev, c.target_entropy, c.adaptive_gain, c.adaptive_t_min, c.adaptive_t_max
             ), adaptive_h_smooth=smooth, adaptive_slope=slope)
         span = self.output_range()
         if span is None:
