@@ -178,7 +178,7 @@ def adaptive_integral(
         sampled: the temperature the measured step sampled at (the controller's output then).
         h: what that step measured; target: H* > 0 (e = (H* - h) / H*).
         gain: integral gain, temperature per iteration per unit of relative error.
-        t_min, t_max: the clamps: T's, or :func:`output_range` with the second actuator (alpha).
+        t_min, t_max: T's clamps (with the second actuator too: I is T's balance point).
     Returns:
         I_next in [t_min, t_max].
 
@@ -217,8 +217,8 @@ def split_range(output: float, t_min: float, t_max: float, alpha_gain: float) ->
     Returns:
         T = clip(u, t_min, t_max) and s = 1 + alpha_gain * |u - T|: inside T's range alpha is left as
         configured (s = 1); past t_max the tempered positives' push *up* is made s times stronger,
-        past t_min their push *down* (at t_min the regulariser sharpens: aepo-push table,
-        docs/results.md). Split range (two actuators in sequence): T first, since it moves entropy
+        past t_min their push *down* (at t_min the regulariser sharpens: the entropy-push
+        table, docs/results.md). Split range (two actuators in sequence): T first, since it moves entropy
         without changing the loss's scale, alpha only once T is spent. The integral stays within T's
         clamps (:func:`adaptive_integral`), so alpha answers the proportional and derivative parts
         only: an integral free to run into alpha's range ran down to 0.30 while a run came from 0.15

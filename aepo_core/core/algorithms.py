@@ -487,4 +487,3 @@ def decision_from_json(data: dict[str, Any]) -> Decision:
         alpha=data.get("next_alpha"),  # absent in controller.json files written before it existed
         output=data.get("next_output"),
     )
-
