@@ -436,3 +436,29 @@ def test_second_actuator_needs_the_adaptive_controller_and_add():
                            "algorithm.target_entropy=0.1"])  # combine replace (the default)
     with pytest.raises(ConfigError, match="adaptive_alpha_gain"):
         load_config(None, ["algorithm.adaptive_alpha_gain=4", "algorithm.combine=add"])  # bang-bang
+
+
+def test_entropy_stage_records_alpha_for_the_update(tmp_path):
+    """The entropy stage writes the second actuator's alpha and output into controller.json (what the
+    next update reads) and logs alpha; its warning names both limits."""
+    from aepo_core.pipeline import stages
+    from aepo_core.pipeline.rundir import RunDir
+
+    cfg = load_config(None, ["algorithm.controller=adaptive", "algorithm.combine=add", "algorithm.target_entropy=0.3",
+                             "algorithm.adaptive_gain=0", "algorithm.adaptive_kp=2", "algorithm.adaptive_alpha_gain=4",
+                             "algorithm.adaptive_alpha_max=3", "algorithm.reach_window=2"])
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    save_config(cfg, run.config_path)
+    # e = (0.3 - 0.15) / 0.3 = 0.5: u = 1.0 + 2 * 0.5 = 2.0 (the output range's top, 1.5 + 2 / 4):
+    # T 1.5, alpha 1 + 4 * 0.5 = 3
+    for i in range(3):
+        _fake_update(run, i, {"entropy/nll": 0.15, "entropy/exact": 0.15, "entropy/nll_policy_rows": 0.15,
+                              "entropy/exact_policy_rows": 0.15, "aepo/k": 2, "aepo/num_positives": 3})
+        metrics = stages.entropy(run, i)
+    controller = json.loads((run.stage_dir(2, "entropy") / "controller.json").read_text())
+    assert controller["next_temperature"] == 1.5
+    assert controller["next_alpha"] == pytest.approx(3.0) and controller["next_output"] == pytest.approx(2.0)
+    assert metrics["next_alpha"] == pytest.approx(3.0) and metrics["at_clamp_iterations"] == 2
+    assert "T at its maximum 1.5 and alpha at 3 for 2 iterations" in run.manifest(2, "entropy")["params"]["reachability"]
+    assert stages.controller_decision(run, cfg, 3).alpha == pytest.approx(3.0)  # what the update of iteration 3 uses
