@@ -1,5 +1,8 @@
+from pathlib import Path
+
 import pytest
 
+from aepo_core.config import load_config
 from aepo_core.pipeline.sweeps import PlanError, read_plan, sweep_runs
 
 
@@ -39,3 +42,14 @@ def test_bad_plans_name_the_file_and_key(tmp_path, text, message):
 def test_unknown_arm_selection_lists_the_arms():
     with pytest.raises(PlanError, match=r"no arm named \['c'\]; arms are \['a', 'b'\]"):
         sweep_runs({"a": [], "b": []}, only=["c"])
+
+
+@pytest.mark.parametrize("plan", sorted((Path(__file__).parents[1] / "data" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_plans_give_valid_configs(plan):
+    """Every plan in data/sweeps/ reads, and each of its runs' overrides makes a valid config (a typo
+    in a plan otherwise surfaces only when its run starts, maybe hours into a sweep)."""
+    p = read_plan(plan)
+    runs = sweep_runs(p["arms"], p["seeds"], p["overrides"], where=str(plan))
+    assert runs and len({r.name for r in runs}) == len(runs)
+    for run in runs:
+        load_config(None, list(run.overrides))
