@@ -1,0 +1,99 @@
+"""Run a sweep plan's runs N at a time through the stage functions, without Prefect or MLflow.
+
+    python scripts/stage_loop.py --plan data/sweeps/adaptive-seeds.yaml --parallel 16   # a GPU box
+    python scripts/stage_loop.py --plan data/sweeps/adaptive-seeds.yaml --arm pi-0.12 --parallel 2
+
+For machines that have torch and the project's core libraries but no Prefect or MLflow (the lent
+accelerator machine of docs/results.md, "Seeds of the adaptive controller on a GPU"), and for many
+small runs at once, which `aepo sweep` (one run after another, each a Prefect flow) does not do. Each
+run is one process with one CPU thread (OMP_NUM_THREADS=1: several torch processes with a thread per
+core each spin against each other), running iteration by iteration the same stages in the same order
+as the `train` flow (`aepo_core.pipeline.stages.PIPELINE`) on the same run directory, so a run
+resumes where it stopped and `aepo run` / `aepo compare` can take it over later. What it leaves out
+is the flow's tracking: no MLflow run, no Prefect artifacts, no plots; read the run directories
+(each iteration's entropy/controller.json, evaluate/_SUCCESS.json). Logs: <runs_root>/<name>.log.
+Exit status 1 when any run failed (its log says why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+
+def train_one(overrides: list[str]) -> None:
+    """One run, in this process: the train flow's stage loop without its tracking."""
+    from aepo_core.pipeline.processes import use_threads
+    from aepo_core.pipeline.retention import prune
+    from aepo_core.pipeline.stages import PIPELINE, is_stage_complete, open_run, stages_of
+
+    run = open_run(None, None, None, overrides)
+    try:
+        cfg = run.config()
+        use_threads(cfg.run.threads)
+        for i in range(cfg.run.iterations):
+            started = time.perf_counter()
+            cfg_i = run.config(i)  # a rerun's overrides apply from its iteration on
+            for name in stages_of(cfg_i, i):
+                if is_stage_complete(run, cfg_i, i, name):
+                    continue
+                stage = PIPELINE[name]
+                stage.run(run, i, show_progress=False) if stage.progress else stage.run(run, i)
+            prune(run, cfg, i)
+            read = run.manifest(i, "entropy")["metrics"].get("entropy_read")
+            print(f"iter {i:04d}/{cfg.run.iterations:04d} | H read {read} | {time.perf_counter() - started:.1f}s", flush=True)
+    finally:
+        run.release_writer()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plan", help="sweep plan (YAML; aepo_core/pipeline/sweeps.py)")
+    parser.add_argument("--arm", action="append", help="only this arm (repeatable)")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at once (one process and one thread each)")
+    parser.add_argument("--one", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)  # a child: its overrides
+    parser.add_argument("overrides", nargs="*", help="dotted overrides for every run (after the plan's)")
+    args = parser.parse_args()
+    if args.one is not None:
+        train_one(args.one)
+        return 0
+    if not args.plan:
+        parser.error("--plan is required")
+
+    from aepo_core.config import load_config
+    from aepo_core.pipeline.stages import run_root
+    from aepo_core.pipeline.sweeps import read_plan, sweep_runs
+
+    plan = read_plan(args.plan)
+    runs = sweep_runs(plan["arms"], plan["seeds"], plan["overrides"], only=args.arm, where=args.plan)
+    jobs = []
+    for sweep_run in runs:  # every run's config first: a bad override fails before any run starts
+        overrides = [*sweep_run.overrides, *args.overrides, "run.threads=1"]
+        jobs.append((sweep_run.name, overrides, run_root(load_config(None, overrides))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    pending, running, failed = list(jobs), [], []
+    while pending or running:
+        while pending and len(running) < max(1, args.parallel):
+            name, overrides, root = pending.pop(0)
+            root.parent.mkdir(parents=True, exist_ok=True)
+            log = open(root.parent / f"{name}.log", "a")
+            proc = subprocess.Popen([sys.executable, __file__, "--one", *overrides], stdout=log, stderr=subprocess.STDOUT, env=env)
+            running.append((name, proc, log))
+            print(f"started {name} -> {root} (log {log.name})", flush=True)
+        time.sleep(1)
+        for item in [r for r in running if r[1].poll() is not None]:
+            name, proc, log = item
+            running.remove(item)
+            log.close()
+            print(f"{'finished' if proc.returncode == 0 else f'FAILED (exit {proc.returncode})'} {name}", flush=True)
+            if proc.returncode != 0:
+                failed.append(name)
+    print(f"{len(runs) - len(failed)} of {len(runs)} runs finished" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
