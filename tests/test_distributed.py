@@ -180,3 +180,21 @@ def test_a_failed_rank_is_the_stage_error_naming_run_and_iteration(tmp_path):
     with pytest.raises(DistributedStageFailed, match=rf"the update stage of iteration 3 of {missing} failed on 2 processes "
                                                      r"\(torchrun exit status 1\): .*config"):
         launch_stage("update", missing, 3, 2)
+
+
+@pytest.mark.parametrize(("overrides", "world", "where"), [
+    ([], 1, {"update": "here", "rollout": "here", "evaluate": "here", "reward": "here"}),
+    (["trainer.nproc=2"], 1, {"update": "torchrun", "rollout": "here", "evaluate": "here", "reward": "here"}),
+    (["rollout.data_parallel=2"], 1, {"update": "here", "rollout": "torchrun", "evaluate": "torchrun", "reward": "here"}),
+    (["trainer.nproc=2", "rollout.data_parallel=2"], 2, {"update": "here", "rollout": "here", "evaluate": "here"}),
+    (["trainer.nproc=2", "rollout.data_parallel=3", "run.ray_address=127.0.0.1:6379"], 1,
+     {"update": "ray_train", "rollout": "ray_actors", "evaluate": "ray_actors", "entropy": "here"}),
+    (["run.ray_address=127.0.0.1:6379"], 1, {"update": "here", "rollout": "here", "evaluate": "here"}),
+])
+def test_placement_by_hand(overrides, world, where):
+    """Where each stage runs, from the launching process (world 1) and from inside the ranks (world 2)."""
+    from aepo_core.config import load_config
+    from aepo_core.pipeline.distributed import placement
+
+    cfg = load_config(None, overrides)
+    assert {stage: placement(cfg, stage, world) for stage in where} == where

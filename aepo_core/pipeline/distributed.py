@@ -26,13 +26,41 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
+from aepo_core.config import Config
 from aepo_core.errors import UserError
 
 ENTRY = "aepo_core.pipeline.stage_rank"  # the ranks' program (it imports the stages: its own module)
-# the stages that run on ranks, and the config key saying on how many
-RANKED_STAGES = {"update": "trainer.nproc", "rollout": "rollout.data_parallel", "evaluate": "rollout.data_parallel"}
+RANKED_STAGES = ("update", "rollout", "evaluate")  # the stages that can run on more than one process
 _TAIL_BYTES = 64 * 1024  # of the ranks' stderr, kept for the error message
+
+
+Placement = Literal["here", "torchrun", "ray_train", "ray_actors"]
+
+
+def stage_processes(cfg: Config, stage: str) -> int:
+    """How many processes `stage` asks for: ``trainer.nproc`` for the update, ``rollout.data_parallel``
+    for rollout and evaluate, 1 for the other stages."""
+    if stage == "update":
+        return cfg.trainer.nproc
+    return cfg.rollout.data_parallel if stage in RANKED_STAGES else 1
+
+
+def placement(cfg: Config, stage: str, world: int) -> Placement:
+    """Where `stage` runs, decided here only, as seen from a process in a group of `world` ranks:
+
+    - "here": in this process — one process asked for, or this process is already one of the ranks;
+    - "torchrun": on ``stage_processes`` ranks started by torchrun on this machine (no run.ray_address);
+    - "ray_train": with run.ray_address, the update on Ray Train workers;
+    - "ray_actors": with run.ray_address, rollout or evaluate in this process, sampling through
+      ``rollout.data_parallel`` engine actors on the cluster.
+    """
+    if stage_processes(cfg, stage) == 1 or world > 1:
+        return "here"
+    if cfg.run.ray_address is None:
+        return "torchrun"
+    return "ray_train" if stage == "update" else "ray_actors"
 
 
 class DistributedStageFailed(UserError):

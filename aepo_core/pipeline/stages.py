@@ -59,7 +59,7 @@ from aepo_core.io.sharded import (
 )
 from aepo_core.io.verifiers import make_verifier
 from aepo_core.pipeline import retention
-from aepo_core.pipeline.distributed import RANKED_STAGES, launch_stage
+from aepo_core.pipeline.distributed import launch_stage, placement, stage_processes
 from aepo_core.pipeline.evaluation import evaluate_model, write_source_names
 from aepo_core.pipeline.retention import PrunedArtifact, pruned_need
 from aepo_core.pipeline.rundir import (
@@ -454,13 +454,11 @@ def prepare(run: RunDir, iteration: int) -> dict[str, Any]:
 
 def on_ranks(run: RunDir, cfg: Config, iteration: int, stage: str, ups: dict[str, str],
              show_progress: bool = False) -> dict[str, Any] | None:
-    """Run `stage` on the processes its config asks for (RANKED_STAGES: trainer.nproc for the update,
-    rollout.data_parallel for rollout and evaluate) when that is more than one and this process is
-    not already one of them; returns the metrics the ranks published, or None: compute it here.
-
-    Where: torchrun on this machine (aepo_core.pipeline.distributed), or with run.ray_address the
-    update on Ray Train workers (aepo_core.pipeline.ray_cluster); rollout and evaluate on Ray stay
-    here and sample through engine actors (`stage_engine`).
+    """Run `stage` on the processes its config asks for when it is placed on other processes
+    (`aepo_core.pipeline.distributed.placement`: torchrun ranks on this machine, or the update on Ray
+    Train workers, aepo_core.pipeline.ray_cluster); returns the metrics the ranks published, or None:
+    compute it here (rollout and evaluate on Ray stay here and sample through engine actors,
+    `stage_engine`).
 
     The ranks are given `ups`, the digests this process has just checked, and compare them with the
     digests recorded in the run directory they see (`rank_inputs`) rather than hashing the inputs
@@ -468,12 +466,10 @@ def on_ranks(run: RunDir, cfg: Config, iteration: int, stage: str, ups: dict[str
 
     Raises DistributedStageFailed (a rank failed) or StageNotReady (the ranks exited without
     publishing the stage for these upstream digests)."""
-    nproc = int(cfg.flat()[RANKED_STAGES[stage]])
-    if nproc == 1 or Ranks.current().world > 1:
-        return None
-    if cfg.run.ray_address is None:
+    where, nproc = placement(cfg, stage, Ranks.current().world), stage_processes(cfg, stage)
+    if where == "torchrun":
         launch_stage(stage, run.root, iteration, nproc, show_progress, upstream=ups)
-    elif stage == "update":
+    elif where == "ray_train":
         from aepo_core.pipeline.ray_cluster import launch_on_ray
 
         launch_on_ray(update, cfg, run.root, iteration, nproc, show_progress, upstream=ups)
@@ -487,14 +483,14 @@ def on_ranks(run: RunDir, cfg: Config, iteration: int, stage: str, ups: dict[str
 
 
 @contextlib.contextmanager
-def stage_engine(cfg: Config, model_path: Path, what: str) -> Iterator[RolloutEngine]:
-    """The stage's engine: the process's (shared_engine, kept after the stage); on the ranks of a
-    data-parallel stage, this rank's engine as its part of one engine over all ranks
-    (DataParallelEngine: a collective); with run.ray_address and rollout.data_parallel D > 1, D
-    engine actors on the cluster, released when the stage's sampling is done (`what`: the stage,
-    iteration and run, for their errors)."""
+def stage_engine(cfg: Config, model_path: Path, stage: str, what: str) -> Iterator[RolloutEngine]:
+    """The engine `stage` (rollout or evaluate) samples with: the process's (shared_engine, kept after
+    the stage); on the ranks of a data-parallel stage, this rank's engine as its part of one engine
+    over all ranks (DataParallelEngine: a collective); placed on Ray ("ray_actors"), D =
+    rollout.data_parallel engine actors on the cluster, released when the stage's sampling is done
+    (`what`: the stage, iteration and run, for their errors)."""
     ranks = Ranks.current()
-    if ranks.world == 1 and cfg.rollout.data_parallel > 1 and cfg.run.ray_address is not None:
+    if placement(cfg, stage, ranks.world) == "ray_actors":
         from aepo_core.pipeline.ray_cluster import engine_actors
 
         with engine_actors(cfg, model_path, what) as engine:
@@ -569,7 +565,7 @@ def rollout(run: RunDir, iteration: int, show_progress: bool = False,
         return published  # sampled by rollout.data_parallel engine processes
     prompts = pq.read_table(run.stage_dir(iteration, "prepare") / "prompts.parquet")
     decision = controller_decision(run, cfg, iteration)
-    with stage_engine(cfg, policy_dir(run, iteration), f"the rollout stage of iteration {iteration} of {run.root}") as engine:
+    with stage_engine(cfg, policy_dir(run, iteration), "rollout", f"the rollout stage of iteration {iteration} of {run.root}") as engine:
         engine.show_progress = show_progress
         r = cfg.rollout
         seed = _seed(r.seed, iteration)
@@ -929,7 +925,7 @@ def evaluate_stage(run: RunDir, iteration: int, show_progress: bool = False,
         return published  # sampled by rollout.data_parallel engine processes
     policy = policy_dir(run, iteration + 1)
     table = pq.read_table(run.dataset_path("eval"))
-    with stage_engine(cfg, policy, f"the evaluate stage of iteration {iteration} of {run.root}") as engine:
+    with stage_engine(cfg, policy, "evaluate", f"the evaluate stage of iteration {iteration} of {run.root}") as engine:
         engine.show_progress = show_progress  # an evaluation samples the most rows of any stage: say so
         records, results = evaluate_model(cfg, policy, table, engine=engine)
     if Ranks.current().rank != 0:  # every rank holds every record; rank 0 writes them
