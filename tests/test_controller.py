@@ -270,21 +270,30 @@ def _fake_update(run, iteration, metrics):
         m.update(metrics)
 
 
-def test_entropy_stage_records_the_rows_read_and_warns_once(tmp_path, capsys):
+def _entropy_stages(tmp_path, overrides, iterations, measured):
+    """A run directory with `overrides`' config, and `iterations` entropy stages, each after an update
+    that measured `measured`: (run, config, the last entropy stage's metrics)."""
     from aepo_core.pipeline import stages
     from aepo_core.pipeline.rundir import RunDir
-    from aepo_core.pipeline.tracking import latest_reachability
 
-    cfg = load_config(None, ["algorithm.controller=adaptive", "algorithm.target_entropy=0.3", "algorithm.reach_window=2",
-                             "algorithm.adaptive_gain=1.5"])
+    cfg = load_config(None, overrides)
     run = RunDir(tmp_path / "run")
     run.root.mkdir()
     save_config(cfg, run.config_path)
-    # e = (0.3 - 0.15) / 0.3 = 0.5: T 1.0 -> 1.75 -> 1.5 (clamp); at the clamp from iteration 1
-    for i in range(4):
-        _fake_update(run, i, {"entropy/nll": 0.4, "entropy/exact": 0.5, "entropy/nll_policy_rows": 0.15,
-                              "entropy/exact_policy_rows": 0.2, "aepo/k": 2, "aepo/num_positives": 3})
+    for i in range(iterations):
+        _fake_update(run, i, {**measured, "aepo/k": 2, "aepo/num_positives": 3})
         metrics = stages.entropy(run, i)
+    return run, cfg, metrics
+
+
+def test_entropy_stage_records_the_rows_read_and_warns_once(tmp_path, capsys):
+    from aepo_core.pipeline.tracking import latest_reachability
+
+    # e = (0.3 - 0.15) / 0.3 = 0.5: T 1.0 -> 1.75 -> 1.5 (clamp); at the clamp from iteration 1
+    run, _, metrics = _entropy_stages(
+        tmp_path, ["algorithm.controller=adaptive", "algorithm.target_entropy=0.3", "algorithm.reach_window=2",
+                   "algorithm.adaptive_gain=1.5"], 4,
+        {"entropy/nll": 0.4, "entropy/exact": 0.5, "entropy/nll_policy_rows": 0.15, "entropy/exact_policy_rows": 0.2})
     controller = json.loads((run.stage_dir(3, "entropy") / "controller.json").read_text())
     assert controller["measured"] == {"nll": 0.4, "exact": 0.5, "nll_policy_rows": 0.15, "exact_policy_rows": 0.2,
                                       "rows": "policy", "read": "entropy/nll_policy_rows", "read_value": 0.15}
@@ -442,20 +451,14 @@ def test_entropy_stage_records_alpha_for_the_update(tmp_path):
     """The entropy stage writes the second actuator's alpha and output into controller.json (what the
     next update reads) and logs alpha; its warning names both limits."""
     from aepo_core.pipeline import stages
-    from aepo_core.pipeline.rundir import RunDir
 
-    cfg = load_config(None, ["algorithm.controller=adaptive", "algorithm.combine=add", "algorithm.target_entropy=0.3",
-                             "algorithm.adaptive_gain=0", "algorithm.adaptive_kp=2", "algorithm.adaptive_alpha_gain=4",
-                             "algorithm.adaptive_alpha_max=3", "algorithm.reach_window=2"])
-    run = RunDir(tmp_path / "run")
-    run.root.mkdir()
-    save_config(cfg, run.config_path)
     # e = (0.3 - 0.15) / 0.3 = 0.5: u = 1.0 + 2 * 0.5 = 2.0 (the output range's top, 1.5 + 2 / 4):
     # T 1.5, alpha 1 + 4 * 0.5 = 3
-    for i in range(3):
-        _fake_update(run, i, {"entropy/nll": 0.15, "entropy/exact": 0.15, "entropy/nll_policy_rows": 0.15,
-                              "entropy/exact_policy_rows": 0.15, "aepo/k": 2, "aepo/num_positives": 3})
-        metrics = stages.entropy(run, i)
+    run, cfg, metrics = _entropy_stages(
+        tmp_path, ["algorithm.controller=adaptive", "algorithm.combine=add", "algorithm.target_entropy=0.3",
+                   "algorithm.adaptive_gain=0", "algorithm.adaptive_kp=2", "algorithm.adaptive_alpha_gain=4",
+                   "algorithm.adaptive_alpha_max=3", "algorithm.reach_window=2"], 3,
+        {key: 0.15 for key in ("entropy/nll", "entropy/exact", "entropy/nll_policy_rows", "entropy/exact_policy_rows")})
     controller = json.loads((run.stage_dir(2, "entropy") / "controller.json").read_text())
     assert controller["next_temperature"] == 1.5
     assert controller["next_alpha"] == pytest.approx(3.0) and controller["next_output"] == pytest.approx(2.0)
