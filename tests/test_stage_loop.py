@@ -39,23 +39,35 @@ def test_runs_a_plan_two_at_a_time_and_resumes(tmp_path, base_policy_dir):
     plan = _plan(tmp_path, base_policy_dir,
                  "  grpo: [algorithm.name=grpo]\n"
                  "  ad: [algorithm.combine=add, algorithm.controller=adaptive, algorithm.target_entropy=0.1]\n")
-    done = _loop(plan, "--parallel", "2")
+    first = _loop(plan, "--parallel", "2", "run.iterations=1")  # stopped after one iteration ...
+    assert first.returncode == 0, first.stdout + first.stderr
+    lines = first.stdout.splitlines()
+    assert [line.split()[0] for line in lines[:2]] == ["started", "started"]  # both at once
+    iteration0 = {name: RunDir(tmp_path / "runs" / name).manifest(0, "update") for name in ("grpo-s0", "ad-s0")}
+    done = _loop(plan, "--parallel", "2")  # ... and resumed to the plan's two
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 of 2 runs finished" in done.stdout
-    manifests = {}
     for name in ("grpo-s0", "ad-s0"):
         run = RunDir(tmp_path / "runs" / name)
+        assert run.manifest(0, "update") == iteration0[name]  # not recomputed
+        assert run.manifest(-1, "evaluate") is not None  # the starting policy's evaluation, as the flow's
         for stage in ("prepare", "rollout", "reward", "update", "entropy", "evaluate"):
             assert run.manifest(1, stage) is not None, (name, stage)
-        manifests[name] = (run.stage_dir(1, "entropy") / "_SUCCESS.json").read_text()
-        assert "iter 0001/0002" in (tmp_path / "runs" / f"{name}.log").read_text()
+        log = (tmp_path / "runs" / f"{name}.log").read_text()
+        assert log.count("=== ") == 2 and "iter 0001/0002" in log
+        assert run.config().run.threads is None  # one thread from the environment, not stored
     decision = json.loads((tmp_path / "runs" / "ad-s0" / "iter_0001" / "entropy" / "controller.json").read_text())
     assert decision["target"] == 0.1 and 0.6 <= decision["next_temperature"] <= 1.5
-    # again: every stage is already done, nothing is recomputed
-    again = _loop(plan, "--parallel", "2")
-    assert again.returncode == 0, again.stdout + again.stderr
-    for name, text in manifests.items():
-        assert (tmp_path / "runs" / name / "iter_0001" / "entropy" / "_SUCCESS.json").read_text() == text
+
+
+def test_a_run_that_fails_is_reported_and_the_others_finish(tmp_path, base_policy_dir):
+    plan = _plan(tmp_path, base_policy_dir,
+                 f"  good: [algorithm.name=grpo]\n  broken: [model.path={tmp_path / 'no-such-policy'}]\n")
+    done = _loop(plan, "run.iterations=1")
+    assert done.returncode == 1
+    assert "FAILED (exit" in done.stdout and "1 of 2 runs finished; failed: broken-s0" in done.stdout
+    assert "no-such-policy" in (tmp_path / "runs" / "broken-s0.log").read_text()
+    assert RunDir(tmp_path / "runs" / "good-s0").manifest(0, "entropy") is not None
 
 
 def test_a_bad_override_is_refused_before_any_run_starts(tmp_path, base_policy_dir):

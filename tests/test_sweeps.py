@@ -44,7 +44,14 @@ def test_unknown_arm_selection_lists_the_arms():
         sweep_runs({"a": [], "b": []}, only=["c"])
 
 
-@pytest.mark.parametrize("plan", sorted((Path(__file__).parents[1] / "data" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+SHIPPED_PLANS = sorted((Path(__file__).parents[1] / "data" / "sweeps").glob("*.yaml"))
+
+
+def test_the_shipped_plans_are_found():
+    assert len(SHIPPED_PLANS) >= 2  # entropy-targets.yaml, adaptive-seeds.yaml
+
+
+@pytest.mark.parametrize("plan", SHIPPED_PLANS, ids=lambda p: p.name)
 def test_shipped_plans_give_valid_configs(plan):
     """Every plan in data/sweeps/ reads, and each of its runs' overrides makes a valid config (a typo
     in a plan otherwise surfaces only when its run starts, maybe hours into a sweep)."""
