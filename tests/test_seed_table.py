@@ -1,0 +1,52 @@
+"""scripts/seed_table.py: the seeds table's numbers on run directories written by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("seed_table", Path(__file__).parents[1] / "scripts" / "seed_table.py")
+seed_table = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(seed_table)
+
+
+def _write_run(root: Path, reads: list[float], temps: list[float | None], target: float = 0.1) -> None:
+    for i, (h, t) in enumerate(zip(reads, temps, strict=True)):
+        stage = root / f"iter_{i:04d}" / "entropy"
+        stage.mkdir(parents=True)
+        measured = {"nll": h + 0.01, "exact": h, "nll_policy_rows": h + 0.02, "exact_policy_rows": h, "read_value": h}
+        stage.joinpath("controller.json").write_text(json.dumps(
+            {"measured": measured, "target": target, "next_temperature": t, "state": {}}))
+    done = root / f"iter_{len(reads) - 1:04d}" / "evaluate"
+    done.mkdir(parents=True)
+    done.joinpath("_SUCCESS.json").write_text(json.dumps({"metrics": {"accuracy": 0.75}}))
+
+
+def test_a_controlled_run_by_hand(tmp_path):
+    # 100 iterations; the second half alternates 0.09, 0.11 around H* = 0.1: |H - H*| / H* = 0.1 on
+    # every iteration; sd 0.01; the 49 changes are 25 x +0.02 and 24 x -0.02 (mean 0.02 / 49), so
+    # fast = sqrt(0.02^2 - (0.02 / 49)^2) / sqrt(2) / 0.1, above sd / 0.1: slow = 0.
+    reads = [0.15] * 50 + [0.09, 0.11] * 25
+    temps = [1.0] * 50 + [1.5, 0.6] * 25  # second half: 25 at each clamp; 49 rises, 50 falls overall
+    _write_run(tmp_path / "pi-0.1-s0", reads, temps)
+    row = seed_table.run_row(tmp_path / "pi-0.1-s0", "pi-0.1-s0")
+    assert row["dev"] == pytest.approx(0.1)
+    assert row["dev_nll"] == pytest.approx(sum(abs(h + 0.02 - 0.1) for h in reads[50:]) / 50 / 0.1)
+    assert (row["mean"], row["lo"], row["hi"]) == pytest.approx((0.1, 0.09, 0.11))
+    assert (row["at_max"], row["at_min"], row["t_lo"], row["t_hi"]) == (25, 25, 0.6, 1.5)
+    assert (row["moves_up"], row["moves_down"]) == (25, 25)  # 1.0 -> 1.5 once, then 24 more rises
+    assert row["fast"] == pytest.approx((0.02**2 - (0.02 / 49) ** 2) ** 0.5 / 2**0.5 / 0.1)
+    assert row["slow"] == pytest.approx(0.0, abs=1e-6)
+    assert row["final_accuracy"] == 0.75
+
+
+def test_grpo_gets_its_fall_and_the_table_skips_it(tmp_path):
+    reads = [0.2] * 10 + [0.1] * 80 + [0.05] * 10  # nll policy rows = read + 0.02
+    _write_run(tmp_path / "grpo-s0", reads, [None] * 100)
+    row = seed_table.run_row(tmp_path / "grpo-s0", "grpo-s0")
+    assert row["target"] is None and row["fall"] == pytest.approx(1 - 0.07 / 0.22)
+    text = seed_table.markdown([row])
+    assert "| grpo-s0 |" not in text and "fall (last ten vs first ten iterations) 68%" in text
