@@ -9,7 +9,8 @@ Per controlled run, over the second half (iterations 50-99 of 100):
 - dev: mean |H - H*| / H* of the reading the controller steered (exact, policy rows), and the same
   for the nll estimator of the policy rows;
 - mean, min and max of that reading; T's range (the temperature each entropy stage chose);
-- iterations at T's clamps (1.5 / 0.6, algorithm.adaptive_t_max / t_min); T's moves up and down over
+- iterations at T's clamps (algorithm.adaptive_t_max / t_min of the run's config.yaml; 1.5 / 0.6, the
+  defaults, where it has none); T's moves up and down over
   the whole run (iterations where the chosen T rose or fell);
 - fast / slow: the reading's spread split into the spread of one iteration's change over sqrt(2)
   (reading noise plus one step's) and the rest, sqrt(sd^2 - fast^2), both relative to H*;
@@ -34,6 +35,14 @@ def final_accuracy(root: Path) -> float | None:
     return json.loads(done[-1].read_text())["metrics"]["accuracy"] if done else None
 
 
+def clamps(root: Path) -> tuple[float, float]:
+    """(t_min, t_max) of the adaptive controller in the run's config.yaml (the defaults without one)."""
+    from aepo_core.config import AlgorithmConfig, load_config
+
+    algo = load_config(root / "config.yaml", []).algorithm if (root / "config.yaml").is_file() else AlgorithmConfig()
+    return algo.adaptive_t_min, algo.adaptive_t_max
+
+
 def run_row(root: Path, name: str) -> dict:
     s = series(root)
     m = [j["measured"] for j in s]
@@ -43,6 +52,7 @@ def run_row(root: Path, name: str) -> dict:
         row.update(target=None, nll_first=nll[0], nll_last=nll[-1], fall=1 - sum(nll[-10:]) / sum(nll[:10]))
         return row
     target = s[0]["target"]
+    t_min, t_max = clamps(root)
     read = [x["read_value"] for x in m]
     temps = [j["next_temperature"] for j in s]
     half = range(len(s) // 2, len(s))
@@ -55,7 +65,7 @@ def run_row(root: Path, name: str) -> dict:
         dev_nll=sum(abs(nll[i] - target) for i in half) / len(half) / target,
         mean=statistics.mean(h), lo=min(h), hi=max(h),
         t_lo=min(temps[i] for i in half), t_hi=max(temps[i] for i in half),
-        at_max=sum(temps[i] >= 1.5 - 1e-6 for i in half), at_min=sum(temps[i] <= 0.6 + 1e-6 for i in half),
+        at_max=sum(temps[i] >= t_max - 1e-6 for i in half), at_min=sum(temps[i] <= t_min + 1e-6 for i in half),
         moves_up=sum(b > a + 1e-9 for a, b in zip(temps[:-1], temps[1:], strict=True)),
         moves_down=sum(b < a - 1e-9 for a, b in zip(temps[:-1], temps[1:], strict=True)),
         fast=fast / target, slow=max(sd**2 - fast**2, 0.0) ** 0.5 / target,
@@ -66,7 +76,7 @@ def run_row(root: Path, name: str) -> dict:
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| run | H* | \\|H−H*\\|/H*, exact (nll) | mean H, range (iterations 50–99) | T range, 50–99 "
-        "| iterations at T 1.5 / 0.6, 50–99 | T moves up, down | fast / slow spread (of H*) | final avg@8 |",
+        "| iterations at T's max / min, 50–99 | T moves up, down | fast / slow spread (of H*) | final avg@8 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

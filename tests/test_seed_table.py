@@ -50,3 +50,11 @@ def test_grpo_gets_its_fall_and_the_table_skips_it(tmp_path):
     assert row["target"] is None and row["fall"] == pytest.approx(1 - 0.07 / 0.22)
     text = seed_table.markdown([row])
     assert "| grpo-s0 |" not in text and "fall (last ten vs first ten iterations) 68%" in text
+
+
+def test_the_clamps_come_from_the_runs_config(tmp_path):
+    root = tmp_path / "tmax13-0.08-s0"
+    _write_run(root, [0.07] * 100, [1.0] * 60 + [1.3] * 40, target=0.08)
+    (root / "config.yaml").write_text("algorithm:\n  controller: adaptive\n  adaptive_t_max: 1.3\n")
+    row = seed_table.run_row(root, root.name)
+    assert (row["at_max"], row["at_min"]) == (40, 0)  # at this run's clamp, 1.3 (the default 1.5: 0)
