@@ -19,7 +19,7 @@ from aepo_core.pipeline.compare import plot_histories, summarise
 from aepo_core.pipeline.processes import use_threads
 from aepo_core.pipeline.retention import prune
 from aepo_core.pipeline.rundir import BASE_ITERATION, RunDir
-from aepo_core.pipeline.stages import is_stage_complete, open_run, stages_of
+from aepo_core.pipeline.stages import base_evaluation_pending, open_run, run_iteration
 from aepo_core.pipeline.tracking import Tracker, run_history
 from tasks import STAGE_TASKS
 
@@ -198,7 +198,7 @@ def end_of_run_lines(run: RunDir, cfg: Config, history: dict[str, list[tuple[int
 def evaluate_base(run: RunDir, tracker: Tracker, show_progress: bool) -> None:
     """The starting policy's held-out evaluation, once per run (base/evaluate, the config of the
     run's start; MLflow step -1), said in one line: where every accuracy curve starts."""
-    if not is_stage_complete(run, run.config(BASE_ITERATION), BASE_ITERATION, "evaluate"):
+    if base_evaluation_pending(run):
         metrics = STAGE_TASKS["evaluate"](str(run.root), BASE_ITERATION, show_progress=show_progress)
         n = int(metrics["n"])
         at_n = f", pass@{n} {metrics[f'pass_at_{n}']:.3f}" if f"pass_at_{n}" in metrics else ""
@@ -217,13 +217,9 @@ def _train(run: RunDir, show_progress: bool) -> dict:
         if cfg.run.evaluate_base:
             evaluate_base(run, tracker, show_progress)
         for i in range(cfg.run.iterations):
-            started, skipped = time.perf_counter(), []
-            cfg_i = run.config(i)  # a rerun's overrides apply from its iteration on
-            for stage in stages_of(cfg_i, i):
-                if is_stage_complete(run, cfg_i, i, stage):
-                    skipped.append(stage)
-                    continue
-                STAGE_TASKS[stage](str(run.root), i, show_progress=show_progress)
+            started = time.perf_counter()
+            ran, skipped = run_iteration(run, i,
+                                         lambda stage, it: STAGE_TASKS[stage](str(run.root), it, show_progress=show_progress))
             if "entropy" not in skipped:  # said when the entropy stage decides, not again on a resume
                 note_reachability(run, i)
             tracker.sync(i)
@@ -233,7 +229,7 @@ def _train(run: RunDir, show_progress: bool) -> dict:
             tracker.log_checkpoint(i, policy, run.digest(i, "update"), upload=upload)
             prune(run, cfg, i)  # after the checkpoint is recorded: retention keeps what MLflow uploads
             seconds = time.perf_counter() - started
-            if len(skipped) < len(stages_of(cfg_i, i)):
+            if ran:
                 worked.append(seconds)
             left = cfg.run.iterations - 1 - i
             eta = sum(worked) / len(worked) * left if worked and left else None

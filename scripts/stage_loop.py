@@ -32,22 +32,17 @@ def train_one(overrides: list[str]) -> None:
     from aepo_core.pipeline.processes import use_threads
     from aepo_core.pipeline.retention import prune
     from aepo_core.pipeline.rundir import BASE_ITERATION
-    from aepo_core.pipeline.stages import PIPELINE, is_stage_complete, open_run, stages_of
+    from aepo_core.pipeline.stages import PIPELINE, base_evaluation_pending, open_run, run_iteration
 
     run = open_run(None, None, None, overrides)
     try:
         cfg = run.config()
         use_threads(cfg.run.threads)
-        if cfg.run.evaluate_base and not is_stage_complete(run, run.config(BASE_ITERATION), BASE_ITERATION, "evaluate"):
-            PIPELINE["evaluate"].run(run, BASE_ITERATION, show_progress=False)  # as the flow's evaluate_base
+        if base_evaluation_pending(run):
+            PIPELINE["evaluate"](run, BASE_ITERATION)  # as the flow's evaluate_base
         for i in range(cfg.run.iterations):
             started = time.perf_counter()
-            cfg_i = run.config(i)  # a rerun's overrides apply from its iteration on
-            for name in stages_of(cfg_i, i):
-                if is_stage_complete(run, cfg_i, i, name):
-                    continue
-                stage = PIPELINE[name]
-                stage.run(run, i, show_progress=False) if stage.progress else stage.run(run, i)
+            run_iteration(run, i, lambda name, it: PIPELINE[name](run, it))
             prune(run, cfg, i)
             read = run.manifest(i, "entropy")["metrics"].get("entropy_read")
             print(f"iter {i:04d}/{cfg.run.iterations:04d} | H read {read} | {time.perf_counter() - started:.1f}s", flush=True)

@@ -16,10 +16,7 @@ from aepo_core.pipeline.rundir import RunDir
 def _stage_task(stage: stages.Stage):
     @task(name=stage.name, cache_policy=NO_CACHE, task_run_name=f"{stage.name}-iter-{{iteration:04d}}", retries=0)
     def run_stage(run_dir: str, iteration: int, show_progress: bool = False) -> dict:
-        run = RunDir(run_dir)
-        if stage.progress:
-            return stage.run(run, iteration, show_progress=show_progress)
-        return stage.run(run, iteration)
+        return stage(RunDir(run_dir), iteration, show_progress=show_progress)
 
     run_stage.__doc__ = stage.run.__doc__
     return run_stage

@@ -63,6 +63,7 @@ from aepo_core.pipeline.distributed import launch_stage, placement, stage_proces
 from aepo_core.pipeline.evaluation import evaluate_model, write_source_names
 from aepo_core.pipeline.retention import PrunedArtifact, pruned_need
 from aepo_core.pipeline.rundir import (
+    BASE_ITERATION,
     LOCK_FILE,
     DamagedStage,
     RunDir,
@@ -408,6 +409,29 @@ def verified_base_digest(run: RunDir) -> str:
 
 def stages_of(cfg: Config, iteration: int) -> list[str]:
     return [s for s in STAGES if s != "evaluate" or evaluation_due(cfg, iteration)]
+
+
+def run_iteration(run: RunDir, iteration: int, call_stage: Callable[[str, int], Any]) -> tuple[list[str], list[str]]:
+    """One iteration's due stages (`stages_of`, under the iteration's config: a rerun's overrides
+    apply from its iteration on), in order: a stage already complete and up to date is skipped, the
+    others are run by ``call_stage(name, iteration)`` (the `train` flow calls its Prefect task, a plain
+    loop ``PIPELINE[name]``). The stage loop of every driver; returns (names run, names skipped)."""
+    cfg = run.config(iteration)
+    ran, skipped = [], []
+    for stage in stages_of(cfg, iteration):
+        if is_stage_complete(run, cfg, iteration, stage):
+            skipped.append(stage)
+            continue
+        call_stage(stage, iteration)
+        ran.append(stage)
+    return ran, skipped
+
+
+def base_evaluation_pending(run: RunDir) -> bool:
+    """Whether the starting policy's held-out evaluation (base/evaluate, once per run, under the
+    config of the run's start) is asked for (run.evaluate_base) and not yet complete."""
+    return run.config().run.evaluate_base and not is_stage_complete(
+        run, run.config(BASE_ITERATION), BASE_ITERATION, "evaluate")
 
 
 def is_stage_complete(run: RunDir, cfg: Config, iteration: int, stage: str, log=print) -> bool:
@@ -962,6 +986,10 @@ class Stage:
     progress: bool = False
     needs: tuple[tuple[int, str, str], ...] = ()
     keys_when: Callable[[Config], tuple[str, ...]] | None = None
+
+    def __call__(self, run: RunDir, iteration: int, show_progress: bool = False) -> dict[str, Any]:
+        """Run the stage: ``run(run_dir, iteration)``, with ``show_progress`` where it takes one."""
+        return self.run(run, iteration, show_progress=show_progress) if self.progress else self.run(run, iteration)
 
 
 def _verifier_if_in_order(cfg: Config) -> tuple[str, ...]:
