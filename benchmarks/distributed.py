@@ -56,6 +56,7 @@ def worker(case_path: str) -> None:
         save_optimizer,
         shard_policy,
     )
+    from aepo_core.pipeline.stage_rank import exit_rank
 
     sys.path.insert(0, str(HERE))
     from common import peak_rss
@@ -104,6 +105,7 @@ def worker(case_path: str) -> None:
     Path(case["out"] + f".rank{ranks.rank}.json").write_text(json.dumps(record))
     if world > 1:
         dist.destroy_process_group()
+        exit_rank(0)  # as a stage's rank (aepo_core.pipeline.stage_rank.exit_rank)
 
 
 def measure(case_path: Path, case: dict, nproc: int) -> dict:

@@ -30,6 +30,7 @@ from aepo_core.io.sharded import (
     save_optimizer,
     shard_policy,
 )
+from aepo_core.pipeline.stage_rank import exit_rank
 
 
 def run_case(case: dict, ranks: Ranks = Ranks()) -> dict | None:
@@ -71,6 +72,7 @@ def main() -> None:
             torch.save(out, case["out"])
     finally:
         dist.destroy_process_group()
+    exit_rank(0)  # as a stage's rank: no SIGABRT from gloo's threads at the interpreter's exit
 
 
 if __name__ == "__main__":

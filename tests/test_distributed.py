@@ -198,3 +198,16 @@ def test_placement_by_hand(overrides, world, where):
 
     cfg = load_config(None, overrides)
     assert {stage: placement(cfg, stage, world) for stage in where} == where
+
+
+def test_a_finished_rank_exits_without_the_interpreters_finalization(tmp_path):
+    """exit_rank: the status asked for, stdout and stderr flushed, and no finalization (an atexit
+    handler stands for it: gloo's threads decref'ing tensors there abort the process, pytorch#190489)."""
+    script = ("import atexit, sys\n"
+              "from aepo_core.pipeline.stage_rank import exit_rank\n"
+              "atexit.register(lambda: print('finalized'))\n"
+              "print('written', end='')\n"
+              "print('to stderr', end='', file=sys.stderr)\n"
+              "exit_rank(3)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "written", "to stderr")

@@ -7,16 +7,39 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
+from aepo_core.io.engines import release_shared_engine
 from aepo_core.io.models import resolve_device
 from aepo_core.pipeline import stages
 from aepo_core.pipeline.distributed import ENTRY, RANKED_STAGES
 from aepo_core.pipeline.processes import rank_threads, use_threads
 from aepo_core.pipeline.rundir import RunDir
+
+
+def exit_rank(code: int = 0) -> NoReturn:
+    """End a rank's process whose work is done and written: flush stdout and stderr, then
+    ``os._exit(code)``, skipping the interpreter's finalization. Call it after
+    ``dist.destroy_process_group()`` and after releasing anything that needs a clean shutdown (an
+    engine's processes): atexit handlers do not run.
+
+    Why: gloo's worker threads destroy each finished collective's work object, which can hold the
+    last reference to a tensor's Python object; the decref takes the GIL, and a thread that asks for
+    it while the interpreter is finalizing is ended by pthread_exit, whose unwinding through a
+    noexcept frame calls std::terminate: SIGABRT at exit, after the rank's work was done, and torchrun
+    then fails the stage (pytorch/pytorch#190489; here about 1 run in 20 of a 2-rank update on 2
+    busy cores, seen in CI). destroy_process_group() does not prevent it: FSDP2 keeps its own
+    references to the group, so the worker threads outlive it. Without finalization the race cannot
+    happen.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,7 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         stage(run, args.iteration, show_progress=args.progress and dist.get_rank() == 0, checked=args.upstream)
     finally:
+        release_shared_engine()  # an engine's processes stop with it, not at an exit that skips atexit
         dist.destroy_process_group()
+    exit_rank(0)  # a failure above exits the usual way, with its traceback (and status 1 either way)
 
 
 if __name__ == "__main__":
