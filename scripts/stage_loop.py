@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def train_one(overrides: list[str]) -> None:
@@ -82,21 +83,30 @@ def main() -> int:
     for sweep_run in runs:  # every run's config first: a bad override fails before any run starts
         overrides = [*sweep_run.overrides, *args.overrides]
         jobs.append((sweep_run.name, overrides, run_root(load_config(None, overrides))))
+    failed = run_children([(name, [__file__, "--one", *overrides], root.parent / f"{name}.log", " ".join(overrides))
+                           for name, overrides, root in jobs], args.parallel)
+    print(f"{len(runs) - len(failed)} of {len(runs)} runs finished" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def run_children(jobs: list[tuple[str, list[str], Path, str]], parallel: int) -> list[str]:
+    """Run `jobs` (name, the Python script and its arguments, log file, what the log's header says)
+    `parallel` at a time, each a process with one CPU thread; returns the names of those that failed.
+    Each start appends a dated header to its log; stopping this process (SIGTERM too) stops them."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill`: run the finally below, stopping the runs
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     pending, running, failed = list(jobs), [], []
     try:
         while pending or running:
-            while pending and len(running) < args.parallel:
-                name, overrides, root = pending.pop(0)
-                root.parent.mkdir(parents=True, exist_ok=True)
-                log = open(root.parent / f"{name}.log", "a")
-                log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} start: {' '.join(overrides)}\n")
+            while pending and len(running) < parallel:
+                name, argv, log_path, header = pending.pop(0)
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                log = open(log_path, "a")
+                log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} start: {header}\n")
                 log.flush()
-                proc = subprocess.Popen([sys.executable, __file__, "--one", *overrides], stdout=log,
-                                        stderr=subprocess.STDOUT, env=env)
+                proc = subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, env=env)
                 running.append((name, proc, log))
-                print(f"started {name} -> {root} (log {log.name})", flush=True)
+                print(f"started {name} (log {log.name})", flush=True)
             time.sleep(1)
             for item in [r for r in running if r[1].poll() is not None]:
                 name, proc, log = item
@@ -110,8 +120,7 @@ def main() -> int:
             proc.terminate()
             proc.wait()
             log.close()
-    print(f"{len(runs) - len(failed)} of {len(runs)} runs finished" + (f"; failed: {', '.join(failed)}" if failed else ""))
-    return 1 if failed else 0
+    return failed
 
 
 if __name__ == "__main__":
