@@ -14,7 +14,7 @@ it is pruned), so the step acts from the second one. The run itself is not chang
 
 Prints, per temperature, the entropy the controller reads (the run's algorithm.entropy_rows and
 estimator) by iteration, and writes OUT/step.json: {"run", "start", "temperatures": {T: {"entropy":
-[...], "temperature": [...], "positives": [...]}}}. A copy that exists is resumed, not copied again.
+[...], "temperature": [...], "positives": [...]}}} and OUT/step.png (entropy by iteration). A copy that exists is resumed, not copied again.
 """
 
 from __future__ import annotations
@@ -67,6 +67,25 @@ def series(run_dir: Path, start: int, end: int) -> dict[str, list]:
     return out
 
 
+def plot(result: dict, path: Path) -> None:
+    """The entropy read against iterations after the run's end, one line per temperature (log scale:
+    a runaway spans decades)."""
+    from aepo_core.pipeline.compare import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for t, s in result["temperatures"].items():
+        ax.plot(range(1, len(s["entropy"]) + 1), s["entropy"], lw=1.2, label=f"T = {t}")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"iterations after the run's end (iteration {result['start'] - 1}); T acts from the second")
+    ax.set_ylabel("entropy read by the controller")
+    ax.set_title(f"open-loop step response: {Path(result['run']).name}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def _temperatures(text: str) -> list[float]:
     values = [float(t) for t in text.split(",") if t.strip()]
     if not values or min(values) <= 0:
@@ -114,6 +133,7 @@ def main() -> int:
     result = {"run": str(args.run_dir.resolve()), "start": start,
               "temperatures": {f"{t:g}": series(args.out / f"T{t:g}", start, end) for t in args.temperatures}}
     (args.out / "step.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, args.out / "step.png")
     print(f"entropy read by iteration after {start - 1} (the first new one samples at the run's own last decision):")
     for t, s in result["temperatures"].items():
         print(f"T {t:>4}: " + " ".join(f"{h:.3f}" for h in s["entropy"]))

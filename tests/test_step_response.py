@@ -38,6 +38,7 @@ def test_copies_continue_at_fixed_temperatures_and_the_run_is_left_alone(tmp_pat
                            "--out", str(out), "--parallel", "2"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     step = json.loads((out / "step.json").read_text())
+    assert (out / "step.png").stat().st_size > 0
     assert step["start"] == 2 and set(step["temperatures"]) == {"0.7", "1.4"}
     for t, s in step["temperatures"].items():
         # the first new iteration samples at the run's own last decision, the second at T
