@@ -96,20 +96,25 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: Path, rows: list[dict], path: Path) -> None:
-    """Entropy and T against iteration for the `pi-<target>` arms, one panel per target."""
+def plot(runs: Path, rows: list[dict], path: Path, prefix: str = "pi-") -> bool:
+    """Entropy and T against iteration for the runs whose names start with `prefix` (the plan's
+    `pi-<target>` arms by default), one panel per target; False (nothing drawn) when no run with a
+    target matches."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    targets = sorted({r["target"] for r in rows if r["target"] is not None and r["name"].startswith("pi-")})
+    targets = sorted({r["target"] for r in rows if r["target"] is not None and r["name"].startswith(prefix)})
+    if not targets:
+        return False
     fig, axes = plt.subplots(2, len(targets), figsize=(4 * len(targets), 6.5), sharex=True, squeeze=False)
     for c, target in enumerate(targets):
         for r in rows:
-            if r["name"].startswith("pi-") and r["target"] == target:
+            if r["name"].startswith(prefix) and r["target"] == target:
                 s = series(runs / r["name"])
-                axes[0, c].plot([j["measured"]["read_value"] for j in s], lw=1, label=r["name"].rsplit("-", 1)[1])
+                label = r["name"].rsplit("-", 1)[1] if prefix == "pi-" else r["name"]
+                axes[0, c].plot([j["measured"]["read_value"] for j in s], lw=1, label=label)
                 axes[1, c].plot([j["next_temperature"] for j in s], lw=1)
         ax = axes[0, c]
         ax.axhline(target, color="k", ls="--", lw=1)
@@ -119,15 +124,18 @@ def plot(runs: Path, rows: list[dict], path: Path) -> None:
         axes[1, c].set_xlabel("iteration")
     axes[0, 0].set_ylabel("entropy (exact, policy rows)")
     axes[1, 0].set_ylabel("regulariser temperature T")
-    fig.suptitle("Adaptive controller (PI, gain 0.1, 32 prompts): every seed; grey band = target ±10% over iterations 50–99")
+    what = "Adaptive controller (PI, gain 0.1, 32 prompts): every seed" if prefix == "pi-" else f"runs {prefix}*"
+    fig.suptitle(f"{what}; grey band = target ±10% over iterations 50–99")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
+    return True
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, help="folder of run directories (a plan's run.runs_root)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--plot-prefix", default="pi-", help="plot the runs whose names start with this (default: pi-)")
     args = parser.parse_args()
     names = sorted(p.parent.parent.parent.name for p in args.runs.glob("*/iter_0000/entropy/controller.json"))
     rows = [run_row(args.runs / name, name) for name in names]
@@ -138,7 +146,8 @@ def main() -> None:
     title = ("# Seeds of the adaptive controller (docs/results.md): |H-H*|/H* over iterations 50-99, from each run's "
              "controller.json (scripts/seed_table.py)\n\n")
     (args.out / "summary.md").write_text(title + markdown(rows))
-    plot(args.runs, rows, args.out / "entropy-by-seed.png")
+    if not plot(args.runs, rows, args.out / "entropy-by-seed.png", args.plot_prefix):
+        print(f"no plot: no run with a target is named {args.plot_prefix}* (--plot-prefix)")
     print(markdown(rows))
 
 

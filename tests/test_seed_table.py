@@ -58,3 +58,16 @@ def test_the_clamps_come_from_the_runs_config(tmp_path):
     (root / "config.yaml").write_text("algorithm:\n  controller: adaptive\n  adaptive_t_max: 1.3\n")
     row = seed_table.run_row(root, root.name)
     assert (row["at_max"], row["at_min"]) == (40, 0)  # at this run's clamp, 1.3 (the default 1.5: 0)
+
+
+def test_the_plot_draws_the_runs_asked_for_and_says_when_there_are_none(tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    for name in ("tmax13-0.08-s0", "tmax13-0.08-s1"):  # no pi- arm: the default plot has nothing to draw
+        _write_run(runs / name, [0.08] * 100, [1.2] * 100, target=0.08)
+    monkeypatch.setattr("sys.argv", ["seed_table.py", str(runs), "--out", str(tmp_path / "a")])
+    seed_table.main()
+    assert "no plot: no run with a target is named pi-*" in capsys.readouterr().out
+    assert (tmp_path / "a" / "summary.md").is_file() and not (tmp_path / "a" / "entropy-by-seed.png").exists()
+    monkeypatch.setattr("sys.argv", ["seed_table.py", str(runs), "--out", str(tmp_path / "b"), "--plot-prefix", "tmax13"])
+    seed_table.main()
+    assert (tmp_path / "b" / "entropy-by-seed.png").stat().st_size > 0
