@@ -32,10 +32,10 @@ def exit_rank(code: int = 0) -> NoReturn:
     last reference to a tensor's Python object; the decref takes the GIL, and a thread that asks for
     it while the interpreter is finalizing is ended by pthread_exit, whose unwinding through a
     noexcept frame calls std::terminate: SIGABRT at exit, after the rank's work was done, and torchrun
-    then fails the stage (pytorch/pytorch#190489; here about 1 run in 20 of a 2-rank update on 2
-    busy cores, seen in CI). destroy_process_group() does not prevent it: FSDP2 keeps its own
-    references to the group, so the worker threads outlive it. Without finalization the race cannot
-    happen.
+    then fails the stage (pytorch/pytorch#190489; here 5 of 164 runs of a 2-rank update on 2 cores,
+    and once in CI). destroy_process_group() did not prevent it: the core dump shows gloo's worker
+    threads still running after it (something, FSDP2's state likely, still holds the group). Without
+    finalization the race cannot happen.
     """
     sys.stdout.flush()
     sys.stderr.flush()
