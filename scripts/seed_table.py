@@ -100,11 +100,9 @@ def plot(runs: Path, rows: list[dict], path: Path, prefix: str = "pi-") -> bool:
     """Entropy and T against iteration for the runs whose names start with `prefix` (the plan's
     `pi-<target>` arms by default), one panel per target; False (nothing drawn) when no run with a
     target matches."""
-    import matplotlib
+    from aepo_core.pipeline.compare import _pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     targets = sorted({r["target"] for r in rows if r["target"] is not None and r["name"].startswith(prefix)})
     if not targets:
         return False

@@ -29,19 +29,30 @@ from pathlib import Path
 
 def train_one(overrides: list[str]) -> None:
     """One run, in this process: the train flow's stage loop without its tracking."""
-    from aepo_core.io.engines import release_shared_engine
     from aepo_core.pipeline.processes import use_threads
-    from aepo_core.pipeline.retention import prune
-    from aepo_core.pipeline.rundir import BASE_ITERATION
-    from aepo_core.pipeline.stages import PIPELINE, base_evaluation_pending, open_run, run_iteration
+    from aepo_core.pipeline.stages import open_run
 
     run = open_run(None, None, None, overrides)
+    use_threads(run.config().run.threads)
+    run_iterations(run, range(run.config().run.iterations))
+
+
+def run_iterations(run, iterations: range) -> None:
+    """`iterations` of `run` (a RunDir whose writer lock this process holds), in this process: the
+    starting policy's evaluation first where it is still due (as the flow's evaluate_base), then each
+    iteration through the stage functions (stages.run_iteration; complete stages are skipped),
+    pruning after each and printing a line each; the rollout engine and the writer lock are released
+    at the end, whatever happens."""
+    from aepo_core.io.engines import release_shared_engine
+    from aepo_core.pipeline.retention import prune
+    from aepo_core.pipeline.rundir import BASE_ITERATION
+    from aepo_core.pipeline.stages import PIPELINE, base_evaluation_pending, run_iteration
+
     try:
         cfg = run.config()
-        use_threads(cfg.run.threads)
         if base_evaluation_pending(run):
-            PIPELINE["evaluate"](run, BASE_ITERATION)  # as the flow's evaluate_base
-        for i in range(cfg.run.iterations):
+            PIPELINE["evaluate"](run, BASE_ITERATION)
+        for i in iterations:
             started = time.perf_counter()
             run_iteration(run, i, lambda name, it: PIPELINE[name](run, it))
             prune(run, cfg, i)

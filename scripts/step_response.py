@@ -25,16 +25,16 @@ import shutil
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stage_loop import run_children, run_iterations  # noqa: E402  (the scripts folder, as a script sees it)
 
 
 def continue_fixed(run_dir: Path, start: int, end: int, temperature: float) -> None:
     """Continue the run at `run_dir` from `start` (its end) to `end` iterations, the temperature fixed
     from `start` on; resumes a copy stopped part way (each step below is checked, not assumed)."""
     from aepo_core.pipeline.processes import use_threads
-    from aepo_core.pipeline.retention import prune
     from aepo_core.pipeline.rundir import RunDir
-    from aepo_core.pipeline.stages import PIPELINE, open_run, prepare_rerun, run_iteration
+    from aepo_core.pipeline.stages import open_run, prepare_rerun
 
     if RunDir(run_dir).config().run.iterations < end:  # more iterations, as `aepo run --iterations` gives
         open_run(None, run_dir, end).release_writer()
@@ -42,16 +42,9 @@ def continue_fixed(run_dir: Path, start: int, end: int, temperature: float) -> N
     if (algo.controller, algo.fixed_temperature) != ("fixed", temperature):  # from `start` on
         prepare_rerun(run_dir, start, "prepare",
                       ["algorithm.controller=fixed", f"algorithm.fixed_temperature={temperature}"]).release_writer()
-    run = open_run(None, run_dir)
-    try:
-        use_threads(1)
-        for i in range(start, end):  # the iterations before are the run's own, complete (and pruned)
-            run_iteration(run, i, lambda name, it: PIPELINE[name](run, it))
-            prune(run, run.config(i), i)
-            print(f"iter {i:04d}/{end:04d} | H read {run.manifest(i, 'entropy')['metrics'].get('entropy_read')}",
-                  flush=True)
-    finally:
-        run.release_writer()
+    use_threads(1)
+    # the iterations before `start` are the run's own, complete (and pruned)
+    run_iterations(open_run(None, run_dir), range(start, end))
 
 
 def series(run_dir: Path, start: int, end: int) -> dict[str, list]:
@@ -123,9 +116,6 @@ def main() -> int:
             shutil.copytree(args.run_dir, copy, symlinks=True, ignore=shutil.ignore_patterns(".writer.lock"))
         jobs.append((f"T{t:g}", [__file__, str(copy), "--one", str(start), str(end), str(t)], args.out / f"T{t:g}.log",
                      f"{args.run_dir} from iteration {start}, T fixed at {t:g}"))
-    sys.path.insert(0, str(HERE))
-    from stage_loop import run_children
-
     failed = run_children(jobs, max(1, args.parallel))
     if failed:
         print(f"failed: {', '.join(failed)} (their logs in {args.out})")
