@@ -202,6 +202,10 @@ class AlgorithmConfig(_Section):
     # rows left to push up with, and at T = 0.6 the push down is weak (aepo_core.core.aepo.split_range).
     adaptive_alpha_gain: float = Field(0.0, ge=0.0, description="adaptive controller: alpha's scale per unit of output past T's clamps (0: T only)")
     adaptive_alpha_max: float = Field(3.0, ge=1.0, description="adaptive controller: the most alpha is scaled by")
+    # With the second actuator: let the integral carry past adaptive_t_max into alpha's range (upwards
+    # only), so a balance that needs more push than T = adaptive_t_max leaves no steady offset; off,
+    # the integral stays within T's clamps (aepo_core.core.aepo.integral_range).
+    adaptive_integral_past_t_max: bool = False
     # Iterations the actuator may sit at a clamp, the error keeping its sign, before the entropy stage
     # says the target is not reached (aepo_core.core.algorithms.reachability).
     reach_window: int = Field(10, ge=1)
@@ -259,6 +263,9 @@ class AlgorithmConfig(_Section):
         if self.adaptive_alpha_gain > 0 and (self.controller != "adaptive" or self.combine != "add"):
             raise ValueError("adaptive_alpha_gain > 0 moves the REINFORCE weight alpha: it needs controller 'adaptive' "
                              f"and combine 'add' (got controller {self.controller!r}, combine {self.combine!r})")
+        if self.adaptive_integral_past_t_max and self.adaptive_alpha_gain <= 0:
+            raise ValueError("adaptive_integral_past_t_max carries the integral into alpha's range: it needs "
+                             "adaptive_alpha_gain > 0 (T alone has no range past adaptive_t_max)")
         if self.controller == "adaptive" and self.target_entropy <= 0:
             raise ValueError("controller 'adaptive' divides by target_entropy (relative error): set it above 0")
         if self.loss_agg == "constant" and self.loss_constant is None:

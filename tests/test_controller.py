@@ -439,6 +439,51 @@ def test_second_actuator_through_the_algorithm():
 
 
 
+def test_integral_range_by_hand():
+    from aepo_core.core.aepo import integral_range
+
+    assert integral_range(0.6, 1.3, 4.0, 3.0) == (0.6, 1.3)  # default: T's clamps
+    # past t_max: up to the output range's top, 1.3 + (3 - 1) / 4 = 1.8; downwards still T's minimum
+    assert integral_range(0.6, 1.3, 4.0, 3.0, past_t_max=True) == pytest.approx((0.6, 1.8))
+    with pytest.raises(ValueError, match="alpha_gain > 0"):
+        integral_range(0.6, 1.3, 0.0, 3.0, past_t_max=True)
+
+
+def test_integral_carries_past_t_max_into_alpha():
+    """adaptive_integral_past_t_max: where the default holds the integral at T's clamp, it goes on
+    into alpha's range, so a steady error below the target is integrated away; it is held only at the
+    output range's top, and it never goes below T's minimum."""
+    carry = make_algorithm(AlgorithmConfig(**SPLIT, adaptive_integral_past_t_max=True))
+    held = make_algorithm(AlgorithmConfig(**SPLIT))
+    metric = carry.entropy_metric()
+    # I 1.48, h 0.1 (e 0.5): u = 1.98, T 1.5 -- the default holds I at 1.48; the carry integrates,
+    # 1.48 + 0.1 * 0.5 = 1.53, past T's clamp 1.5
+    state = ControllerState(h_prev=0.1, adaptive_t=1.48, step=5)
+    d = carry.decide(state)
+    assert (d.temperature, d.output) == (pytest.approx(1.5), pytest.approx(1.98))
+    assert held.next_state(state, held.decide(state), {metric: 0.1}).adaptive_t == pytest.approx(1.48)
+    state = carry.next_state(state, d, {metric: 0.1})
+    assert state.adaptive_t == pytest.approx(1.53)
+    # on target with I past the clamp, alpha stays up: u = I = 1.53, T 1.5, alpha 1 + 4 * 0.03 = 1.12
+    on = carry.decide(ControllerState(h_prev=0.2, adaptive_t=1.53, step=6))
+    assert (on.temperature, on.alpha, on.output) == (pytest.approx(1.5), pytest.approx(1.12), pytest.approx(1.53))
+    # I 1.95, h 0.05 (e 0.75): u at the range's top 2.0 with the error pushing outwards: held at 1.95
+    top = ControllerState(h_prev=0.05, adaptive_t=1.95, step=7)
+    assert carry.next_state(top, carry.decide(top), {metric: 0.05}).adaptive_t == pytest.approx(1.95)
+    # I 1.98, h 0.18 (e 0.1): u = 2.08 saturates at 2.0, so I holds at 1.98 (not 1.99): the test is on u
+    near = ControllerState(h_prev=0.18, adaptive_t=1.98, step=7)
+    assert carry.next_state(near, carry.decide(near), {metric: 0.18}).adaptive_t == pytest.approx(1.98)
+    # entropy above (h 0.3, e -0.5) from I 1.9: u = 1.4, I unwinds by 0.05 a step, 1.85
+    above = ControllerState(h_prev=0.3, adaptive_t=1.9, step=8)
+    assert carry.next_state(above, carry.decide(above), {metric: 0.3}).adaptive_t == pytest.approx(1.85)
+    # downwards nothing changes: I 0.82, h 0.3 (e -0.5): u = 0.32, past T's minimum: held at 0.82
+    low = ControllerState(h_prev=0.3, adaptive_t=0.82, step=9)
+    assert carry.next_state(low, carry.decide(low), {metric: 0.3}).adaptive_t == pytest.approx(0.82)
+    with pytest.raises(ConfigError, match="adaptive_integral_past_t_max"):
+        load_config(None, ["algorithm.controller=adaptive", "algorithm.target_entropy=0.1",
+                           "algorithm.adaptive_integral_past_t_max=true"])  # no second actuator
+
+
 def test_second_actuator_needs_the_adaptive_controller_and_add():
     with pytest.raises(ConfigError, match="adaptive_alpha_gain"):
         load_config(None, ["algorithm.adaptive_alpha_gain=4", "algorithm.controller=adaptive",

@@ -178,7 +178,8 @@ def adaptive_integral(
         sampled: the temperature the measured step sampled at (the controller's output then).
         h: what that step measured; target: H* > 0 (e = (H* - h) / H*).
         gain: integral gain, temperature per iteration per unit of relative error.
-        t_min, t_max: T's clamps (with the second actuator too: I is T's balance point).
+        t_min, t_max: the integral's range, :func:`integral_range` (T's clamps, or past t_max into
+            alpha's range); ``sampled`` is compared with the same range.
     Returns:
         I_next in [t_min, t_max].
 
@@ -207,6 +208,32 @@ def output_range(t_min: float, t_max: float, alpha_gain: float, alpha_max: float
     return float(t_min) - reach, float(t_max) + reach
 
 
+def integral_range(
+    t_min: float, t_max: float, alpha_gain: float, alpha_max: float, past_t_max: bool = False
+) -> tuple[float, float]:
+    """The adaptive controller's integral range (lo, hi), in temperature units.
+
+    Args:
+        t_min, t_max: T's clamps.
+        alpha_gain, alpha_max: the second actuator (:func:`output_range`).
+        past_t_max: let the integral carry past t_max into alpha's range (needs alpha_gain > 0).
+    Returns:
+        (t_min, t_max) by default: the integral is T's balance point. With past_t_max, (t_min, the
+        output range's top), e.g. T in [0.6, 1.3], alpha_gain 4, alpha_max 3: (0.6, 1.8).
+
+    Why upwards only: with the integral held at t_max, a balance that needs more push than T = t_max
+    gives leaves a steady offset that only the proportional part answers (measured on the CPU at
+    0.08: seed 0 kept a mean of 0.074, docs/results.md). Downwards the integral stays at t_min: left
+    free there it ran down to 0.30 while a run came from 0.15 to 0.08, and T then sat at its minimum
+    while entropy undershot (docs/architecture.md, "The controller").
+    """
+    if not past_t_max:
+        return float(t_min), float(t_max)
+    if alpha_gain <= 0:
+        raise ValueError("past_t_max carries the integral into alpha's range: it needs alpha_gain > 0")
+    return float(t_min), output_range(t_min, t_max, alpha_gain, alpha_max)[1]
+
+
 def split_range(output: float, t_min: float, t_max: float, alpha_gain: float) -> tuple[float, float]:
     """Split the adaptive controller's output u between its two actuators: (T, alpha scale).
 
@@ -219,10 +246,9 @@ def split_range(output: float, t_min: float, t_max: float, alpha_gain: float) ->
         configured (s = 1); past t_max the tempered positives' push *up* is made s times stronger,
         past t_min their push *down* (at t_min the regulariser sharpens: the entropy-push
         table, docs/results.md). Split range (two actuators in sequence): T first, since it moves entropy
-        without changing the loss's scale, alpha only once T is spent. The integral stays within T's
-        clamps (:func:`adaptive_integral`), so alpha answers the proportional and derivative parts
-        only: an integral free to run into alpha's range ran down to 0.30 while a run came from 0.15
-        to 0.08, and T then stayed at its minimum while entropy undershot (docs/architecture.md).
+        without changing the loss's scale, alpha only once T is spent. By default the integral stays
+        within T's clamps, so alpha answers the proportional and derivative parts only;
+        :func:`integral_range` says why, and when it may carry past t_max.
     """
     temperature = min(max(float(output), float(t_min)), float(t_max))
     return temperature, 1.0 + float(alpha_gain) * abs(float(output) - temperature)

@@ -37,6 +37,7 @@ from aepo_core.core.aepo import (
     assemble_batch,
     clamp_side,
     controller_action,
+    integral_range,
     output_range,
     select_correct_samples,
     select_positive_samples,
@@ -253,15 +254,19 @@ class AEPO(Algorithm):
         new = super().next_state(state, decision, metrics)
         c = self.cfg
         if c.controller == "adaptive" and self.entropy_metric() in metrics:
-            # integrate the measured error (no measurement: no integration); the temperature the
-            # measured step sampled at decides whether the integrator is held at a clamp (anti-windup).
-            # The integral is T's balance point, so it stays within T's clamps even when the second
-            # actuator is on: alpha answers only what the proportional part asks beyond them.
+            # integrate the measured error (no measurement: no integration); where the measured step's
+            # actuator stood decides whether the integrator is held at a clamp (anti-windup). The
+            # integral is T's balance point, within T's clamps, unless adaptive_integral_past_t_max lets
+            # it carry into alpha's range; the held-at-a-clamp test then reads the output u, which is
+            # where the actuator stands in that range.
+            lo, hi = integral_range(c.adaptive_t_min, c.adaptive_t_max, c.adaptive_alpha_gain,
+                                    c.adaptive_alpha_max, c.adaptive_integral_past_t_max)
             integral = state.adaptive_t if state.adaptive_t is not None else c.adaptive_t_init
-            sampled = decision.temperature if decision.temperature is not None else c.adaptive_t_init
+            stood = decision.actuator() if c.adaptive_integral_past_t_max else decision.temperature
+            sampled = stood if stood is not None else c.adaptive_t_init
             smooth, slope = smoothed_slope(state.adaptive_h_smooth, new.h_prev, c.adaptive_smoothing)
             new = replace(new, adaptive_t=adaptive_integral(
-                integral, sampled, new.h_prev, c.target_entropy, c.adaptive_gain, c.adaptive_t_min, c.adaptive_t_max
+                integral, sampled, new.h_prev, c.target_entropy, c.adaptive_gain, lo, hi
             ), adaptive_h_smooth=smooth, adaptive_slope=slope)
         span = self.output_range()
         if span is None:
