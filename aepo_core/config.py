@@ -206,6 +206,10 @@ class AlgorithmConfig(_Section):
     # only), so a balance that needs more push than T = adaptive_t_max leaves no steady offset; off,
     # the integral stays within T's clamps (aepo_core.core.aepo.integral_range).
     adaptive_integral_past_t_max: bool = False
+    # Hold the integral while the smoothed reading (adaptive_smoothing) already moves towards the
+    # target, so the optimiser's lag does not turn the approach into an overshoot; off: integrate
+    # every measured error (aepo_core.core.aepo.adaptive_integral).
+    adaptive_hold_while_closing: bool = False
     # Iterations the actuator may sit at a clamp, the error keeping its sign, before the entropy stage
     # says the target is not reached (aepo_core.core.algorithms.reachability).
     reach_window: int = Field(10, ge=1)

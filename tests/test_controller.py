@@ -87,6 +87,26 @@ def test_adaptive_integral_by_hand():
     assert adaptive_integral(0.5, 1.2, 0.4, 0.2, 0.25, 0.8, 1.5) == 0.8
 
 
+def test_integral_held_while_closing_by_hand():
+    # e = 0.5 (below the target): rising (slope > 0) is closing -> held at 1.0; falling -> 1.0 + 0.125
+    assert adaptive_integral(1.0, 1.0, 0.1, 0.2, 0.25, 0.8, 1.5, slope=0.01, hold_while_closing=True) == 1.0
+    assert adaptive_integral(1.0, 1.0, 0.1, 0.2, 0.25, 0.8, 1.5, slope=-0.01, hold_while_closing=True) == pytest.approx(1.125)
+    # e = -0.5 (above): falling is closing -> held; rising -> 1.0 - 0.125; a flat reading integrates
+    assert adaptive_integral(1.0, 1.0, 0.3, 0.2, 0.25, 0.8, 1.5, slope=-0.01, hold_while_closing=True) == 1.0
+    assert adaptive_integral(1.0, 1.0, 0.3, 0.2, 0.25, 0.8, 1.5, slope=0.01, hold_while_closing=True) == pytest.approx(0.875)
+    assert adaptive_integral(1.0, 1.0, 0.3, 0.2, 0.25, 0.8, 1.5, slope=0.0, hold_while_closing=True) == pytest.approx(0.875)
+    # off (the default): the slope is not read
+    assert adaptive_integral(1.0, 1.0, 0.1, 0.2, 0.25, 0.8, 1.5, slope=0.01) == pytest.approx(1.125)
+    # through the algorithm (the step sampled at u = 1.0 + 0.1 = 1.1, inside the clamps): smoothed
+    # 0.08, reading 0.1, smoothing 0.8 -> S 0.084, slope +0.004, e 0.5: held
+    algo = make_algorithm(AlgorithmConfig(**ADAPTIVE, adaptive_hold_while_closing=True))
+    state = ControllerState(h_prev=0.18, adaptive_t=1.0, adaptive_h_smooth=0.08, step=3)
+    new = algo.next_state(state, algo.decide(state), {algo.entropy_metric(): 0.1})
+    assert (new.adaptive_t, new.adaptive_slope) == (1.0, pytest.approx(0.004))
+    plain = make_algorithm(AlgorithmConfig(**ADAPTIVE))
+    assert plain.next_state(state, plain.decide(state), {plain.entropy_metric(): 0.1}).adaptive_t == pytest.approx(1.125)
+
+
 def test_adaptive_law_does_not_wind_up():
     """Conditional integration: while the OUTPUT sits at a clamp with the error pushing outwards, the
     integral holds, so one step of opposite error brings the output back at once."""

@@ -169,7 +169,8 @@ def clamp_side(temperature: float | None, below: bool, above: bool, t_min: float
 
 
 def adaptive_integral(
-    integral: float, sampled: float, h: float, target: float, gain: float, t_min: float, t_max: float
+    integral: float, sampled: float, h: float, target: float, gain: float, t_min: float, t_max: float,
+    slope: float = 0.0, hold_while_closing: bool = False,
 ) -> float:
     """One step of the adaptive controller's integral state: I_next = clip(I + gain * e, t_min, t_max).
 
@@ -180,6 +181,10 @@ def adaptive_integral(
         gain: integral gain, temperature per iteration per unit of relative error.
         t_min, t_max: the integral's range, :func:`integral_range` (T's clamps, or past t_max into
             alpha's range); ``sampled`` is compared with the same range.
+        slope: the smoothed reading's change at this measurement (nats/token per iteration,
+            :func:`smoothed_slope`).
+        hold_while_closing: hold I while the smoothed reading already moves towards the target
+            (error and slope of the same sign: below the target and rising, or above and falling).
     Returns:
         I_next in [t_min, t_max].
 
@@ -191,6 +196,10 @@ def adaptive_integral(
     error = relative_error(h, target)
     if clamp_side(sampled, error > 0, error < 0, t_min, t_max) is not None:
         return float(min(max(integral, t_min), t_max))  # output at a clamp, pushed outwards: hold
+    if hold_while_closing and error * slope > 0:
+        # already closing: the push that is moving it is enough, and the optimiser's lag (about ten
+        # steps) would turn more integral into an overshoot
+        return float(min(max(integral, t_min), t_max))
     return float(min(max(integral + gain * error, t_min), t_max))
 
 

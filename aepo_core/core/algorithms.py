@@ -266,7 +266,8 @@ class AEPO(Algorithm):
             sampled = stood if stood is not None else c.adaptive_t_init
             smooth, slope = smoothed_slope(state.adaptive_h_smooth, new.h_prev, c.adaptive_smoothing)
             new = replace(new, adaptive_t=adaptive_integral(
-                integral, sampled, new.h_prev, c.target_entropy, c.adaptive_gain, lo, hi
+                integral, sampled, new.h_prev, c.target_entropy, c.adaptive_gain, lo, hi,
+                slope=slope, hold_while_closing=c.adaptive_hold_while_closing,
             ), adaptive_h_smooth=smooth, adaptive_slope=slope)
         span = self.output_range()
         if span is None:
