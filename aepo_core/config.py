@@ -210,6 +210,9 @@ class AlgorithmConfig(_Section):
     # target, so the optimiser's lag does not turn the approach into an overshoot; off: integrate
     # every measured error (aepo_core.core.aepo.adaptive_integral).
     adaptive_hold_while_closing: bool = False
+    # The proportional term on the smoothed reading (adaptive_smoothing) instead of the last one: less
+    # of the reading's noise passed into T, for some lag (aepo_core.core.aepo.controller_action).
+    adaptive_proportional_smoothed: bool = False
     # Iterations the actuator may sit at a clamp, the error keeping its sign, before the entropy stage
     # says the target is not reached (aepo_core.core.algorithms.reachability).
     reach_window: int = Field(10, ge=1)

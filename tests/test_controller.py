@@ -107,6 +107,21 @@ def test_integral_held_while_closing_by_hand():
     assert plain.next_state(state, plain.decide(state), {plain.entropy_metric(): 0.1}).adaptive_t == pytest.approx(1.125)
 
 
+def test_proportional_term_on_the_smoothed_reading_by_hand():
+    # I 1.0, last reading 0.1, smoothed 0.16, H* 0.2, kp 1: u = 1.0 + (0.2 - 0.16) / 0.2 = 1.2 (raw: 1.5)
+    state = ControllerState(h_prev=0.1, adaptive_t=1.0, adaptive_h_smooth=0.16, step=4)
+    smoothed = make_algorithm(AlgorithmConfig(**ADAPTIVE, adaptive_proportional_smoothed=True))
+    assert smoothed.decide(state).temperature == pytest.approx(1.2)
+    assert make_algorithm(AlgorithmConfig(**ADAPTIVE)).decide(state).temperature == pytest.approx(1.5)
+    # a state written before the smoothed reading existed falls back to the last reading
+    old = ControllerState(h_prev=0.1, adaptive_t=1.0, step=4)
+    assert smoothed.decide(old).temperature == pytest.approx(1.5)
+    # the integral still reads the raw measurement: e = (0.2 - 0.15) / 0.2 = 0.25, I 1.0 + 0.25 * 0.25
+    after = smoothed.next_state(state, smoothed.decide(state), {smoothed.entropy_metric(): 0.15})
+    assert after.adaptive_t == pytest.approx(1.0625)
+    assert after.adaptive_h_smooth == pytest.approx(0.8 * 0.16 + 0.2 * 0.15)
+
+
 def test_adaptive_law_does_not_wind_up():
     """Conditional integration: while the OUTPUT sits at a clamp with the error pushing outwards, the
     integral holds, so one step of opposite error brings the output back at once."""
