@@ -212,6 +212,7 @@ class AlgorithmConfig(_Section):
     adaptive_hold_while_closing: bool = False
     # The proportional term on the smoothed reading (adaptive_smoothing) instead of the last one: less
     # of the reading's noise passed into T, for some lag (aepo_core.core.aepo.controller_action).
+    # Measured at 0.08 on the CPU (smoothing 0.5, 2 seeds): worse, 15.0 / 13.8% against 11.1 / 8.1%.
     adaptive_proportional_smoothed: bool = False
     # Iterations the actuator may sit at a clamp, the error keeping its sign, before the entropy stage
     # says the target is not reached (aepo_core.core.algorithms.reachability).
