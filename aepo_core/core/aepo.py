@@ -197,13 +197,12 @@ def adaptive_integral(
     GRPO sharpens it, the temperature that balances GRPO's pull rises, and I tracks it.
     """
     error = relative_error(h, target)
-    if clamp_side(sampled, error > 0, error < 0, t_min, t_max) is not None:
-        return float(min(max(integral, t_min), t_max))  # output at a clamp, pushed outwards: hold
-    if hold_while_closing and error * slope > 0:
-        # already closing: the push that is moving it is enough, and the optimiser's lag (about ten
-        # steps) would turn more integral into an overshoot
-        return float(min(max(integral, t_min), t_max))
-    return float(min(max(integral + gain * error, t_min), t_max))
+    # held: the output at a clamp, pushed outwards (anti-windup); or, with hold_while_closing, already
+    # closing, where the push that moves it is enough and the optimiser's lag (about ten steps) would
+    # turn more integral into an overshoot
+    held = (clamp_side(sampled, error > 0, error < 0, t_min, t_max) is not None
+            or (hold_while_closing and error * slope > 0))
+    return float(min(max(integral + (0.0 if held else gain * error), t_min), t_max))
 
 
 def output_range(t_min: float, t_max: float, alpha_gain: float, alpha_max: float) -> tuple[float, float]:
