@@ -191,6 +191,10 @@ class AlgorithmConfig(_Section):
     # gain 0.25, T wound up to 1.45 and entropy overshot 25%); the proportional term damps it.
     adaptive_gain: float = Field(0.05, ge=0.0, description="adaptive controller: integral gain (dT/iteration per unit relative error)")
     adaptive_kp: float = Field(1.0, ge=0.0, description="adaptive controller: proportional gain (dT per unit relative error)")
+    # The proportional gain while entropy is above the target (None: adaptive_kp). GRPO's pull already
+    # pushes down, and a full drop of T was followed by undershoots lasting 10-40 iterations
+    # (docs/results.md); a smaller gain there is the adaptive form of the reference's halved k.
+    adaptive_kp_above: float | None = Field(None, ge=0.0, description="adaptive controller: proportional gain while entropy is above the target (None: adaptive_kp)")
     # derivative gain: the temperature taken off per unit of the smoothed reading's relative rise per
     # iteration; 0 is the PI law. The optimiser's momentum delays a step's effect on entropy by about
     # ten steps, and acting on the trend answers that lag (aepo_core.core.aepo.adaptive_output).

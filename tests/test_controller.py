@@ -46,6 +46,22 @@ def test_derivative_term_by_hand():
     assert adaptive_output(1.0, 0.2, 0.2, 1.0, 0.6, 1.5, slope=-0.5, kd=4.0) == 1.5
 
 
+def test_proportional_gain_above_the_target_by_hand():
+    # above the target: e = (0.2 - 0.25) / 0.2 = -0.25, I 1.1, kp_above 0.4 -> 1.0 (kp 1.0 alone: 0.85)
+    assert adaptive_output(1.1, 0.25, 0.2, 1.0, 0.6, 1.5, kp_above=0.4) == pytest.approx(1.0)
+    assert adaptive_output(1.1, 0.25, 0.2, 1.0, 0.6, 1.5) == pytest.approx(0.85)
+    # below it kp still acts: e = 0.25 -> 1.1 + 0.25 = 1.35, whatever kp_above
+    assert adaptive_output(1.1, 0.15, 0.2, 1.0, 0.6, 1.5, kp_above=0.4) == pytest.approx(1.35)
+    # through the algorithm: reading 0.25 above H* 0.2, I 1.1, kp_above 0.5 -> T 1.1 - 0.125 = 0.975;
+    # the integral keeps its one gain: 1.1 + 0.25 * (-0.25) = 1.0375
+    algo = make_algorithm(AlgorithmConfig(**ADAPTIVE, adaptive_kp_above=0.5))
+    state = ControllerState(h_prev=0.25, adaptive_t=1.1, step=3)
+    assert algo.decide(state).temperature == pytest.approx(0.975)
+    assert make_algorithm(AlgorithmConfig(**ADAPTIVE)).decide(state).temperature == pytest.approx(0.85)
+    after = algo.next_state(state, algo.decide(state), {algo.entropy_metric(): 0.25})
+    assert after.adaptive_t == pytest.approx(1.0375)
+
+
 def test_smoothed_slope_by_hand():
     # first reading: no past, the smoothed reading is the reading and the slope 0
     assert smoothed_slope(None, 0.1, 0.8) == (0.1, 0.0)

@@ -98,7 +98,7 @@ def relative_error(h: float, target: float) -> float:
 
 def adaptive_output(
     integral: float, h: float, target: float, kp: float, t_min: float, t_max: float,
-    slope: float = 0.0, kd: float = 0.0,
+    slope: float = 0.0, kd: float = 0.0, kp_above: float | None = None,
 ) -> float:
     """The adaptive controller's output: u = clip(I + kp * e - kd * slope / H*, t_min, t_max).
 
@@ -112,6 +112,7 @@ def adaptive_output(
         t_min, t_max: the clamps: T's, or :func:`output_range` with the second actuator (alpha).
         slope: the smoothed reading's change per iteration (nats/token; :func:`smoothed_slope`).
         kd: derivative gain, temperature per unit of relative change per iteration (slope / H*).
+        kp_above: the proportional gain while the entropy is above the target (e < 0); None: kp.
     Returns:
         u in [t_min, t_max].
 
@@ -121,9 +122,14 @@ def adaptive_output(
     (AdamW, beta1 0.9) spreads a step's push over about ten later steps, so entropy keeps moving
     after T has turned; acting on the reading's trend (on the measurement, not the error, so a
     changed target does not kick T) adds the phase lead that lag takes away (docs/architecture.md,
-    "The controller"). kd 0 is the PI law.
+    "The controller"). kd 0 is the PI law. Why a gain of its own above the target: GRPO's pull is
+    always on and already pushes entropy down, so the plant answers a drop of T faster and for
+    longer than a rise (the reference code's bang-bang likewise halves k above the target); the
+    integral keeps one gain, so the mean error still goes to zero.
     """
-    t = integral + kp * relative_error(h, target) - kd * slope / target
+    error = relative_error(h, target)
+    gain = kp if kp_above is None or error >= 0 else kp_above
+    t = integral + gain * error - kd * slope / target
     return float(min(max(t, t_min), t_max))
 
 
@@ -305,7 +311,7 @@ def controller_action(state: ControllerState, algo_cfg: AlgorithmConfig) -> Acti
             smoothed = c.adaptive_proportional_smoothed and state.adaptive_h_smooth is not None
             h = state.adaptive_h_smooth if smoothed else state.h_prev
             u = adaptive_output(state.adaptive_t, h, c.target_entropy, c.adaptive_kp, lo, hi,
-                                slope=state.adaptive_slope, kd=c.adaptive_kd)
+                                slope=state.adaptive_slope, kd=c.adaptive_kd, kp_above=c.adaptive_kp_above)
         temperature, scale = split_range(u, c.adaptive_t_min, c.adaptive_t_max, c.adaptive_alpha_gain)
         return Action(temperature, float(c.alpha) * scale, u)
     return Action(choose_temperature(state.h_prev, c.target_entropy, c.t_high, c.t_low))
