@@ -194,6 +194,8 @@ class AlgorithmConfig(_Section):
     # The proportional gain while entropy is above the target (None: adaptive_kp). GRPO's pull already
     # pushes down, and a full drop of T was followed by undershoots lasting 10-40 iterations
     # (docs/results.md); a smaller gain there is the adaptive form of the reference's halved k.
+    # Measured at 0.08 on the CPU (0.5, 4 seeds): worse, 28.2 / 8.7 / 11.5 / 11.1% against 11.1 / 8.1 /
+    # 12.2 / 8.2% without.
     adaptive_kp_above: float | None = Field(None, ge=0.0, description="adaptive controller: proportional gain while entropy is above the target (None: adaptive_kp)")
     # derivative gain: the temperature taken off per unit of the smoothed reading's relative rise per
     # iteration; 0 is the PI law. The optimiser's momentum delays a step's effect on entropy by about
