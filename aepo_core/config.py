@@ -220,6 +220,11 @@ class AlgorithmConfig(_Section):
     # of the reading's noise passed into T, for some lag (aepo_core.core.aepo.controller_action).
     # Measured at 0.08 on the CPU (smoothing 0.5, 2 seeds): worse, 15.0 / 13.8% against 11.1 / 8.1%.
     adaptive_proportional_smoothed: bool = False
+    # The controller reads the policy rows' entropy where AdamW's momentum will carry the policy (its
+    # first moment's pending steps applied, aepo_core.core.lookahead) instead of where it is: the
+    # optimiser's part of the loop's ~10-iteration lag, taken out as a Smith predictor would. The
+    # target, the plots and |H - H*| stay on the policy's own reading. One process only (trainer.nproc 1).
+    entropy_lookahead: bool = False
     # Iterations the actuator may sit at a clamp, the error keeping its sign, before the entropy stage
     # says the target is not reached (aepo_core.core.algorithms.reachability).
     reach_window: int = Field(10, ge=1)
@@ -280,6 +285,8 @@ class AlgorithmConfig(_Section):
         if self.adaptive_integral_past_t_max and self.adaptive_alpha_gain <= 0:
             raise ValueError("adaptive_integral_past_t_max carries the integral into alpha's range: it needs "
                              "adaptive_alpha_gain > 0 (T alone has no range past adaptive_t_max)")
+        if self.entropy_lookahead and self.entropy_rows != "policy":
+            raise ValueError("entropy_lookahead reads the policy rows' entropy ahead: it needs entropy_rows 'policy'")
         if self.controller == "adaptive" and self.target_entropy <= 0:
             raise ValueError("controller 'adaptive' divides by target_entropy (relative error): set it above 0")
         if self.loss_agg == "constant" and self.loss_constant is None:
@@ -373,6 +380,9 @@ class Config(_Section):
     def _check_distributed(self) -> Config:
         # peft's adapters under FSDP2 would need the merge (W + BA) done on gathered weights and the
         # KL reference's disable_adapter() on a sharded model: not built, so refused rather than faked
+        if self.trainer.nproc > 1 and self.algorithm.entropy_lookahead:
+            raise ValueError("algorithm.entropy_lookahead is built and tested for one process: set trainer.nproc=1 "
+                             "(the look-ahead moves the sharded parameters, which is not tested on N ranks)")
         if self.trainer.nproc > 1 and self.model.lora.enabled:
             raise ValueError("trainer.nproc > 1 with model.lora.enabled is not supported yet: the distributed "
                              "update trains every weight; set trainer.nproc=1 for a LoRA run")

@@ -110,7 +110,7 @@ def report(run: RunDir, cfg: Config, tracker: Tracker) -> dict[str, list[tuple[i
     a = cfg.algorithm
     algo = make_algorithm(a)
     target = algo.target()
-    entropy_key = algo.entropy_metric()  # the reading the controller steers (algorithm.entropy_rows)
+    entropy_key = algo.entropy_metric()  # the reading the target is stated in (algorithm.entropy_rows)
     plots = plot_histories({run.root.name: history}, run.root / "plots", {run.root.name: target},
                            {run.root.name: entropy_key})
     for path in plots:

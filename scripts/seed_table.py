@@ -30,6 +30,14 @@ def series(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(root.glob("iter_*/entropy/controller.json"))]
 
 
+def held_reading(measured: dict) -> float:
+    """The entropy the target is stated in, from a controller.json's "measured": the policy's own
+    reading (target_value), which is what the controller read (read_value) unless it read ahead
+    (algorithm.entropy_lookahead); runs from before target_value have read_value only."""
+    value = measured.get("target_value")
+    return value if value is not None else measured["read_value"]
+
+
 def final_accuracy(root: Path) -> float | None:
     done = sorted(root.glob("iter_*/evaluate/_SUCCESS.json"))
     return json.loads(done[-1].read_text())["metrics"]["accuracy"] if done else None
@@ -53,7 +61,7 @@ def run_row(root: Path, name: str) -> dict:
         return row
     target = s[0]["target"]
     t_min, t_max = clamps(root)
-    read = [x["read_value"] for x in m]
+    read = [held_reading(x) for x in m]
     temps = [j["next_temperature"] for j in s]
     half = range(len(s) // 2, len(s))
     h = [read[i] for i in half]
@@ -112,7 +120,7 @@ def plot(runs: Path, rows: list[dict], path: Path, prefix: str = "pi-") -> bool:
             if r["name"].startswith(prefix) and r["target"] == target:
                 s = series(runs / r["name"])
                 label = r["name"].rsplit("-", 1)[1] if prefix == "pi-" else r["name"]
-                axes[0, c].plot([j["measured"]["read_value"] for j in s], lw=1, label=label)
+                axes[0, c].plot([held_reading(j["measured"]) for j in s], lw=1, label=label)
                 axes[1, c].plot([j["next_temperature"] for j in s], lw=1)
         ax = axes[0, c]
         ax.axhline(target, color="k", ls="--", lw=1)

@@ -26,7 +26,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage_loop import run_children, run_iterations  # noqa: E402  (the scripts folder, as a script sees it)
+from seed_table import held_reading  # noqa: E402  (the scripts folder, as a script sees it)
+from stage_loop import run_children, run_iterations  # noqa: E402
 
 
 def continue_fixed(run_dir: Path, start: int, end: int, temperature: float) -> None:
@@ -54,7 +55,7 @@ def series(run_dir: Path, start: int, end: int) -> dict[str, list]:
     for i in range(start, end):
         data = json.loads((run_dir / f"iter_{i:04d}" / "entropy" / "controller.json").read_text())
         rollout = json.loads((run_dir / f"iter_{i:04d}" / "rollout" / "_SUCCESS.json").read_text())
-        out["entropy"].append(data["measured"]["read_value"])
+        out["entropy"].append(held_reading(data["measured"]))
         out["temperature"].append(rollout["metrics"].get("regulariser_temperature"))
         out["positives"].append(data["state"].get("num_positives"))
     return out

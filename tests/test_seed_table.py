@@ -13,11 +13,14 @@ seed_table = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(seed_table)
 
 
-def _write_run(root: Path, reads: list[float], temps: list[float | None], target: float = 0.1) -> None:
+def _write_run(root: Path, reads: list[float], temps: list[float | None], target: float = 0.1,
+               ahead: list[float] | None = None) -> None:
     for i, (h, t) in enumerate(zip(reads, temps, strict=True)):
         stage = root / f"iter_{i:04d}" / "entropy"
         stage.mkdir(parents=True)
         measured = {"nll": h + 0.01, "exact": h, "nll_policy_rows": h + 0.02, "exact_policy_rows": h, "read_value": h}
+        if ahead is not None:  # the controller read ahead (algorithm.entropy_lookahead); the target is on h
+            measured.update(read_value=ahead[i], target_value=h)
         stage.joinpath("controller.json").write_text(json.dumps(
             {"measured": measured, "target": target, "next_temperature": t, "state": {}}))
     done = root / f"iter_{len(reads) - 1:04d}" / "evaluate"
@@ -71,3 +74,10 @@ def test_the_plot_draws_the_runs_asked_for_and_says_when_there_are_none(tmp_path
     monkeypatch.setattr("sys.argv", ["seed_table.py", str(runs), "--out", str(tmp_path / "b"), "--plot-prefix", "tmax13"])
     seed_table.main()
     assert (tmp_path / "b" / "entropy-by-seed.png").stat().st_size > 0
+
+
+def test_a_run_that_read_ahead_is_measured_on_the_policys_own_reading(tmp_path):
+    reads = [0.1] * 50 + [0.09, 0.11] * 25
+    _write_run(tmp_path / "ahead-s0", reads, [1.0] * 100, ahead=[0.5] * 100)
+    row = seed_table.run_row(tmp_path / "ahead-s0", "ahead-s0")
+    assert row["dev"] == pytest.approx(0.1) and row["mean"] == pytest.approx(0.1)  # not the 0.5 read ahead

@@ -38,7 +38,8 @@ def _loop(plan: Path, *extra: str) -> subprocess.CompletedProcess:
 def test_runs_a_plan_two_at_a_time_and_resumes(tmp_path, base_policy_dir):
     plan = _plan(tmp_path, base_policy_dir,
                  "  grpo: [algorithm.name=grpo]\n"
-                 "  ad: [algorithm.combine=add, algorithm.controller=adaptive, algorithm.target_entropy=0.1]\n")
+                 "  ad: [algorithm.combine=add, algorithm.controller=adaptive, algorithm.target_entropy=0.1, "
+                 "algorithm.entropy_lookahead=true]\n")
     first = _loop(plan, "--parallel", "2", "run.iterations=1")  # stopped after one iteration ...
     assert first.returncode == 0, first.stdout + first.stderr
     lines = first.stdout.splitlines()
@@ -58,6 +59,14 @@ def test_runs_a_plan_two_at_a_time_and_resumes(tmp_path, base_policy_dir):
         assert run.config().run.threads is None  # one thread from the environment, not stored
     decision = json.loads((tmp_path / "runs" / "ad-s0" / "iter_0001" / "entropy" / "controller.json").read_text())
     assert decision["target"] == 0.1 and 0.6 <= decision["next_temperature"] <= 1.5
+    # the look-ahead: the controller read the policy rows' entropy ahead, the target stays on the
+    # policy's own reading, and the update measured both
+    measured = RunDir(tmp_path / "runs" / "ad-s0").manifest(1, "update")["metrics"]
+    assert decision["measured"]["read"] == "entropy/nll_policy_rows_ahead"
+    assert decision["measured"]["read_value"] == measured["entropy/nll_policy_rows_ahead"]
+    assert decision["measured"]["target_value"] == measured["entropy/nll_policy_rows"]
+    assert decision["measured"]["read_value"] != decision["measured"]["target_value"]
+    assert decision["state"]["h_prev"] == decision["measured"]["read_value"]
 
 
 def test_a_run_that_fails_is_reported_and_the_others_finish(tmp_path, base_policy_dir):

@@ -144,14 +144,21 @@ class Algorithm:
         suffix = "_policy_rows" if self.cfg.entropy_rows == "policy" else ""
         return f"entropy/{self.cfg.entropy_estimator}{suffix}"
 
+    def control_metric(self) -> str:
+        """The update metric the controller reads as h_prev: :meth:`entropy_metric`, or with
+        ``algorithm.entropy_lookahead`` the same rows' entropy where AdamW's momentum will carry the
+        policy (``..._ahead``, core/update.py ``entropy_ahead``). The target is stated in
+        :meth:`entropy_metric` either way."""
+        return self.entropy_metric() + ("_ahead" if self.cfg.entropy_lookahead else "")
+
     def next_state(self, state: ControllerState, decision: Decision, metrics: dict[str, float]) -> ControllerState:
         """The state after an update that ran under ``decision`` and measured ``metrics``.
 
-        h_prev is :meth:`entropy_metric` of that update (unchanged when it measured nothing, e.g.
+        h_prev is :meth:`control_metric` of that update (unchanged when it measured nothing, e.g.
         no policy-row token); temperature is the one the decision sampled at (float32, as the
         rollout stored it).
         """
-        measured = metrics.get(self.entropy_metric(), state.h_prev)
+        measured = metrics.get(self.control_metric(), state.h_prev)
         temperature = decision.temperature
         if temperature is not None:
             temperature = float(torch.tensor(temperature, dtype=torch.float32))
@@ -253,7 +260,7 @@ class AEPO(Algorithm):
     def next_state(self, state, decision, metrics):
         new = super().next_state(state, decision, metrics)
         c = self.cfg
-        if c.controller == "adaptive" and self.entropy_metric() in metrics:
+        if c.controller == "adaptive" and self.control_metric() in metrics:
             # integrate the measured error (no measurement: no integration); where the measured step's
             # actuator stood decides whether the integrator is held at a clamp (anti-windup). The
             # integral is T's balance point, within T's clamps, unless adaptive_integral_past_t_max lets

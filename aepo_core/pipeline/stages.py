@@ -41,7 +41,7 @@ from aepo_core.config import (
 from aepo_core.core.algorithms import Decision, decision_from_json, decision_to_json, make_algorithm
 from aepo_core.core.batch import SequenceBatch
 from aepo_core.core.ranks import Ranks
-from aepo_core.core.update import autocast_dtype, make_optimizer, update_step
+from aepo_core.core.update import autocast_dtype, entropy_ahead, make_optimizer, update_step
 from aepo_core.errors import UserError
 from aepo_core.io.engines import Completion, RolloutEngine, SamplingRequest, shared_engine
 from aepo_core.io.engines.data_parallel import DataParallelEngine
@@ -830,6 +830,9 @@ def update(run: RunDir, iteration: int, show_progress: bool = False,
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - step_started
+    # the controller's look-ahead reading (algorithm.entropy_lookahead): the policy rows' entropy
+    # where the optimiser's momentum will carry the policy, measured before the policy is written
+    ahead = entropy_ahead(policy, optimizer, batches[POLICY][1], cfg.trainer) if cfg.algorithm.entropy_lookahead else {}
     row_ids = rollouts.column("row_id").to_numpy()
     records = [
         {
@@ -857,6 +860,7 @@ def update(run: RunDir, iteration: int, show_progress: bool = False,
         write_policy(policy, tokenizer, tmp / "policy", weights)
         pq.write_table(pa.Table.from_pylist(records), tmp / "update_batch.parquet")
         metrics.update(result.metrics)
+        metrics.update(ahead)
         metrics.update(choice)
         metrics["step_seconds"] = seconds
         metrics["rows_trained"] = len(records)
@@ -903,7 +907,7 @@ def entropy(run: RunDir, iteration: int) -> dict[str, Any]:
     state = algo.next_state(previous.state, previous, measured)
     next_decision = algo.decide(state)
     next_t = next_decision.temperature
-    read = algo.entropy_metric()
+    read = algo.control_metric()
     record = {
         "nll": measured.get("entropy/nll"),
         "exact": measured.get("entropy/exact"),
@@ -914,6 +918,10 @@ def entropy(run: RunDir, iteration: int) -> dict[str, Any]:
         "rows": a.entropy_rows,
         "read": read,
         "read_value": measured.get(read),
+        # the reading the target is stated in: read_value itself, unless the controller reads ahead
+        # (algorithm.entropy_lookahead: the policy's entropy now, against read_value's ahead)
+        "target_metric": algo.entropy_metric(),
+        "target_value": measured.get(algo.entropy_metric()),
     }
     decision = decision_to_json(next_decision, a.entropy_estimator, record, a.target_entropy)
     message = algo.reachability_message(state, task_entropy_ceiling(measured))
