@@ -271,6 +271,8 @@ def test_reachability_message_by_hand():
         "target 0.30 not reached: entropy 0.18 (nll, policy rows), T at its maximum 1.5 for 10 iterations; "
         "a uniformly random valid answer has 0.25 nats/token")
     assert reachability_message(ControllerState(h_prev=0.18, at_clamp_iterations=9, clamp_side="max"), **args) is None
+    assert reachability_message(s, **args, ahead=True) == (  # algorithm.entropy_lookahead: the reading ahead
+        "target 0.30 not reached: entropy 0.18 (nll, policy rows, read ahead), T at its maximum 1.5 for 10 iterations")
     low = ControllerState(h_prev=0.42, at_clamp_iterations=12, clamp_side="min")
     # the ceiling is an upper reference: not named when the entropy is too high
     assert reachability_message(low, **args, entropy_ceiling=0.25) == (
@@ -347,7 +349,8 @@ def test_entropy_stage_records_the_rows_read_and_warns_once(tmp_path, capsys):
         {"entropy/nll": 0.4, "entropy/exact": 0.5, "entropy/nll_policy_rows": 0.15, "entropy/exact_policy_rows": 0.2})
     controller = json.loads((run.stage_dir(3, "entropy") / "controller.json").read_text())
     assert controller["measured"] == {"nll": 0.4, "exact": 0.5, "nll_policy_rows": 0.15, "exact_policy_rows": 0.2,
-                                      "rows": "policy", "read": "entropy/nll_policy_rows", "read_value": 0.15}
+                                      "rows": "policy", "read": "entropy/nll_policy_rows", "read_value": 0.15,
+                                      "target_metric": "entropy/nll_policy_rows", "target_value": 0.15}
     assert controller["next_temperature"] == 1.5 and controller["state"]["adaptive_t"] == 1.5
     assert metrics["at_clamp_iterations"] == 3 and metrics["entropy_read"] == 0.15 and metrics["target_unreached"] == 1.0
     sentence = "target 0.30 not reached: entropy 0.15 (nll, policy rows), T at its maximum 1.5 for 3 iterations"

@@ -298,7 +298,7 @@ class AEPO(Algorithm):
         alpha_max = c.alpha * c.adaptive_alpha_max if c.controller == "adaptive" and c.adaptive_alpha_gain > 0 else None
         return reachability_message(
             state, c.target_entropy, c.entropy_estimator, c.entropy_rows, *clamps, c.reach_window, entropy_ceiling,
-            alpha_max=alpha_max,
+            alpha_max=alpha_max, ahead=c.entropy_lookahead,
         )
 
     def regulariser_candidates(self, rewards: Tensor, group_size: int) -> Tensor:
@@ -446,6 +446,7 @@ def reachability_message(
     window: int,
     entropy_ceiling: float | None = None,
     alpha_max: float | None = None,
+    ahead: bool = False,
 ) -> str | None:
     """The plain sentence the entropy stage shows while the target is out of reach, else None.
 
@@ -461,12 +462,15 @@ def reachability_message(
             where it tells whether the target is above what any sensible policy reaches.
         alpha_max: alpha's highest value when the controller's second actuator is on (then the
             clamp is reached only with T at its clamp *and* alpha at this value), else None.
+        ahead: the controller reads ahead (algorithm.entropy_lookahead): the entropy named is the
+            one the optimiser's momentum will carry the policy to, and the sentence says so.
     """
     if state.clamp_side is None or state.at_clamp_iterations < window:
         return None
     word, bound = ("maximum", t_max) if state.clamp_side == "max" else ("minimum", t_min)
     text = (
-        f"target {target:.2f} not reached: entropy {state.h_prev:.2f} ({estimator}, {rows} rows), "
+        f"target {target:.2f} not reached: entropy {state.h_prev:.2f} ({estimator}, {rows} rows"
+        f"{', read ahead' if ahead else ''}), "
         f"T at its {word} {bound:g}" + (f" and alpha at {alpha_max:g}" if alpha_max is not None else "")
         + f" for {state.at_clamp_iterations} iterations"
     )
