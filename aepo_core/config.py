@@ -221,7 +221,7 @@ class AlgorithmConfig(_Section):
     # Measured at 0.08 on the CPU (smoothing 0.5, 2 seeds): worse, 15.0 / 13.8% against 11.1 / 8.1%.
     adaptive_proportional_smoothed: bool = False
     # The controller reads the policy rows' entropy where AdamW's momentum will carry the policy (its
-    # first moment's pending steps applied, aepo_core.core.lookahead) instead of where it is: the
+    # first moment's pending steps, to first order: aepo_core.core.lookahead) instead of where it is: the
     # optimiser's part of the loop's ~10-iteration lag, taken out as a Smith predictor would. The
     # target, the plots and |H - H*| stay on the policy's own reading. One process only (trainer.nproc 1).
     entropy_lookahead: bool = False

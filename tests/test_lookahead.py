@@ -12,7 +12,7 @@ from aepo_core.config import AlgorithmConfig, Config, TrainerConfig
 from aepo_core.core.aepo import ControllerState
 from aepo_core.core.algorithms import make_algorithm
 from aepo_core.core.entropy import exact_entropy, nll_entropy, shifted_logprobs_and_entropy
-from aepo_core.core.lookahead import displaced, momentum_horizon, pending_momentum
+from aepo_core.core.lookahead import displaced, first_order_ahead, momentum_horizon, pending_momentum
 from aepo_core.core.update import entropy_ahead, make_optimizer, update_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,7 +83,17 @@ def _entropies(model, batch):
     return exact_entropy(ent, batch.response_mask).item(), nll_entropy(logp, batch.response_mask).item()
 
 
-def test_entropy_ahead_is_the_entropy_at_the_displaced_parameters():
+def test_first_order_ahead_by_hand():
+    # the measured case in lookahead's docstring: 0.060 + (0.06078 - 0.06276) / 0.2
+    assert first_order_ahead(0.060, 0.06078, 0.06276, 0.1) == pytest.approx(0.0501)
+    # H quadratic in the step, H(s) = 1 + 2 s + 5 s^2: the first-order value at s = 1 is 3, whatever the probe
+    quad = lambda s: 1 + 2 * s + 5 * s**2  # noqa: E731
+    assert first_order_ahead(quad(0), quad(0.3), quad(-0.3), 0.3) == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="probe"):
+        first_order_ahead(0.1, 0.1, 0.1, 0.0)
+
+
+def test_entropy_ahead_is_the_first_order_entropy_at_the_displaced_parameters():
     model, batch = tiny_qwen(), policy_batch()
     trainer = TrainerConfig(lr=1e-2, dtype="float32")  # the hand forward passes are float32
     opt = make_optimizer(model, trainer)
@@ -91,15 +101,17 @@ def test_entropy_ahead_is_the_entropy_at_the_displaced_parameters():
     for _ in range(3):
         update_step(model, opt, batch, None, algo, trainer, ControllerState(), group_size=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    now = _entropies(model, batch)
     ahead = entropy_ahead(model, opt, batch, trainer)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # restored
-    moved = pending_momentum(opt)
-    with displaced(moved):
-        expected = _entropies(model, batch)
-    assert ahead["entropy/exact_policy_rows_ahead"] == pytest.approx(expected[0], abs=1e-5)
-    assert ahead["entropy/nll_policy_rows_ahead"] == pytest.approx(expected[1], abs=1e-5)
-    assert abs(ahead["entropy/exact_policy_rows_ahead"] - now[0]) > 1e-4  # lr 1e-2: momentum moves it
+    moves = pending_momentum(opt)
+    at = {}
+    for scale in (0.0, 0.1, -0.1):
+        with displaced([(p, d * scale) for p, d in moves]):
+            at[scale] = _entropies(model, batch)
+    for i, key in enumerate(("entropy/exact_policy_rows_ahead", "entropy/nll_policy_rows_ahead")):
+        expected = at[0.0][i] + (at[0.1][i] - at[-0.1][i]) / 0.2
+        assert ahead[key] == pytest.approx(expected, abs=1e-5)
+        assert abs(ahead[key] - at[0.0][i]) > 1e-4  # lr 1e-2: the momentum moves it
     # beta1 0: no first moment, nothing pending: the reading ahead is the reading now
     plain = make_optimizer(model, TrainerConfig(lr=1e-2, betas=(0.0, 0.999)))
     update_step(model, plain, batch, None, algo, trainer, ControllerState(), group_size=2)

@@ -72,7 +72,7 @@ from aepo_core.core.algorithms import Algorithm, Decision, make_algorithm
 from aepo_core.core.baselines import entropy_bonus_term, nll_entropy_surrogate
 from aepo_core.core.batch import ROLE_REINFORCE, SequenceBatch
 from aepo_core.core.entropy import exact_entropy, nll_entropy, shifted_logprobs_and_entropy
-from aepo_core.core.lookahead import displaced, pending_momentum
+from aepo_core.core.lookahead import PROBE, displaced, first_order_ahead, pending_momentum
 from aepo_core.core.losses import (
     kl_k3,
     loss_normaliser,
@@ -770,15 +770,17 @@ def make_optimizer(policy, trainer_cfg: TrainerConfig) -> torch.optim.AdamW:
 
 
 def entropy_ahead(policy, optimizer: torch.optim.Optimizer, policy_batch: SequenceBatch, trainer_cfg: TrainerConfig,
-                  ranks: Ranks = SINGLE) -> dict[str, float]:
-    """The policy rows' entropy (both estimators, at T = 1) where AdamW's momentum will carry the policy.
+                  ranks: Ranks = SINGLE, probe: float = PROBE) -> dict[str, float]:
+    """The policy rows' entropy (both estimators, at T = 1) where AdamW's momentum will carry the
+    policy, to first order.
 
-    The look-ahead reading of ``algorithm.entropy_lookahead``: the parameters are moved by
+    The look-ahead reading of ``algorithm.entropy_lookahead``: with d =
     :func:`aepo_core.core.lookahead.pending_momentum` (what the first moment still holds after this
-    update's steps), the rows are scored without grad, and the parameters are restored bit for bit.
-    The rows are the ones sampled before the update (their prefixes are pi_old's samples, as for the
-    update's own ``entropy/*_policy_rows``; the exact estimator sums over the whole vocabulary at
-    every position, so it does not need samples of the displaced policy).
+    update's steps), the rows are scored without grad at theta, theta + probe * d and theta - probe * d
+    (parameters restored bit for bit), and :func:`aepo_core.core.lookahead.first_order_ahead` gives
+    H(theta) + grad H . d. The rows are the ones sampled before the update (their prefixes are
+    pi_old's samples, as for the update's own ``entropy/*_policy_rows``; the exact estimator sums over
+    the whole vocabulary at every position, so it needs no samples of the displaced policy).
 
     Args:
         policy: the HF causal LM after ``update_step``.
@@ -786,16 +788,23 @@ def entropy_ahead(policy, optimizer: torch.optim.Optimizer, policy_batch: Sequen
         policy_batch: [B, L] the rows sampled at rollout.temperature (any device).
         trainer_cfg: the trainer section (micro-batching, dtype, logits chunk).
         ranks: N ranks share the forward passes (:func:`compute_logprobs`).
+        probe: the central difference's step, as a fraction of d.
     Returns:
         {"entropy/exact_policy_rows_ahead": nats/token, "entropy/nll_policy_rows_ahead": nats/token}.
-    Costs one forward pass over the policy rows and one copy of the trainable parameters.
+    Costs three forward passes over the policy rows and one copy of the trainable parameters.
     """
     device = next(policy.parameters()).device
     batch = policy_batch.to(device)
     partition = _partition(batch.attention_mask.sum(dim=1).tolist(), trainer_cfg, ranks)
-    with displaced(pending_momentum(optimizer)):
-        logp, ent = compute_logprobs(policy, batch, partition, trainer_cfg.logits_chunk,
-                                     autocast_dtype(device, trainer_cfg.dtype), with_entropy=True, ranks=ranks)
     mask = batch.response_mask
-    return {"entropy/exact_policy_rows_ahead": exact_entropy(ent, mask).item(),
-            "entropy/nll_policy_rows_ahead": nll_entropy(logp, mask).item()}
+    moves = pending_momentum(optimizer)
+
+    def readings(scale: float) -> tuple[float, float]:
+        with displaced([(p, d * scale) for p, d in moves]):
+            logp, ent = compute_logprobs(policy, batch, partition, trainer_cfg.logits_chunk,
+                                         autocast_dtype(device, trainer_cfg.dtype), with_entropy=True, ranks=ranks)
+        return exact_entropy(ent, mask).item(), nll_entropy(logp, mask).item()
+
+    (exact, nll), (exact_up, nll_up), (exact_down, nll_down) = readings(0.0), readings(probe), readings(-probe)
+    return {"entropy/exact_policy_rows_ahead": first_order_ahead(exact, exact_up, exact_down, probe),
+            "entropy/nll_policy_rows_ahead": first_order_ahead(nll, nll_up, nll_down, probe)}
