@@ -14,7 +14,7 @@ is known exactly: with no further gradient, the moment m_t still moves the param
     d = - sum_{k >= 1} lr * m_hat_{t+k} / (sqrt(v_hat_{t+k}) + eps),  m_{t+k} = beta1^k m_t,  v_{t+k} = beta2^k v_t,
 
 so reading the entropy there (a Smith predictor built on the optimiser instead of a fitted model)
-shows the controller the whole eventual effect of its last choice one iteration later. Not
+shows the controller a step's whole eventual effect at the next reading, not a tenth of it. Not
 included: the weight decay's own drift (lr * weight_decay * theta per step) and whatever later
 gradients do -- those are what the controller still has to answer.
 

@@ -775,16 +775,16 @@ def entropy_ahead(policy, optimizer: torch.optim.Optimizer, policy_batch: Sequen
     policy, to first order.
 
     The look-ahead reading of ``algorithm.entropy_lookahead``: with d =
-    :func:`aepo_core.core.lookahead.pending_momentum` (what the first moment still holds after this
-    update's steps), the rows are scored without grad at theta, theta + probe * d and theta - probe * d
-    (parameters restored bit for bit), and :func:`aepo_core.core.lookahead.first_order_ahead` gives
-    H(theta) + grad H . d. The rows are the ones sampled before the update (their prefixes are
-    pi_old's samples, as for the update's own ``entropy/*_policy_rows``; the exact estimator sums over
-    the whole vocabulary at every position, so it needs no samples of the displaced policy).
+    :func:`aepo_core.core.lookahead.pending_momentum` (what the first moment still holds from the
+    earlier updates), the rows are scored without grad at theta, theta + probe * d and
+    theta - probe * d (parameters restored bit for bit), and
+    :func:`aepo_core.core.lookahead.first_order_ahead` gives H(theta) + grad H . d. The update stage
+    calls it before its step, on this iteration's policy rows: rows that d's gradients were not
+    computed on, so the reading is not the step's effect on its own samples.
 
     Args:
-        policy: the HF causal LM after ``update_step``.
-        optimizer: the AdamW that stepped it.
+        policy: the HF causal LM (before this iteration's ``update_step``).
+        optimizer: its AdamW, with the earlier updates' moments loaded (none: d = 0, the reading now).
         policy_batch: [B, L] the rows sampled at rollout.temperature (any device).
         trainer_cfg: the trainer section (micro-batching, dtype, logits chunk).
         ranks: N ranks share the forward passes (:func:`compute_logprobs`).
