@@ -223,7 +223,8 @@ class AlgorithmConfig(_Section):
     # The controller reads the policy rows' entropy where AdamW's momentum will carry the policy (its
     # first moment's pending steps, to first order: aepo_core.core.lookahead) instead of where it is: the
     # optimiser's part of the loop's ~10-iteration lag, taken out as a Smith predictor would. The
-    # target, the plots and |H - H*| stay on the policy's own reading. One process only (trainer.nproc 1).
+    # proportional (and derivative) term reads ahead; the adaptive controller's integral, the target,
+    # the plots and |H - H*| stay on the policy's own reading. One process only (trainer.nproc 1).
     entropy_lookahead: bool = False
     # Iterations the actuator may sit at a clamp, the error keeping its sign, before the entropy stage
     # says the target is not reached (aepo_core.core.algorithms.reachability).

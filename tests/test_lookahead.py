@@ -128,8 +128,11 @@ def test_the_controller_reads_ahead_and_the_target_stays_on_the_policy():
     state = algo.initial_state()
     after = algo.next_state(state, algo.decide(state),
                             {"entropy/exact_policy_rows": 0.2, "entropy/exact_policy_rows_ahead": 0.05})
-    assert after.h_prev == 0.05
-    assert after.adaptive_t > cfg.adaptive_t_init  # below the target ahead: the integral rises
+    assert after.h_prev == 0.05  # what the proportional term reads: ahead
+    # the integral reads the policy's own 0.2: e = (0.1 - 0.2) / 0.1 = -1, I = 1.0 + 0.05 * -1
+    assert after.adaptive_t == pytest.approx(cfg.adaptive_t_init - cfg.adaptive_gain)
+    # T = I + kp * e(ahead) = 0.95 + 1.0 * (0.1 - 0.05) / 0.1 = 1.45
+    assert algo.decide(after).temperature == pytest.approx(0.95 + 0.5)
     plain = make_algorithm(AlgorithmConfig(entropy_estimator="exact"))
     assert plain.control_metric() == plain.entropy_metric()
 

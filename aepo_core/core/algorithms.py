@@ -272,8 +272,13 @@ class AEPO(Algorithm):
             stood = decision.actuator() if c.adaptive_integral_past_t_max else decision.temperature
             sampled = stood if stood is not None else c.adaptive_t_init
             smooth, slope = smoothed_slope(state.adaptive_h_smooth, new.h_prev, c.adaptive_smoothing)
+            # the integral reads the policy's own entropy, the reading the target is stated in, even when
+            # the proportional term reads ahead (entropy_lookahead): ahead - now has a mean of its own
+            # that later gradients do not carry out (a Smith predictor's model error), and an integral
+            # on the reading ahead held that, not the policy, at the target (docs/results.md)
+            held = metrics.get(self.entropy_metric(), new.h_prev)
             new = replace(new, adaptive_t=adaptive_integral(
-                integral, sampled, new.h_prev, c.target_entropy, c.adaptive_gain, lo, hi,
+                integral, sampled, float(held), c.target_entropy, c.adaptive_gain, lo, hi,
                 slope=slope, hold_while_closing=c.adaptive_hold_while_closing,
             ), adaptive_h_smooth=smooth, adaptive_slope=slope)
         span = self.output_range()
