@@ -381,11 +381,11 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check_distributed(self) -> Config:
-        # peft's adapters under FSDP2 would need the merge (W + BA) done on gathered weights and the
-        # KL reference's disable_adapter() on a sharded model: not built, so refused rather than faked
         if self.trainer.nproc > 1 and self.algorithm.entropy_lookahead:
             raise ValueError("algorithm.entropy_lookahead is built and tested for one process: set trainer.nproc=1 "
                              "(the look-ahead moves the sharded parameters, which is not tested on N ranks)")
+        # peft's adapters under FSDP2 would need the merge (W + BA) done on gathered weights and the
+        # KL reference's disable_adapter() on a sharded model: not built, so refused rather than faked
         if self.trainer.nproc > 1 and self.model.lora.enabled:
             raise ValueError("trainer.nproc > 1 with model.lora.enabled is not supported yet: the distributed "
                              "update trains every weight; set trainer.nproc=1 for a LoRA run")

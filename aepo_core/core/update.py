@@ -800,7 +800,8 @@ def entropy_ahead(policy, optimizer: torch.optim.Optimizer, policy_batch: Sequen
     moves = pending_momentum(optimizer)
 
     def readings(scale: float) -> tuple[float, float]:
-        with displaced([(p, d * scale) for p, d in moves]):
+        # at theta itself nothing moves: no copy of the parameters, no zero added to them
+        with displaced([(p, d * scale) for p, d in moves]) if scale else contextlib.nullcontext():
             logp, ent = compute_logprobs(policy, batch, partition, trainer_cfg.logits_chunk,
                                          autocast_dtype(device, trainer_cfg.dtype), with_entropy=True, ranks=ranks)
         return exact_entropy(ent, mask).item(), nll_entropy(logp, mask).item()
