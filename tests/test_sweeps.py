@@ -60,3 +60,16 @@ def test_shipped_plans_give_valid_configs(plan):
     assert runs and len({r.name for r in runs}) == len(runs)
     for run in runs:
         load_config(None, list(run.overrides))
+
+
+def test_the_pid_config_is_the_plans_b64_pid_t14_arm():
+    """data/configs/aepo-adaptive-pid.yaml says it is the adaptive-seeds plan's b64-pid-t14 arms: the
+    algorithm and rollout settings of a run of that arm and of the config must not drift apart."""
+    repo = Path(__file__).parents[1]
+    p = read_plan(repo / "data" / "sweeps" / "adaptive-seeds.yaml")
+    run = sweep_runs(p["arms"], p["seeds"], p["overrides"], only=["b64-pid-t14-0.12"])[0]
+    from_plan = load_config(None, list(run.overrides))
+    from_config = load_config(repo / "data" / "configs" / "aepo-adaptive-pid.yaml",
+                              ["rollout.seed=0", "trainer.seed=0"])
+    assert from_config.algorithm == from_plan.algorithm
+    assert from_config.rollout == from_plan.rollout
