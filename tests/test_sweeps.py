@@ -62,14 +62,17 @@ def test_shipped_plans_give_valid_configs(plan):
         load_config(None, list(run.overrides))
 
 
-def test_the_pid_config_is_the_plans_b64_pid_t14_arm():
-    """data/configs/aepo-adaptive-pid.yaml says it is the adaptive-seeds plan's b64-pid-t14 arms: the
-    algorithm and rollout settings of a run of that arm and of the config must not drift apart."""
+def test_the_pid_config_is_the_plans_b64_lr5_arm():
+    """data/configs/aepo-adaptive-pid.yaml says it is the adaptive-seeds plan's b64-lr5 arms: the
+    algorithm, rollout and trainer settings of a run of that arm and of the config must not drift
+    apart (the trainer's dtype aside: the plan pins float32 for the CPU, the config leaves it auto)."""
     repo = Path(__file__).parents[1]
     p = read_plan(repo / "data" / "sweeps" / "adaptive-seeds.yaml")
-    run = sweep_runs(p["arms"], p["seeds"], p["overrides"], only=["b64-pid-t14-0.12"])[0]
+    run = sweep_runs(p["arms"], p["seeds"], p["overrides"], only=["b64-lr5-0.12"])[0]
     from_plan = load_config(None, list(run.overrides))
     from_config = load_config(repo / "data" / "configs" / "aepo-adaptive-pid.yaml",
                               ["rollout.seed=0", "trainer.seed=0"])
     assert from_config.algorithm == from_plan.algorithm
     assert from_config.rollout == from_plan.rollout
+    assert from_config.trainer.model_dump(exclude={"dtype"}) == from_plan.trainer.model_dump(exclude={"dtype"})
+    assert from_config.trainer.lr == 5.0e-5  # the arm's one trainer change, which the comparison above covers
