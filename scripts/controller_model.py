@@ -38,8 +38,8 @@ Where no gain helps, the step does: at 64 prompts, T <= 1.4 and momentum 0.9, no
 0.1, kd 4: 11-12%), because the balance temperature's walk (a per-step change of the policy) is what
 the loop cannot follow through the optimiser's lag. Half the learning
 rate halves that walk and the plant's gain; twice the proportional gain gives the loop its speed
-back, and the share above 10% falls to 1-2% at every target (the command above). On the real task
-that setting held both seeds that the full learning rate lost at 0.08 (docs/results.md, "Half the
+back, and the share above 10% falls to 0-2% at every target (the command above). On the real task
+that setting held both seeds that b64-pid-t14 lost at 0.08 (docs/results.md, "Half the
 learning rate").
 """
 
