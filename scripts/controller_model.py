@@ -55,8 +55,17 @@ from aepo_core.core.aepo import adaptive_integral, adaptive_output, smoothed_slo
 def simulate(kp: float, gain: float, target: float, G: float, seed: int, iterations: int = 100,
              kd: float = 0.0, smoothing: float = 0.8, momentum: float = 0.0,
              reading_sd_at_008: float = 0.006, process_sd: float = 0.002, walk_sd: float = 0.015,
-             drift_sd: float = 0.004, t_min: float = 0.6, t_max: float = 1.5, h0: float = 0.147) -> float:
-    """One run of the toy loop; returns mean |h - H*| / H* of the readings over the second half."""
+             drift_sd: float = 0.004, t_min: float = 0.6, t_max: float = 1.5, h0: float = 0.147,
+             lr_scale: float = 1.0, prompts: int = 16) -> float:
+    """One run of the toy loop; returns mean |h - H*| / H* of the readings over the second half.
+
+    The noise constants are those of 16 prompts at the plant's learning rate (1e-4): ``prompts``
+    scales the reading's and the process noise by sqrt(16 / prompts); ``lr_scale`` scales G and every
+    per-step change of the plant (process noise, the balance's walk and drift), not the reading.
+    """
+    noise = (16 / prompts) ** 0.5
+    G, reading_sd_at_008 = G * lr_scale, reading_sd_at_008 * noise
+    process_sd, walk_sd, drift_sd = process_sd * noise * lr_scale, walk_sd * lr_scale, drift_sd * lr_scale
     rng = np.random.default_rng(seed)
     h_true, balance, drift = h0, 1.0, rng.normal(0.0, drift_sd)
     integral, temperature = 1.0, 1.0  # adaptive_t_init before the first reading
@@ -97,7 +106,6 @@ def main() -> None:
     args = ap.parse_args()
     if not len(args.kp) == len(args.gain) == len(args.kd):
         ap.error("--kp, --gain and --kd go together: give as many of each")
-    noise = (16 / args.prompts) ** 0.5
     print(f"mean |h - H*| / H* over iterations 50-99 (and the share of runs above 10%), {args.seeds} seeds, "
           f"{args.prompts} prompts, T <= {args.t_max}")
     print("| G | momentum | lr scale | kp | gain | kd | " + " | ".join(f"H* {t}" for t in args.targets) + " |")
@@ -108,13 +116,12 @@ def main() -> None:
                 for kp, gain, kd in zip(args.kp, args.gain, args.kd, strict=True):
                     cells = []
                     for target in args.targets:
-                        dev = np.array([simulate(kp, gain, target, G * lr, s, kd=kd, smoothing=args.smoothing,
-                                                 momentum=beta, reading_sd_at_008=0.006 * noise,
-                                                 process_sd=0.002 * noise * lr, walk_sd=0.015 * lr,
-                                                 drift_sd=0.004 * lr, t_max=args.t_max)
+                        dev = np.array([simulate(kp, gain, target, G, s, kd=kd, smoothing=args.smoothing,
+                                                 momentum=beta, t_max=args.t_max, lr_scale=lr, prompts=args.prompts)
                                         for s in range(args.seeds)])
                         cells.append(f"{dev.mean():.1%} ({np.mean(dev > 0.10):.0%})")
                     print(f"| {G} | {beta} | {lr} | {kp} | {gain} | {kd} | " + " | ".join(cells) + " |")
+
 
 if __name__ == "__main__":
     main()
